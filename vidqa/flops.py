@@ -1,0 +1,273 @@
+"""Analytic compute (MAC/FLOP) counts for video-LLM inference.
+
+Conventions
+-----------
+* Everything here counts **multiply-accumulates (MACs)** of the matrix
+  multiplications; ``macs_to_flops`` converts with 1 MAC = 2 FLOPs (the same
+  convention as ``torch.utils.flop_counter.FlopCounterMode``).
+* Norms, rotary embeddings, softmax, activations, residual adds and other
+  elementwise ops are ignored: they are well under 1% of the total, and
+  ``FlopCounterMode`` ignores them as well.
+* The **paper convention** for visual-token pruning (``visual_prefill_macs``)
+  counts the LLM prefill over the visual tokens only: no vision encoder, no
+  text tokens, no decode. For a decoder layer (GQA attention + SwiGLU MLP) with
+  ``n`` visual tokens, hidden size ``D``, FFN width ``D'``, ``h_q`` query heads,
+  ``h_kv`` KV heads of size ``d_h``::
+
+      f(n) = 2 n D (h_q d_h)        # q and o projections  (= 2 n D^2 when h_q d_h = D)
+           + 2 n D (h_kv d_h)       # k and v projections
+           + 2 n^2 (h_q d_h)        # Q K^T and A V        (= 2 n^2 D)
+           + 3 n D D'               # SwiGLU MLP (gate, up, down)
+
+  and the total is ``sum_l f(n_l)``, where ``n_l`` is the number of visual
+  tokens entering layer ``l`` (pruning inside the LLM, e.g. FastV, makes
+  ``n_l`` change with depth). Results are usually reported as % of vanilla.
+
+Reference (LLaVA-OneVision-7B, 32 frames x 196 tokens = 6272 visual tokens):
+vanilla 48.82 TMACs; keep 25% before the LLM 10.73 T (22.0%); FastV K=2 keep
+25% 13.45 T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LLMShape",
+    "VisionShape",
+    "shapes_from_model_config",
+    "layer_macs",
+    "visual_prefill_macs",
+    "prompt_prefill_macs",
+    "vision_encoder_macs",
+    "macs_to_flops",
+    "format_flops",
+]
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """Dimensions of a decoder-only LLM that determine its compute."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int = 0
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query (and attention output) projection: h_q * d_h."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the key (and value) projection: h_kv * d_h."""
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, text_config: Any) -> LLMShape:
+        """Read a transformers text config (Qwen2Config, LlamaConfig, ...).
+
+        ``head_dim`` may be missing or None (then hidden // num_heads);
+        ``num_key_value_heads`` may be missing or None (then no GQA).
+        """
+        hidden = int(text_config.hidden_size)
+        num_heads = int(text_config.num_attention_heads)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(text_config, "head_dim", None) or hidden // num_heads
+        return cls(
+            num_layers=int(text_config.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(text_config.intermediate_size),
+            num_heads=num_heads,
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(getattr(text_config, "vocab_size", 0) or 0),
+        )
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """Dimensions of a ViT-style vision encoder (SigLIP, CLIP)."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    tokens_per_image: int
+    patch_size: int
+    num_channels: int = 3
+    has_class_token: bool = False
+
+    @property
+    def patches_per_image(self) -> int:
+        """Tokens produced by the patch-embedding conv (class token excluded)."""
+        return self.tokens_per_image - int(self.has_class_token)
+
+    @classmethod
+    def from_config(cls, vision_config: Any, has_class_token: bool | None = None) -> VisionShape:
+        """Read a transformers vision config (SiglipVisionConfig, CLIPVisionConfig).
+
+        ``tokens_per_image = (image_size // patch_size) ** 2`` (+1 with a class
+        token). SigLIP has no class token; when ``has_class_token`` is None it
+        is guessed from the config class name (CLIP has one).
+        """
+        if has_class_token is None:
+            has_class_token = "clip" in type(vision_config).__name__.lower()
+        image_size = int(vision_config.image_size)
+        patch_size = int(vision_config.patch_size)
+        tokens = (image_size // patch_size) ** 2 + int(has_class_token)
+        return cls(
+            num_layers=int(vision_config.num_hidden_layers),
+            hidden=int(vision_config.hidden_size),
+            intermediate=int(vision_config.intermediate_size),
+            num_heads=int(vision_config.num_attention_heads),
+            tokens_per_image=tokens,
+            patch_size=patch_size,
+            num_channels=int(getattr(vision_config, "num_channels", 3) or 3),
+            has_class_token=has_class_token,
+        )
+
+
+def shapes_from_model_config(config: Any) -> tuple[LLMShape, VisionShape | None]:
+    """(LLMShape, VisionShape | None) from a top-level model config.
+
+    Uses ``config.text_config`` / ``config.vision_config`` when present (e.g.
+    LlavaOnevisionConfig); otherwise the config itself is the text config and
+    there is no vision part.
+    """
+    text_config = getattr(config, "text_config", None) or config
+    vision_config = getattr(config, "vision_config", None)
+    vision = VisionShape.from_config(vision_config) if vision_config is not None else None
+    return LLMShape.from_config(text_config), vision
+
+
+def _check_count(name: str, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def layer_macs(shape: LLMShape, n_query: int, n_kv: int | None = None) -> int:
+    """MACs of one decoder layer: ``n_query`` new tokens attending to ``n_kv`` keys.
+
+    q/o projections ``2 n_q D (h_q d_h)``, k/v projections ``2 n_q D (h_kv d_h)``
+    (only the new tokens are projected), attention ``2 n_q n_kv (h_q d_h)``
+    (QK^T and AV) and SwiGLU MLP ``3 n_q D D'``. ``n_kv`` defaults to ``n_query``.
+    """
+    if n_kv is None:
+        n_kv = n_query
+    _check_count("n_query", n_query)
+    _check_count("n_kv", n_kv)
+    D = shape.hidden
+    qo_proj = 2 * n_query * D * shape.q_width
+    kv_proj = 2 * n_query * D * shape.kv_width
+    attention = 2 * n_query * n_kv * shape.q_width
+    mlp = 3 * n_query * D * shape.intermediate
+    return qo_proj + kv_proj + attention + mlp
+
+
+def _per_layer(shape: LLMShape, counts: Sequence[int], what: str) -> list[int]:
+    counts = [int(c) for c in counts]
+    if len(counts) != shape.num_layers:
+        raise ValueError(
+            f"{what} has {len(counts)} entries but the model has {shape.num_layers} layers"
+        )
+    return counts
+
+
+def visual_prefill_macs(shape: LLMShape, tokens_per_layer: Sequence[int]) -> int:
+    """Paper-convention cost: LLM prefill over visual tokens only.
+
+    ``tokens_per_layer[l]`` is the number of visual tokens entering layer ``l``
+    (length must equal ``shape.num_layers``). Each layer's visual tokens attend
+    only among themselves; text tokens, the vision encoder and decoding are not
+    counted. Returns ``sum_l f(n_l)`` in MACs.
+    """
+    counts = _per_layer(shape, tokens_per_layer, "tokens_per_layer")
+    return sum(layer_macs(shape, n) for n in counts)
+
+
+def prompt_prefill_macs(
+    shape: LLMShape, seq_len_per_layer: Sequence[int], include_lm_head: bool = True
+) -> int:
+    """Whole-prompt prefill cost (text + visual tokens), in MACs.
+
+    ``seq_len_per_layer[l]`` is the actual sequence length entering layer ``l``
+    (length must equal ``shape.num_layers``); every token attends to the full
+    sequence of that layer (causal masking is not discounted, matching what
+    dense SDPA kernels compute). With ``include_lm_head`` the LM head is added
+    for the last position only (``generate`` computes logits for it alone):
+    ``D * vocab_size``. Norms, rotary embeddings, softmax and other elementwise
+    ops are ignored (< 1%; FlopCounterMode ignores them too), as is the
+    embedding lookup.
+    """
+    counts = _per_layer(shape, seq_len_per_layer, "seq_len_per_layer")
+    total = sum(layer_macs(shape, n) for n in counts)
+    if include_lm_head:
+        total += shape.hidden * shape.vocab_size
+    return total
+
+
+def vision_encoder_macs(
+    vshape: VisionShape, num_images: int, projector_hidden: int | None = None
+) -> int:
+    """Vision encoder (+ optional LLaVA projector) cost for ``num_images`` images, in MACs.
+
+    Per image, with ``t = tokens_per_image``, ``H = hidden``, ``I = intermediate``
+    and ``p = patch_size``:
+
+    * patch-embedding conv: ``patches * C * p^2 * H`` (C input channels);
+    * per encoder layer: ``4 t H^2`` (q, k, v, o) + ``2 t^2 H`` (QK^T, AV)
+      + ``2 t H I`` (GELU MLP, two matrices), times ``num_layers``;
+    * if ``projector_hidden`` (the LLM hidden size ``D``) is given, the LLaVA
+      2-layer MLP projector ``H -> D -> D`` on all ``t`` tokens:
+      ``t (H D + D D)``.
+
+    Not counted: norms, position embeddings, activations, any attention-pooling
+    head (LLaVA uses the patch features, not the pooled output), post-projector
+    spatial pooling, and all ``vision_feature_layer`` truncation (every
+    ``num_layers`` layer is counted; pass a shape with fewer layers if the model
+    stops early).
+    """
+    _check_count("num_images", num_images)
+    t, H, ffn = vshape.tokens_per_image, vshape.hidden, vshape.intermediate
+    patch_embed = vshape.patches_per_image * vshape.num_channels * vshape.patch_size**2 * H
+    per_layer = 4 * t * H * H + 2 * t * t * H + 2 * t * H * ffn
+    per_image = patch_embed + vshape.num_layers * per_layer
+    if projector_hidden is not None:
+        D = int(projector_hidden)
+        per_image += t * (H * D + D * D)
+    return num_images * per_image
+
+
+def macs_to_flops(macs: int | float) -> int | float:
+    """FLOPs from MACs (1 multiply-accumulate = 2 floating-point operations)."""
+    return 2 * macs
+
+
+_SI_PREFIXES = ["", "K", "M", "G", "T", "P", "E"]
+
+
+def format_flops(x: int | float) -> str:
+    """Human-readable SI form with at most 4 significant figures.
+
+    ``format_flops(48.8219e12) == "48.82 T"``, ``format_flops(10.7e9) == "10.7 G"``,
+    ``format_flops(512) == "512"``. Unit-agnostic: works for MACs or FLOPs.
+    """
+    value = float(x)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    index = 0
+    while value >= 1000 and index < len(_SI_PREFIXES) - 1:
+        value /= 1000
+        index += 1
+    # Rounding to 4 significant figures can reach 1000 (e.g. 999.96 -> 1000).
+    if float(f"{value:.4g}") >= 1000 and index < len(_SI_PREFIXES) - 1:
+        value /= 1000
+        index += 1
+    return f"{sign}{value:.4g} {_SI_PREFIXES[index]}".rstrip()
