@@ -1,0 +1,1 @@
+"""Training-free visual-token pruning: tensor algorithms and model plumbing."""

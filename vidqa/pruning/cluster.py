@@ -1,0 +1,190 @@
+"""Density-peak clustering (DPC-KNN) and per-cluster reductions.
+
+PruneVid and SparseVLM group similar tokens with DPC-KNN (Du et al., 2016): a token is a cluster
+centre when it is dense (close to its k nearest neighbours) and far from every denser token.
+Everything here is deterministic (ties are broken by token index, never by random noise),
+works on any device, computes distances in float32 and returns features in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def pairwise_distances(x: Tensor) -> Tensor:
+    """Euclidean distances between all pairs of rows, scaled by 1/sqrt(C), in float32.
+
+    Args:
+        x: `[N, C]` features.
+
+    Returns:
+        `[N, N]` float32, symmetric, exactly zero on the diagonal and between identical rows
+        (computed without the matmul shortcut, which is inexact for duplicates).
+    """
+    x = x.float()
+    distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    return distances / math.sqrt(max(x.shape[-1], 1))
+
+
+def knn_log_density(distances: Tensor, k: int) -> Tensor:
+    """Log of the kNN density `exp(-mean of the k smallest squared distances to other tokens)`.
+
+    The log (i.e. minus the mean squared distance) is returned rather than the density itself so
+    that far-apart tokens do not all underflow to a density of 0; orderings are unchanged.
+
+    Args:
+        distances: `[N, N]` float pairwise distances (diagonal ignored), N >= 2.
+        k: number of neighbours; `min(k, N - 1)` are used.
+
+    Returns:
+        `[N]` float32 log-density (<= 0).
+    """
+    num_tokens = distances.shape[0]
+    k = min(k, num_tokens - 1)
+    squared = distances.square()
+    squared.fill_diagonal_(float("inf"))  # exclude self
+    nearest = torch.topk(squared, k, dim=-1, largest=False).values  # [N, k]
+    return -nearest.mean(dim=-1)
+
+
+def density_rank(log_density: Tensor) -> Tensor:
+    """Rank of every token by decreasing density, ties broken by lower token index.
+
+    Args:
+        log_density: `[N]` float.
+
+    Returns:
+        `[N]` long, a permutation of `0..N-1`; rank 0 is the densest token. Token j is "denser"
+        than token i exactly when `rank[j] < rank[i]`.
+    """
+    order = torch.sort(-log_density, stable=True).indices  # densest first, lower index first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
+
+
+def relabel_by_first_appearance(labels: Tensor, num_clusters: int) -> Tensor:
+    """Renumber non-empty clusters so that labels appear as 0, 1, 2, ... along the sequence.
+
+    Args:
+        labels: `[N]` long in `[0, num_clusters)`; every cluster must be non-empty.
+        num_clusters: number of clusters.
+
+    Returns:
+        `[N]` long: the same partition, cluster of token 0 is 0, the next new cluster is 1, ...
+    """
+    first = first_member(labels, num_clusters)  # [num_clusters]
+    order = torch.argsort(first)  # old labels sorted by first appearance
+    new_label = torch.empty_like(order)
+    new_label[order] = torch.arange(num_clusters, device=labels.device)
+    return new_label[labels]
+
+
+def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
+    """Density-peak clustering with kNN density (DPC-KNN), as used by PruneVid and SparseVLM.
+
+    1. `D = cdist(x, x) / sqrt(C)`.
+    2. `density_i = exp(-mean of the k smallest D_ij^2, j != i)` (k capped at N - 1).
+    3. `delta_i = min_j D_ij` over tokens j denser than i; for the densest token, `max(D)`.
+       Equal densities are ordered by token index (the lower index counts as denser), which
+       replaces the random tie-breaking noise of the original implementations.
+    4. Centres: the `num_clusters` tokens with the largest `delta * density` (ties: lower index).
+    5. Every token joins its nearest centre (ties: the better-ranked centre); a centre always
+       joins itself.
+
+    Labels are numbered by first appearance in the token sequence: token 0 has label 0, the
+    first token not in cluster 0 has label 1, and so on. All clusters are non-empty.
+
+    Args:
+        x: `[N, C]` features (any float dtype / device).
+        num_clusters: number of clusters, >= 1. If `num_clusters >= N`, every token is its own
+            cluster (labels `0..N-1`).
+        k: number of nearest neighbours for the density, >= 1.
+
+    Returns:
+        `[N]` long labels in `[0, min(num_clusters, N))`, on `x.device`.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"dpc_knn expects [N, C] features, got shape {tuple(x.shape)}")
+    if num_clusters <= 0:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    num_tokens = x.shape[0]
+    if num_clusters >= num_tokens:
+        return torch.arange(num_tokens, device=x.device)
+
+    distances = pairwise_distances(x)  # [N, N]
+    log_density = knn_log_density(distances, k)  # [N]
+    rank = density_rank(log_density)  # [N]
+
+    # delta_i: distance to the nearest denser token (denser = smaller rank).
+    denser = rank.unsqueeze(0) < rank.unsqueeze(1)  # [N, N]; denser[i, j]: j denser than i
+    max_distance = distances.max()
+    delta = torch.where(denser, distances, max_distance).min(dim=-1).values  # [N]
+
+    # log(delta * density), so that tiny densities do not all collapse to 0.
+    log_score = torch.log(delta) + log_density  # [N]; -inf where delta == 0
+    centres = torch.sort(log_score, descending=True, stable=True).indices[:num_clusters]
+
+    labels = distances[:, centres].argmin(dim=-1)  # [N]; first (best-ranked) centre on ties
+    labels[centres] = torch.arange(num_clusters, device=x.device)
+    return relabel_by_first_appearance(labels, num_clusters)
+
+
+def cluster_means(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Plain mean of each cluster's members.
+
+    Args:
+        x: `[N, C]` features.
+        labels: `[N]` long in `[0, num_clusters)`.
+        num_clusters: number of clusters.
+
+    Returns:
+        `[num_clusters, C]` in `x.dtype` (accumulated in float32); empty clusters are zeros.
+    """
+    sums = torch.zeros(num_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, labels, x.float())
+    counts = torch.bincount(labels, minlength=num_clusters).clamp(min=1)  # [num_clusters]
+    return (sums / counts.unsqueeze(-1)).to(x.dtype)
+
+
+def first_member(labels: Tensor, num_clusters: int) -> Tensor:
+    """Smallest token index in each cluster.
+
+    Args:
+        labels: `[N]` long in `[0, num_clusters)`.
+        num_clusters: number of clusters.
+
+    Returns:
+        `[num_clusters]` long; -1 for an empty cluster.
+    """
+    num_tokens = labels.shape[0]
+    index = torch.arange(num_tokens, device=labels.device)
+    first = torch.full((num_clusters,), num_tokens, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(0, labels, index, reduce="amin", include_self=True)
+    return torch.where(first == num_tokens, -1, first)
+
+
+def best_member(labels: Tensor, scores: Tensor, num_clusters: int) -> Tensor:
+    """Index of the highest-scored token in each cluster (ties: the lowest index).
+
+    Args:
+        labels: `[N]` long in `[0, num_clusters)`.
+        scores: `[N]` float scores.
+        num_clusters: number of clusters.
+
+    Returns:
+        `[num_clusters]` long; -1 for an empty cluster.
+    """
+    scores = scores.float()
+    cluster_max = torch.full((num_clusters,), float("-inf"), device=scores.device)
+    cluster_max.scatter_reduce_(0, labels, scores, reduce="amax", include_self=True)
+    is_best = scores == cluster_max[labels]  # [N]
+    # Among each cluster's best-scored tokens, the lowest index; non-best tokens go to a dummy
+    # cluster `num_clusters` that is dropped.
+    candidate_labels = torch.where(is_best, labels, num_clusters)
+    return first_member(candidate_labels, num_clusters + 1)[:num_clusters]

@@ -1,0 +1,201 @@
+"""Token merging within a temporal segment: PruneVid spatio-temporal merging, AdaTP dedup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vidqa.pruning.cluster import cluster_means, dpc_knn
+from vidqa.pruning.segments import Segment
+
+
+@dataclass
+class MergeResult:
+    """Output of `prunevid_merge_segment` for one segment of W frames with P locations.
+
+    Attributes:
+        features: `[M, C]` merged tokens, input dtype: static rows first, then each frame's
+            dynamic rows in frame order.
+        assignment: `[W, P]` long, the output row (in `[0, M)`) of every input token; each
+            input token belongs to exactly one row. Members of row m:
+            `(assignment.flatten() == m).nonzero()` as flat indices `w * P + p`. As the flat
+            order is frame-major, the earliest member of every row is
+            `cluster.first_member(assignment.flatten(), M)`.
+        is_static: `[M]` bool, True for rows merged from static locations (their members are
+            those locations in all W frames).
+        frame: `[M]` long, frame within the segment that a row belongs to (0 for static rows).
+    """
+
+    features: Tensor
+    assignment: Tensor
+    is_static: Tensor
+    frame: Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.features.shape[0]
+
+
+def cluster_or_keep(
+    x: Tensor, cluster_ratio: float, k: int, min_tokens_to_cluster: int
+) -> tuple[Tensor, Tensor, int]:
+    """Cluster tokens with DPC-KNN into `int(N * cluster_ratio)` means, if there are enough.
+
+    When `N > min_tokens_to_cluster`, `dpc_knn(x, max(1, int(N * cluster_ratio)), k)` and one
+    mean per cluster; otherwise every token is kept as its own cluster.
+
+    Args:
+        x: `[N, C]` tokens.
+        cluster_ratio: clusters per token.
+        k: DPC-KNN neighbours.
+        min_tokens_to_cluster: cluster only when N is larger than this.
+
+    Returns:
+        `(means [G, C] in x.dtype, labels [N] long in [0, G), G)`.
+    """
+    num_tokens = x.shape[0]
+    if num_tokens > min_tokens_to_cluster:
+        num_clusters = min(max(1, int(num_tokens * cluster_ratio)), num_tokens)
+        labels = dpc_knn(x, num_clusters, k)
+        return cluster_means(x, labels, num_clusters), labels, num_clusters
+    labels = torch.arange(num_tokens, device=x.device)
+    return x, labels, num_tokens
+
+
+def prunevid_merge_segment(
+    tokens: Tensor,
+    static: Tensor,
+    cluster_ratio: float = 0.5,
+    k: int = 7,
+    min_tokens_to_cluster: int = 14,
+) -> MergeResult:
+    """PruneVid stage 1 for one segment: merge static tokens over time, then cluster in space.
+
+    Static locations are first averaged over the W frames (`[S, C]`) and then clustered with
+    `cluster_or_keep`; every row is the plain mean of its members (all W frames of its
+    locations, since each location contributes exactly W tokens). Each frame's dynamic
+    (non-static) tokens `[D, C]` are clustered the same way. Within a group, rows are numbered
+    in the order of their first member (DPC-KNN label order).
+
+    Args:
+        tokens: `[W, P, C]` visual tokens of the segment's W frames.
+        static: `[P]` bool, static locations (see `segments.static_mask`).
+        cluster_ratio: clusters per token, for both static and dynamic tokens.
+        k: DPC-KNN neighbours.
+        min_tokens_to_cluster: a group of at most this many tokens is kept unclustered.
+
+    Returns:
+        `MergeResult` with `M = G_static + sum_w G_dynamic(w)` rows.
+    """
+    num_frames, num_locations, _ = tokens.shape
+    device = tokens.device
+    static_locations = torch.nonzero(static).flatten()  # [S]
+    dynamic_locations = torch.nonzero(~static).flatten()  # [D]
+    assignment = torch.empty(num_frames, num_locations, dtype=torch.long, device=device)
+
+    static_features = tokens[:, static_locations].float().mean(dim=0)  # [S, C] float32
+    static_rows, static_labels, num_static = cluster_or_keep(
+        static_features, cluster_ratio, k, min_tokens_to_cluster
+    )
+    assignment[:, static_locations] = static_labels.unsqueeze(0)
+
+    rows = [static_rows.to(tokens.dtype)]
+    frame_of_row = [torch.zeros(num_static, dtype=torch.long, device=device)]
+    offset = num_static
+    for w in range(num_frames):
+        dynamic_rows, dynamic_labels, num_dynamic = cluster_or_keep(
+            tokens[w, dynamic_locations], cluster_ratio, k, min_tokens_to_cluster
+        )
+        assignment[w, dynamic_locations] = dynamic_labels + offset
+        rows.append(dynamic_rows)
+        frame_of_row.append(torch.full((num_dynamic,), w, dtype=torch.long, device=device))
+        offset += num_dynamic
+
+    is_static = torch.zeros(offset, dtype=torch.bool, device=device)
+    is_static[:num_static] = True
+    return MergeResult(
+        features=torch.cat(rows, dim=0),
+        assignment=assignment,
+        is_static=is_static,
+        frame=torch.cat(frame_of_row),
+    )
+
+
+@dataclass
+class DedupResult:
+    """Output of `local_dedup` for T frames with P locations.
+
+    Attributes:
+        keep: `[T, P]` bool, True for tokens that survive (the first token of each run).
+        features: `[T, P, C]` input dtype; kept slots hold the mean of their run, dropped slots
+            hold the original token.
+        run_length: `[T, P]` long, number of tokens a kept token represents (>= 1); 0 where
+            dropped.
+    """
+
+    keep: Tensor
+    features: Tensor
+    run_length: Tensor
+
+
+def _check_segments(segments: list[Segment], num_frames: int) -> None:
+    """Raise ValueError unless `segments` are non-empty, contiguous and cover `0..T`."""
+    end = 0
+    for start, stop in segments:
+        if start != end or stop <= start:
+            raise ValueError(f"segments must be contiguous, non-empty and cover 0..T: {segments}")
+        end = stop
+    if end != num_frames:
+        raise ValueError(f"segments must cover 0..{num_frames}, got {segments}")
+
+
+def local_dedup(tokens: Tensor, segments: list[Segment], tau: float = 0.9) -> DedupResult:
+    """AdaTP local debiasing: merge runs of near-identical tokens at the same location.
+
+    Within a segment, the token at `(t, p)` (t > segment start) is a duplicate when its cosine
+    similarity to the ORIGINAL token at `(t - 1, p)` is >= `tau`. A run is a maximal chain of
+    duplicates following a non-duplicate (its anchor); the anchor is kept with the mean of the
+    run's features and the duplicates are dropped. Runs never cross segment boundaries.
+
+    Args:
+        tokens: `[T, P, C]` visual tokens.
+        segments: contiguous half-open frame ranges covering `0..T` in order.
+        tau: similarity threshold.
+
+    Returns:
+        `DedupResult`.
+    """
+    num_frames, num_locations, channels = tokens.shape
+    _check_segments(segments, num_frames)
+    device = tokens.device
+
+    normalized = F.normalize(tokens.float(), dim=-1)
+    similarity = (normalized[1:] * normalized[:-1]).sum(dim=-1)  # [T - 1, P]
+    duplicate = torch.zeros(num_frames, num_locations, dtype=torch.bool, device=device)
+    duplicate[1:] = similarity >= tau
+    segment_starts = torch.tensor([start for start, _ in segments], device=device)
+    duplicate[segment_starts] = False
+    keep = ~duplicate  # [T, P]
+
+    # Anchor of every token = the latest kept frame at or before it (same location).
+    frame_index = torch.arange(num_frames, device=device).unsqueeze(-1)  # [T, 1]
+    anchor_frame = torch.where(keep, frame_index, -1).cummax(dim=0).values  # [T, P]
+    location_index = torch.arange(num_locations, device=device)  # [P]
+    anchor = (anchor_frame * num_locations + location_index).flatten()  # [T * P]
+
+    flat_tokens = tokens.reshape(-1, channels)  # [T * P, C]
+    sums = torch.zeros(num_frames * num_locations, channels, dtype=torch.float32, device=device)
+    sums.index_add_(0, anchor, flat_tokens.float())
+    counts = torch.bincount(anchor, minlength=num_frames * num_locations)  # [T * P]
+    means = (sums / counts.clamp(min=1).unsqueeze(-1)).to(tokens.dtype)
+
+    flat_keep = keep.flatten()
+    features = torch.where(flat_keep.unsqueeze(-1), means, flat_tokens)
+    return DedupResult(
+        keep=keep,
+        features=features.reshape(num_frames, num_locations, channels),
+        run_length=counts.reshape(num_frames, num_locations),
+    )
