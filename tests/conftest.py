@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random checkpoints saved to disk and generated video files.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vidqa.synthetic import moving_square_frames, write_video  # noqa: E402
+from vidqa.testing import build_tiny_llava_onevision  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A random LLaVA-OneVision checkpoint: 16 pooled tokens per 112 px frame, 4 LLM layers."""
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-ov"))
+
+
+@pytest.fixture(scope="session")
+def square_video(tmp_path_factory):
+    """A 24-frame mp4 (8 fps, 3 s) of a square moving right and turning from red to blue."""
+    frames = moving_square_frames(num_frames=24, size=(112, 112), end_color=(0, 0, 255))
+    return write_video(tmp_path_factory.mktemp("videos") / "square.mp4", frames, fps=8.0)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli():
+    """Run the real Typer app in-process: run_cli(["ask", ...], input="piped stdin")."""
+    from vidqa.cli import app
+
+    def run(args, input: str | None = None) -> CliResult:
+        result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *fragments: str, exit_code: int = 2) -> None:
+    """Bad input: the given exit code, one 'error:' line on stderr naming the value, no traceback."""
+    assert result.exit_code == exit_code, (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.stderr + result.stdout

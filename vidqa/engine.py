@@ -1,0 +1,193 @@
+"""One request end to end: decode -> preprocess -> encode -> prune -> generate (stream) -> stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TextStreamer
+
+from . import flops as flops_model
+from .errors import BadInput, RuntimeFailure
+from .models import ModelAdapter
+from .pruning.runtime import NO_PRUNING, Pruner, RequestState
+from .stats import Stats, peak_memory, synchronize, timed
+from .video import Clip, load_clip
+
+
+@dataclass
+class FrameOptions:
+    frames: int | None = 32
+    fps: float | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    seed: int | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    stats: Stats
+    notes: list[str] = field(default_factory=list)
+
+
+class _CallbackStreamer(TextStreamer):
+    """TextStreamer that hands finished text pieces to a callback instead of print().
+
+    It runs inside generate's own loop (no thread, unlike TextIteratorStreamer), so an error in
+    generation surfaces as an ordinary exception in the caller.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self._on_text(text)
+
+
+class _StepClock:
+    """Records when each forward of the model ends: the first is the prefill."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.ends = model, device, []
+
+    def __enter__(self):
+        def record(module, args, output):
+            synchronize(self.device)
+            self.ends.append(time.perf_counter())
+
+        self._handle = self.model.register_forward_hook(record)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def decode_video(path: str, options: FrameOptions) -> Clip:
+    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end)
+
+
+def answer(
+    adapter: ModelAdapter,
+    clip: Clip,
+    question: str,
+    generation: GenerationOptions | None = None,
+    pruner: Pruner = NO_PRUNING,
+    on_text: Callable[[str], None] | None = None,
+    stats: Stats | None = None,
+) -> Answer:
+    """Answer `question` about an already decoded `clip`. `on_text` receives streamed text."""
+    generation = generation or GenerationOptions()
+    if not question.strip():
+        raise BadInput("the question is empty; pass it as an argument or on stdin")
+    stats = stats or Stats()
+    model, device = adapter.model, adapter.model.device
+    total_start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with timed(stats.time, "preprocess_s", device):
+        prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
+    with torch.inference_mode():
+        with timed(stats.time, "vision_encoder_s", device):
+            tokens = adapter.encode_video(prompt)
+        state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
+        state.record_stage("vision encoder", len(tokens))
+        with timed(stats.time, "pruning_s", device):
+            tokens = pruner.before_llm(tokens, state)
+        inputs = adapter.generation_inputs(prompt, tokens, None, positions=pruner.positions)
+        text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
+
+    stats.time.pruning_s += state.in_llm_seconds
+    _fill_counts(stats, adapter, clip, prompt, state, inputs)
+    _fill_flops(stats, adapter, clip)
+    stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
+    stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
+    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes)
+
+
+def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str:
+    model, device = adapter.model, adapter.model.device
+    tokenizer = adapter.processor.tokenizer
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        if on_text is not None:
+            on_text(text)
+
+    kwargs = dict(inputs.kwargs)
+    kwargs.update(max_new_tokens=generation.max_new_tokens, streamer=_CallbackStreamer(tokenizer, emit))
+    if generation.temperature > 0:
+        kwargs.update(do_sample=True, temperature=generation.temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if generation.seed is not None:
+        torch.manual_seed(generation.seed)
+
+    prompt_length = kwargs["input_ids"].shape[1]
+    try:
+        with _StepClock(model, device) as clock, pruner.inside_llm(inputs, state):
+            synchronize(device)
+            start = time.perf_counter()
+            output = model.generate(**kwargs)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise RuntimeFailure(
+            "out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model"
+        ) from None
+    generated = output.shape[1] - prompt_length
+    stats.tokens.generated_tokens = int(generated)
+    if clock.ends:
+        stats.time.prefill_s = clock.ends[0] - start
+        stats.time.decode_s = clock.ends[-1] - clock.ends[0]
+        steps = len(clock.ends) - 1
+        stats.time.decode_tokens_per_s = steps / stats.time.decode_s if stats.time.decode_s > 0 else 0.0
+    return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
+    counts = stats.tokens
+    num_layers = adapter.text_config.num_hidden_layers
+    counts.frames = clip.num_frames
+    counts.visual_tokens_before = len(prompt.visual_index)
+    counts.visual_tokens_per_stage = dict(state.stage_counts)
+    per_layer = state.visual_tokens_per_layer(num_layers)
+    counts.visual_tokens_per_layer = per_layer
+    counts.visual_tokens_after = per_layer[-1]
+    before = max(counts.visual_tokens_before, 1)
+    counts.layer_avg_retention = sum(per_layer) / (num_layers * before)
+    counts.prompt_tokens = prompt.length
+    counts.llm_prompt_tokens = int(inputs.kwargs["input_ids"].shape[1])
+
+
+def _fill_flops(stats, adapter, clip) -> None:
+    llm, vision = flops_model.shapes_from_model_config(adapter.model.config)
+    counts = stats.tokens
+    num_layers = llm.num_layers
+    stats.flops.paper_visual_prefill_macs = flops_model.visual_prefill_macs(llm, counts.visual_tokens_per_layer)
+    stats.flops.paper_vanilla_macs = flops_model.visual_prefill_macs(llm, [counts.visual_tokens_before] * num_layers)
+    stats.flops.paper_fraction = stats.flops.paper_visual_prefill_macs / max(stats.flops.paper_vanilla_macs, 1)
+    stats.flops.prompt_prefill_macs = flops_model.prompt_prefill_macs(llm, _prompt_lengths_per_layer(stats))
+    if vision is not None:
+        stats.flops.vision_encoder_macs = flops_model.vision_encoder_macs(
+            vision, clip.num_frames, projector_hidden=llm.hidden
+        )
+
+
+def _prompt_lengths_per_layer(stats: Stats) -> list[int]:
+    """Prompt length entering each layer: the LLM prompt minus what in-LLM stages removed."""
+    counts = stats.tokens
+    removed_at = [counts.visual_tokens_per_layer[0] - n for n in counts.visual_tokens_per_layer]
+    return [counts.llm_prompt_tokens - r for r in removed_at]

@@ -1,0 +1,122 @@
+"""What every model family's adapter must provide.
+
+An adapter is the only place that knows a family's quirks: how its prompt is built, where the
+visual tokens sit in the sequence, the (frame, row, col) grid of each visual token, how to run
+its vision encoder, how to feed (pruned) features back to `generate`, and how positions work.
+The engine and the pruning stages only talk to this interface, so a new family is one new file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class VisualTokens:
+    """The video's prunable visual tokens for one request (batch size 1).
+
+    features: (num_tokens, hidden) projected features, as the LLM will receive them.
+    frame, row, col: (num_tokens,) grid coordinates of each token (frame = sampled-frame index).
+    seq_index: (num_tokens,) index of each token in the full (unpruned) prompt.
+    """
+
+    features: torch.Tensor
+    frame: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    seq_index: torch.Tensor
+    grid: tuple[int, int, int]  # (frames, rows, cols) of the unpruned video
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def select(self, index: torch.Tensor) -> "VisualTokens":
+        """A subset of rows (index: (k,) long), keeping the grid of the unpruned video."""
+        return VisualTokens(
+            features=self.features[index],
+            frame=self.frame[index],
+            row=self.row[index],
+            col=self.col[index],
+            seq_index=self.seq_index[index],
+            grid=self.grid,
+        )
+
+
+@dataclass
+class Prompt:
+    """A processed prompt for one request.
+
+    inputs: the processor's output (input_ids (1, seq), attention_mask, pixel values...).
+    visual_index: (num_visual,) positions of the prunable visual tokens in input_ids.
+    fixed_visual_index: positions of visual-span tokens that are never pruned (e.g. the
+        image_newline token LLaVA-OneVision appends after the video).
+    """
+
+    inputs: dict[str, Any]
+    visual_index: torch.Tensor
+    fixed_visual_index: torch.Tensor
+    text: str
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
+class GenerationInputs:
+    """What `model.generate` receives: kwargs plus the sequence index of each row."""
+
+    kwargs: dict[str, Any]
+    seq_index: torch.Tensor  # (seq,) index into the unpruned prompt of each input row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base class; one subclass per model family, registered by `config.model_type`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+
+    # --- prompt and vision -------------------------------------------------------------
+    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+        raise NotImplementedError
+
+    def encode_video(self, prompt: Prompt) -> VisualTokens:
+        raise NotImplementedError
+
+    def generation_inputs(
+        self, prompt: Prompt, tokens: VisualTokens, fixed_features: torch.Tensor | None, positions: str
+    ) -> GenerationInputs:
+        """Generate kwargs that feed `tokens` (possibly pruned/merged) in place of the video.
+
+        positions: "original" keeps each kept token's position from the unpruned prompt (text after
+        the video keeps its positions too); "compact" renumbers the shortened prompt 0..n-1.
+        """
+        raise NotImplementedError
+
+    # --- decoder internals the in-LLM stages need ----------------------------------------
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def apply_rotary(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on (batch, heads, rows, head_dim) states with that layer's (cos, sin) rows."""
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = states.shape[-1] // 2
+        rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+        return states * cos + rotated * sin

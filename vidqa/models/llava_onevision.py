@@ -1,0 +1,88 @@
+"""LLaVA-OneVision (LlavaOnevisionForConditionalGeneration): SigLIP + Qwen2, 1-D RoPE.
+
+A video becomes T frames x (h x w) pooled tokens (14 x 14 = 196 at 384 px), followed by ONE
+`image_newline` token after the whole video. The newline is part of the visual span but is never
+pruned: it is not a frame token, and the papers' token counts exclude it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+
+
+class LlavaOnevisionAdapter(ModelAdapter):
+    model_types = ("llava_onevision",)
+    family = "LLaVA-OneVision"
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+        # LLaVA-OneVision's processor takes no timestamps: the model was trained without them.
+        conversation = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
+        ]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        inputs = self.processor(text=text, videos=[frames], return_tensors="pt")
+        video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()
+        return Prompt(
+            inputs=dict(inputs),
+            visual_index=video_positions[:-1],
+            fixed_visual_index=video_positions[-1:],
+            text=text,
+        )
+
+    def pooled_grid(self, num_frames: int) -> tuple[int, int, int]:
+        vision = self.model.config.vision_config
+        side = math.ceil((vision.image_size // vision.patch_size) / 2)
+        return num_frames, side, side
+
+    def encode_video(self, prompt: Prompt) -> VisualTokens:
+        pixels = prompt.inputs["pixel_values_videos"].to(self.model.device, self.model.dtype)
+        output = self.model.get_video_features(pixel_values_videos=pixels, return_dict=True)
+        features = output.pooler_output[0]  # (T*h*w + 1, hidden); last row is image_newline
+        num_frames, rows, cols = self.pooled_grid(pixels.shape[1])
+        per_frame = rows * cols
+        token = torch.arange(num_frames * per_frame, device=features.device)
+        self._newline = features[-1:]
+        return VisualTokens(
+            features=features[:-1],
+            frame=token // per_frame,
+            row=(token % per_frame) // cols,
+            col=token % cols,
+            seq_index=prompt.visual_index.to(features.device),
+            grid=(num_frames, rows, cols),
+        )
+
+    def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, fixed_features, positions: str):
+        ids = prompt.input_ids[0]
+        video_positions = torch.cat([prompt.visual_index, prompt.fixed_visual_index])
+        start, end = int(video_positions.min()), int(video_positions.max()) + 1
+        num_video_rows = len(tokens) + len(prompt.fixed_visual_index)
+        device = self.model.device
+        new_ids = torch.cat(
+            [ids[:start], torch.full((num_video_rows,), self.video_token_id), ids[end:]]
+        )[None].to(device)
+        seq_index = torch.cat(
+            [
+                torch.arange(start),
+                tokens.seq_index.cpu(),
+                prompt.fixed_visual_index.cpu(),
+                torch.arange(end, ids.shape[0]),
+            ]
+        )
+        video = torch.cat([tokens.features, self._newline.to(tokens.features)], dim=0)[None]
+        position_ids = seq_index if positions == "original" else torch.arange(seq_index.shape[0])
+        kwargs = {
+            "input_ids": new_ids,
+            "attention_mask": torch.ones_like(new_ids),
+            "position_ids": position_ids[None].to(device),
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=video)},
+        }
+        return GenerationInputs(kwargs=kwargs, seq_index=seq_index)

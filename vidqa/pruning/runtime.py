@@ -1,0 +1,61 @@
+"""Per-request pruning state and the interface the engine calls.
+
+A preset is frozen configuration; everything that belongs to one request (the prompt, which
+tokens were kept, counts per stage and per layer, time spent) lives in a fresh `RequestState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RequestState:
+    adapter: Any
+    prompt: Any
+    clip: Any
+    question: str
+    device: torch.device
+    stage_counts: dict[str, int] = field(default_factory=dict)
+    # decoder layer index -> visual tokens entering that layer, for layers where it changes
+    layer_counts: dict[int, int] = field(default_factory=dict)
+    in_llm_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific stats for --json
+
+    def record_stage(self, name: str, count: int) -> None:
+        self.stage_counts[name] = int(count)
+
+    def record_layer(self, layer: int, count: int) -> None:
+        self.layer_counts[layer] = int(count)
+
+    def visual_tokens_per_layer(self, num_layers: int) -> list[int]:
+        """Visual tokens entering each decoder layer (the last stage count before the LLM holds
+        until an in-LLM stage changes it)."""
+        current = list(self.stage_counts.values())[-1] if self.stage_counts else 0
+        counts = []
+        for layer in range(num_layers):
+            current = self.layer_counts.get(layer, current)
+            counts.append(current)
+        return counts
+
+
+class Pruner:
+    """What the engine calls. The default does nothing: that is the `none` preset."""
+
+    positions = "original"
+
+    def before_llm(self, tokens, state: RequestState):
+        """Prune/merge the video's tokens before the LLM; returns VisualTokens."""
+        return tokens
+
+    def inside_llm(self, inputs, state: RequestState):
+        """Context manager active around `generate`; attaches (and always removes) hooks."""
+        return contextlib.nullcontext()
+
+
+NO_PRUNING = Pruner()
