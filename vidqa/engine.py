@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -85,8 +85,14 @@ def answer(
     pruner: Pruner = NO_PRUNING,
     on_text: Callable[[str], None] | None = None,
     stats: Stats | None = None,
+    encoded_cache: MutableMapping | None = None,
 ) -> Answer:
-    """Answer `question` about an already decoded `clip`. `on_text` receives streamed text."""
+    """Answer `question` about an already decoded `clip`. `on_text` receives streamed text.
+
+    encoded_cache: optional mapping reused across calls (batch mode); the vision encoder's output
+    for a clip is stored under id(clip), so a clip asked several questions is encoded once.
+    Keep the clip object alive as long as the cache holds it.
+    """
     generation = generation or GenerationOptions()
     if not question.strip():
         raise BadInput("the question is empty; pass it as an argument or on stdin")
@@ -99,13 +105,16 @@ def answer(
     with timed(stats.time, "preprocess_s", device):
         prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
     with torch.inference_mode():
+        cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
         with timed(stats.time, "vision_encoder_s", device):
-            tokens = adapter.encode_video(prompt)
+            tokens = cached if cached is not None else adapter.encode_video(prompt)
+        if encoded_cache is not None:
+            encoded_cache[id(clip)] = tokens
         state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
         state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = pruner.before_llm(tokens, state)
-        inputs = adapter.generation_inputs(prompt, tokens, None, positions=pruner.positions)
+        inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
         text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
 
     stats.time.pruning_s += state.in_llm_seconds

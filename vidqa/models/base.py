@@ -21,6 +21,8 @@ class VisualTokens:
     features: (num_tokens, hidden) projected features, as the LLM will receive them.
     frame, row, col: (num_tokens,) grid coordinates of each token (frame = sampled-frame index).
     seq_index: (num_tokens,) index of each token in the full (unpruned) prompt.
+    fixed_features: (num_fixed, hidden) visual-span rows that are never pruned (LLaVA-OneVision's
+        image_newline after the video), fed back unchanged.
     """
 
     features: torch.Tensor
@@ -29,6 +31,7 @@ class VisualTokens:
     col: torch.Tensor
     seq_index: torch.Tensor
     grid: tuple[int, int, int]  # (frames, rows, cols) of the unpruned video
+    fixed_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -42,7 +45,14 @@ class VisualTokens:
             col=self.col[index],
             seq_index=self.seq_index[index],
             grid=self.grid,
+            fixed_features=self.fixed_features,
         )
+
+    def replace(self, **changes) -> "VisualTokens":
+        """A copy with some fields replaced (e.g. merged features with new coordinates)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
 
 
 @dataclass
@@ -95,9 +105,7 @@ class ModelAdapter:
     def encode_video(self, prompt: Prompt) -> VisualTokens:
         raise NotImplementedError
 
-    def generation_inputs(
-        self, prompt: Prompt, tokens: VisualTokens, fixed_features: torch.Tensor | None, positions: str
-    ) -> GenerationInputs:
+    def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str) -> GenerationInputs:
         """Generate kwargs that feed `tokens` (possibly pruned/merged) in place of the video.
 
         positions: "original" keeps each kept token's position from the unpruned prompt (text after

@@ -50,7 +50,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
         num_frames, rows, cols = self.pooled_grid(pixels.shape[1])
         per_frame = rows * cols
         token = torch.arange(num_frames * per_frame, device=features.device)
-        self._newline = features[-1:]
         return VisualTokens(
             features=features[:-1],
             frame=token // per_frame,
@@ -58,9 +57,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
             col=token % cols,
             seq_index=prompt.visual_index.to(features.device),
             grid=(num_frames, rows, cols),
+            fixed_features=features[-1:],
         )
 
-    def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, fixed_features, positions: str):
+    def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str):
         ids = prompt.input_ids[0]
         video_positions = torch.cat([prompt.visual_index, prompt.fixed_visual_index])
         start, end = int(video_positions.min()), int(video_positions.max()) + 1
@@ -77,7 +77,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 torch.arange(end, ids.shape[0]),
             ]
         )
-        video = torch.cat([tokens.features, self._newline.to(tokens.features)], dim=0)[None]
+        video = torch.cat([tokens.features, tokens.fixed_features.to(tokens.features)], dim=0)[None]
         position_ids = seq_index if positions == "original" else torch.arange(seq_index.shape[0])
         kwargs = {
             "input_ids": new_ids,
