@@ -88,6 +88,10 @@ AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; pr
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
+PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
+KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
+FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
 
 
 def _check_generation(max_new_tokens: int, temperature: float) -> None:
@@ -112,6 +116,10 @@ def ask(
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    prune: PruneOpt = "none",
+    keep: KeepOpt = None,
+    flops: FlopsOpt = None,
+    param: ParamOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer token by token.")] = True,
     stats: Annotated[
         Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr [default: on when stderr is a terminal].", show_default=False)
@@ -125,12 +133,17 @@ def ask(
     """
     from . import engine
     from .models import load_model
+    from .pruning.presets import build_pruner, check_budget, load_preset
 
     try:
         text = read_question(question)
         if not text:
             raise BadInput("the question is empty; pass it as an argument or pipe it on stdin")
         _check_generation(max_new_tokens, temperature)
+        preset = load_preset(prune, param or [])
+        check_budget(keep, flops)  # fail before the model loads
+        if not preset.stages:
+            build_pruner(preset, None, keep=keep, flops=flops)
         frame_options = engine.FrameOptions(frames=frames, fps=fps, start=start, end=end)
         from .stats import Stats, timed
 
@@ -139,6 +152,7 @@ def ask(
             clip = engine.decode_video(str(video), frame_options)
         with err_console.status("loading model…", spinner="dots") if _interactive() else _nothing():
             adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value)
+        pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
         streaming = stream and not as_json
         on_text = _stdout_writer() if streaming else None
         result = engine.answer(
@@ -146,6 +160,7 @@ def ask(
             clip,
             text,
             engine.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+            pruner=pruner,
             on_text=on_text,
             stats=run_stats,
         )
@@ -160,11 +175,12 @@ def ask(
         "frames": frames, "fps": fps, "start": start, "end": end, "device": str(adapter.model.device),
         "dtype": str(adapter.model.dtype).removeprefix("torch."), "attn": attn.value,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+        "keep": keep, "flops": flops, "preset_parameters": preset.parameters(), "positions": preset.positions,
     }
     if as_json:
         from .report import ask_record
 
-        record = ask_record(result, model=model, preset="none", parameters=parameters)
+        record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
         sys.stdout.write(json.dumps(record) + "\n")
         return
     if streaming:
@@ -179,7 +195,7 @@ def ask(
     if stats if stats is not None else sys.stderr.isatty():
         from .report import print_stats
 
-        print_stats(result.stats, "none", err_console)
+        print_stats(result.stats, preset.name, err_console)
 
 
 def _interactive() -> bool:
@@ -215,3 +231,79 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+# `vidqa presets` ---------------------------------------------------------------------------
+presets_app = typer.Typer(help="List pruning presets, or show one's resolved parameters.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.callback()
+def presets_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the presets: name, where they act, default keep, description."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from .pruning.presets import available_presets, default_retention, load_preset
+
+    rows = []
+    try:
+        for name in available_presets():
+            preset = load_preset(name)
+            rows.append({
+                "name": preset.name, "where": preset.where, "default_keep": default_retention(preset),
+                "description": preset.description, "reference": preset.reference,
+            })
+    except VidqaError as error:
+        fail(error)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="pruning presets (--prune NAME)", title_justify="left")
+    for column in ("name", "acts", "default keep", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        keep = "1.00" if row["name"] == "none" else (f"{row['default_keep']:.2f}" if row["default_keep"] is not None else "clip-dependent")
+        table.add_row(row["name"], row["where"], keep, row["description"])
+    Console().print(table)
+    Console().print("default keep: layer-averaged retention with the paper's settings on LLaVA-OneVision-7B, 32 frames (≈ for data-dependent methods).")
+
+
+@presets_app.command("show")
+def presets_show(
+    name: Annotated[str, typer.Argument(help="Preset name or .yaml path.")],
+    param: ParamOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print a preset's resolved parameters (after any -P overrides) and how --keep maps onto it."""
+    from .pruning.presets import load_preset
+
+    try:
+        preset = load_preset(name, param or [])
+    except VidqaError as error:
+        fail(error)
+        return
+    record = {
+        "name": preset.name, "description": preset.description, "reference": preset.reference,
+        "where": preset.where, "positions": preset.positions, "source": preset.source,
+        "stages": [{"name": n, "type": s.kind, "where": s.where, **preset.parameters()[n]} for n, s in preset.stages],
+        "keep": preset.keep_rule,
+    }
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{preset.name}[/] — {preset.description}")
+    if preset.reference:
+        console.print(f"reference: {preset.reference}")
+    console.print(f"acts: {preset.where}; positions of kept tokens: {preset.positions}")
+    for stage in record["stages"]:
+        values = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("name", "type", "where"))
+        console.print(f"  stage [bold]{stage['name']}[/] ({stage['type']}, {stage['where']}): {values}")
+    if preset.keep_rule:
+        console.print(f"--keep: {preset.keep_rule}")
+from . import cli_batch  # noqa: E402,F401  (registers batch/summarize)

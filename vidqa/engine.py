@@ -37,6 +37,7 @@ class Answer:
     text: str
     stats: Stats
     notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # the preset's method-specific stats
 
 
 class _CallbackStreamer(TextStreamer):
@@ -114,6 +115,7 @@ def answer(
         state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = pruner.before_llm(tokens, state)
+        state.llm_tokens = tokens
         inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
         text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
 
@@ -122,7 +124,7 @@ def answer(
     _fill_flops(stats, adapter, clip)
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
-    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes)
+    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details)
 
 
 def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str:

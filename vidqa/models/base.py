@@ -32,6 +32,8 @@ class VisualTokens:
     seq_index: torch.Tensor
     grid: tuple[int, int, int]  # (frames, rows, cols) of the unpruned video
     fixed_features: torch.Tensor | None = None
+    # per-token annotations added by stages (e.g. PruneVid's segment id and static flag), each (num_tokens,)
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -46,6 +48,7 @@ class VisualTokens:
             seq_index=self.seq_index[index],
             grid=self.grid,
             fixed_features=self.fixed_features,
+            meta={name: values[index] for name, values in self.meta.items()},
         )
 
     def replace(self, **changes) -> "VisualTokens":
@@ -85,7 +88,8 @@ class GenerationInputs:
 
     kwargs: dict[str, Any]
     seq_index: torch.Tensor  # (seq,) index into the unpruned prompt of each input row
-    extra: dict[str, Any] = field(default_factory=dict)
+    visual_rows: torch.Tensor  # (num_visual,) rows of input_ids holding the prunable visual tokens, in order
+    text_start: int  # first row after the whole visual span: the question and the chat template
 
 
 class ModelAdapter:
@@ -119,8 +123,13 @@ class ModelAdapter:
         return self.model.config.get_text_config()
 
     @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings -> layers -> norm), without the lm_head."""
+        return self.model.model.language_model
+
+    @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.model.model.language_model.layers
+        return self.language_model.layers
 
     def apply_rotary(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on (batch, heads, rows, head_dim) states with that layer's (cos, sin) rows."""

@@ -85,4 +85,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             "position_ids": position_ids[None].to(device),
             "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=video)},
         }
-        return GenerationInputs(kwargs=kwargs, seq_index=seq_index)
+        visual_rows = torch.arange(start, start + len(tokens))
+        return GenerationInputs(
+            kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=start + num_video_rows
+        )

@@ -26,6 +26,7 @@ class RequestState:
     in_llm_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # method-specific stats for --json
+    llm_tokens: Any = None  # the VisualTokens handed to the LLM (after the pre-LLM stages)
 
     def record_stage(self, name: str, count: int) -> None:
         self.stage_counts[name] = int(count)

@@ -1,0 +1,260 @@
+"""Dropping visual tokens inside the decoder during prefill, with hooks that are always removed.
+
+How it works (design.md §3), for a stage acting at layer K:
+- a forward pre-hook on layer K-1's attention keeps its normed input and rotary tables, so the
+  stage can recompute the attention rows it needs (pruning/attention.py) from the post-RoPE keys
+  the layer just wrote to the KV cache;
+- a forward pre-hook on layer K runs the stage and slices the hidden states; pre-hooks on every
+  layer >= K swap in the matching rows of (cos, sin), position ids and any 4-D mask, because the
+  decoder computes those once for the full sequence and hands the same tensors to every layer.
+Kept tokens keep their ORIGINAL positions: their keys in layers < K already carry that RoPE
+phase. After prefill, layers < K hold N cache entries and layers >= K fewer; `generate` and
+DynamicCache work unchanged (decode positions come from generate's own position_ids). Batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..stats import synchronize
+from .attention import attention_rows, project_keys
+
+
+@dataclass
+class Selection:
+    """What an in-LLM stage decided at its layer.
+
+    keep: (k,) sorted indices into the current visual rows that survive.
+    inserted: (m, hidden) new rows placed right after the kept visual rows (e.g. recycled
+        merges), or None; inserted_from: (m,) indices into the current visual rows whose position
+        (and grid coordinates) each inserted row takes.
+    """
+
+    keep: torch.Tensor
+    inserted: torch.Tensor | None = None
+    inserted_from: torch.Tensor | None = None
+
+
+@dataclass
+class LayerContext:
+    """What an in-LLM stage sees at layer K during prefill (batch size 1)."""
+
+    layer: int
+    hidden: torch.Tensor  # (1, n, hidden) entering layer K
+    visual_rows: torch.Tensor  # (v,) rows of the prunable visual tokens, in sequence order
+    text_rows: torch.Tensor  # rows after the last visual row: question + chat template
+    visual_meta: dict[str, torch.Tensor]  # frame, row, col, ... each (v,)
+    embeddings: torch.Tensor  # (1, n0, hidden) the layer-0 input (SparseVLM raters), original rows
+    row_source: torch.Tensor  # (n,) each current row's index in the LLM input sequence
+    budget: int  # visual tokens this stage should leave (including any it inserts)
+    state: Any
+    _attention: Any = None
+
+    def attention(self, query_rows: torch.Tensor) -> torch.Tensor:
+        """(heads, r, n) attention probabilities of `query_rows` at layer K-1 (recomputed)."""
+        return self._attention(query_rows)
+
+
+@dataclass
+class _Prefill:
+    """Bookkeeping for the rows of the current (shrinking) sequence during one prefill."""
+
+    row_source: torch.Tensor  # (n,) index into the LLM input of each current row
+    is_visual: torch.Tensor  # (n,) bool
+    visual_meta: dict[str, torch.Tensor]  # aligned with the visual rows, in order
+    full_position_embeddings: tuple | None = None
+    full_position_ids: torch.Tensor | None = None
+    position_embeddings: tuple | None = None
+    position_ids: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    attention_inputs: dict[int, tuple] = field(default_factory=dict)
+
+
+class DecoderPruning:
+    """Context manager: attach in-LLM stages to a model for one `generate` call."""
+
+    def __init__(self, adapter, stages, budgets: dict[int, int], inputs, visual_meta, state, prune_cache=False):
+        self.adapter, self.stages, self.budgets, self.state = adapter, sorted(stages, key=lambda s: s.layer), budgets, state
+        self.inputs, self.prune_cache = inputs, prune_cache
+        self.visual_meta = visual_meta
+        self._handles: list = []
+        self._forward_calls = 0
+
+    # -- attach / detach -------------------------------------------------------------------
+    def __enter__(self):
+        if not self.stages:
+            return self
+        layers = self.adapter.decoder_layers
+        first = self.stages[0].layer
+        if not 1 <= first < len(layers):
+            raise ValueError(f"pruning layer {first} is outside 1..{len(layers) - 1}")
+        language_model = self.adapter.language_model
+        self._handles.append(language_model.register_forward_pre_hook(self._count_forward, with_kwargs=True))
+        self._handles.append(language_model.register_forward_hook(self._after_forward, with_kwargs=True))
+        embed = language_model.get_input_embeddings()
+        self._handles.append(embed.register_forward_hook(self._keep_embeddings))
+        for stage in self.stages:
+            attention = layers[stage.layer - 1].self_attn
+            handle = attention.register_forward_pre_hook(self._capture(stage.layer - 1), with_kwargs=True)
+            self._handles.append(handle)
+        for index in range(first, len(layers)):
+            handle = layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True)
+            self._handles.append(handle)
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _count_forward(self, module, args, kwargs):
+        self._forward_calls += 1
+        if self._forward_calls == 1:
+            rows = self.inputs.kwargs["input_ids"].shape[1]
+            is_visual = torch.zeros(rows, dtype=torch.bool)
+            is_visual[self.inputs.visual_rows] = True
+            device = self.adapter.model.device
+            self._prefill = _Prefill(
+                row_source=torch.arange(rows, device=device),
+                is_visual=is_visual.to(device),
+                visual_meta={name: values.to(device) for name, values in self.visual_meta.items()},
+            )
+
+    def _keep_embeddings(self, module, args, output):
+        if self._forward_calls == 1 and self._prefill.embeddings is None:
+            self._prefill.embeddings = output
+
+    def _capture(self, layer_index: int):
+        def hook(module, args, kwargs):
+            if self._forward_calls == 1:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._prefill.attention_inputs[layer_index] = (
+                    hidden, kwargs["position_embeddings"], kwargs.get("past_key_values"))
+        return hook
+
+    def _before_layer(self, layer_index: int):
+        stage = next((s for s in self.stages if s.layer == layer_index), None)
+
+        def hook(module, args, kwargs):
+            if self._forward_calls != 1:
+                return self._decode_mask(layer_index, args, kwargs)
+            prefill = self._prefill
+            if prefill.full_position_embeddings is None:
+                prefill.full_position_embeddings = kwargs["position_embeddings"]
+                prefill.full_position_ids = kwargs.get("position_ids")
+                prefill.position_embeddings = kwargs["position_embeddings"]
+                prefill.position_ids = kwargs.get("position_ids")
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if stage is not None:
+                hidden = self._run_stage(stage, hidden)
+            kwargs["position_embeddings"] = prefill.position_embeddings
+            if "position_ids" in kwargs:
+                kwargs["position_ids"] = prefill.position_ids
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] != hidden.shape[1]:
+                kwargs["attention_mask"] = _causal_like(mask, hidden.shape[1])
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def _decode_mask(self, layer_index, args, kwargs):
+        """Decode step: a 4-D mask built for layer 0's cache length must match this layer's."""
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = cache.layers[layer_index].get_seq_length() + hidden.shape[1]
+        if mask.shape[-1] != length:
+            kwargs["attention_mask"] = mask[..., -length:]
+            return args, kwargs
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        if self._forward_calls == 1 and self.prune_cache:
+            self._slice_early_caches(kwargs.get("past_key_values"))
+        if self._forward_calls == 1:
+            self._prefill.attention_inputs.clear()  # drop references to activations
+            self._prefill.embeddings = None
+
+    # -- the work --------------------------------------------------------------------------
+    def _run_stage(self, stage, hidden: torch.Tensor) -> torch.Tensor:
+        prefill, device = self._prefill, hidden.device
+        synchronize(device)
+        started = time.perf_counter()
+        visual_rows = prefill.is_visual.nonzero().flatten()
+        text_rows = (prefill.row_source >= self.inputs.text_start).nonzero().flatten()
+        context = LayerContext(
+            layer=stage.layer, hidden=hidden, visual_rows=visual_rows, text_rows=text_rows,
+            visual_meta=prefill.visual_meta, embeddings=prefill.embeddings, row_source=prefill.row_source,
+            budget=self.budgets[stage.layer], state=self.state,
+            _attention=lambda rows: self._attention_rows(stage.layer - 1, rows),
+        )
+        selection = stage.select(context)
+        hidden = self._apply(selection, hidden, visual_rows)
+        self.state.record_layer(stage.layer, int(prefill.is_visual.sum()))
+        synchronize(device)
+        self.state.in_llm_seconds += time.perf_counter() - started
+        return hidden
+
+    def _attention_rows(self, layer_index: int, query_rows: torch.Tensor) -> torch.Tensor:
+        normed, position_embeddings, cache = self._prefill.attention_inputs[layer_index]
+        attention = self.adapter.decoder_layers[layer_index].self_attn
+        keys = None
+        if cache is not None and len(cache.layers) > layer_index:
+            keys = cache.layers[layer_index].keys
+        if keys is None or keys.shape[2] != normed.shape[1]:
+            keys = project_keys(attention, normed, position_embeddings, self.adapter.apply_rotary)
+        return attention_rows(attention, normed, position_embeddings, keys, query_rows, self.adapter.apply_rotary)
+
+    def _apply(self, selection: Selection, hidden: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
+        """Slice the hidden states and every per-row table to the kept (and inserted) rows."""
+        prefill, device = self._prefill, hidden.device
+        keep_rows = torch.ones(hidden.shape[1], dtype=torch.bool, device=device)
+        keep_rows[visual_rows] = False
+        kept_visual_rows = visual_rows[selection.keep.to(device)]
+        keep_rows[kept_visual_rows] = True
+        order = keep_rows.nonzero().flatten()  # current rows that survive, in order
+        meta = {name: values[selection.keep] for name, values in prefill.visual_meta.items()}
+        row_source = prefill.row_source[order]
+        is_visual = prefill.is_visual[order]
+        new_hidden = hidden[:, order]
+        if selection.inserted is not None and len(selection.inserted):
+            # insert after the last kept visual row
+            at = int((order <= (kept_visual_rows.max() if len(kept_visual_rows) else visual_rows.min() - 1)).sum())
+            sources = prefill.row_source[visual_rows[selection.inserted_from.to(device)]]
+            new_hidden = torch.cat([new_hidden[:, :at], selection.inserted[None].to(hidden), new_hidden[:, at:]], dim=1)
+            row_source = torch.cat([row_source[:at], sources, row_source[at:]])
+            is_visual = torch.cat([is_visual[:at], torch.ones(len(sources), dtype=torch.bool, device=device), is_visual[at:]])
+            meta = {name: torch.cat([meta[name], values[selection.inserted_from]]) for name, values in prefill.visual_meta.items()}
+        prefill.row_source, prefill.is_visual, prefill.visual_meta = row_source, is_visual, meta
+        cos, sin = prefill.full_position_embeddings
+        prefill.position_embeddings = (cos[:, row_source], sin[:, row_source])
+        if prefill.full_position_ids is not None:
+            prefill.position_ids = prefill.full_position_ids[..., row_source]
+        return new_hidden
+
+    def _slice_early_caches(self, cache) -> None:
+        """PruneVid's option: layers before the (single) stage keep only the surviving rows."""
+        if cache is None:
+            return
+        rows = self._prefill.row_source
+        for layer_index in range(self.stages[0].layer):
+            layer = cache.layers[layer_index]
+            layer.keys = layer.keys[:, :, rows]
+            layer.values = layer.values[:, :, rows]
+
+
+def _causal_like(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A causal (1, 1, length, length) mask of the same kind (bool or additive float) as `mask`."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return allowed[None, None]
+    blocked = torch.finfo(mask.dtype).min
+    return torch.zeros(length, length, dtype=mask.dtype, device=mask.device).masked_fill(~allowed, blocked)[None, None]

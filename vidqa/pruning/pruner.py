@@ -1,0 +1,115 @@
+"""Running a preset for one request: pre-LLM stages, the budget `--keep`/`--flops` asks for, and
+the decoder hooks for the in-LLM stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import flops as flops_model
+from ..errors import BadInput
+from ..stats import synchronize
+from .decoder import DecoderPruning
+from .runtime import Pruner, RequestState
+
+
+@dataclass(frozen=True)
+class BoundStage:
+    """An in-LLM stage fixed to an absolute layer and a ratio for one request."""
+
+    stage: object
+    layer: int
+    ratio: float
+
+    def select(self, context):
+        return self.stage.select(context, self.ratio)
+
+
+def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: int, meta: dict, ratio) -> list[int]:
+    """Visual tokens entering each layer when in-LLM stages (layer, stage) run at `ratio`
+    (None = each stage's own default)."""
+    counts, current = [], num_tokens
+    stages = dict(bound)
+    for layer in range(num_layers):
+        if layer in stages:
+            stage = stages[layer]
+            current = stage.kept_count(current, num_tokens, meta, stage.ratio if ratio is None else ratio)
+        counts.append(current)
+    return counts
+
+
+class PresetPruner(Pruner):
+    def __init__(self, preset, adapter, keep=None, flops=None):
+        self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
+        self.positions = preset.positions
+        self.num_layers = adapter.text_config.num_hidden_layers
+        self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
+        layers = [layer for layer, _ in self.bound]
+        if len(set(layers)) != len(layers):
+            raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
+        if (keep is not None or flops is not None) and not self.bound:
+            raise BadInput(f"preset '{preset.name}' has no in-LLM budget for --keep/--flops to set; use its -P parameters")
+        if not preset.before_llm and keep is not None:
+            lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
+            if keep < lowest - 1e-9:
+                raise BadInput(f"--keep {keep} is below what '{preset.name}' can reach on this {self.num_layers}-layer model (at least {lowest:.3f})")
+
+    # -- before the LLM ----------------------------------------------------------------------
+    def before_llm(self, tokens, state: RequestState):
+        for name, stage in self.preset.before_llm:
+            tokens = stage.apply(tokens, state)
+            state.record_stage(name, len(tokens))
+        synchronize(state.device)
+        state.llm_tokens = tokens
+        return tokens
+
+    # -- inside the LLM ----------------------------------------------------------------------
+    def inside_llm(self, inputs, state: RequestState):
+        tokens = state.llm_tokens
+        meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
+        original = state.stage_counts["vision encoder"]
+        ratio = self._solve(len(tokens), original, meta, state)
+        stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
+        counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
+        budgets = {layer: counts[layer] for layer, _ in self.bound}
+        state.details["budget"] = {
+            "ratio": None if ratio is None else round(ratio, 6),
+            "layers": {str(layer): budgets[layer] for layer in budgets},
+        }
+        prune_cache = any(getattr(stage, "prune_cache", False) for _, stage in self.bound)
+        if prune_cache and len(self.bound) > 1:
+            raise BadInput("prune_cache works with a single in-LLM stage")
+        return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache)
+
+    def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
+        """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""
+        if self.keep is None and self.flops is None:
+            return None
+        meta = {k: v.cpu() for k, v in meta.items()}
+        llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
+        vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
+
+        def measure(ratio: float) -> float:
+            counts = layer_counts(self.bound, num_tokens, self.num_layers, meta, ratio)
+            if self.keep is not None:
+                return sum(counts) / (self.num_layers * original)
+            return flops_model.visual_prefill_macs(llm, counts) / vanilla
+
+        target = self.keep if self.keep is not None else self.flops
+        option = "--keep" if self.keep is not None else "--flops"
+        highest, lowest = measure(1.0), measure(0.0)
+        if target >= highest - 1e-12:
+            if target > highest + 1e-9:
+                state.notes.append(
+                    f"{option} {target} asks for more than the pre-LLM stages left ({highest:.3f}); nothing more is dropped"
+                )
+            return 1.0
+        if target < lowest - 1e-9:
+            raise BadInput(f"{option} {target} is below what '{self.preset.name}' can reach on this clip (at least {lowest:.3f})")
+        low, high = 0.0, 1.0  # measure(low) <= target < measure(high)
+        for _ in range(40):
+            middle = (low + high) / 2
+            if measure(middle) <= target:
+                low = middle
+            else:
+                high = middle
+        return low if abs(measure(low) - target) <= abs(measure(high) - target) else high
