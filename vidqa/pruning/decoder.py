@@ -124,6 +124,9 @@ class DecoderPruning:
                 row_source=torch.arange(rows, device=device),
                 is_visual=is_visual.to(device),
                 visual_meta={name: values.to(device) for name, values in self.visual_meta.items()},
+                # VLMs embed (and scatter the visual features) themselves and pass inputs_embeds;
+                # the embedding hook below only fills this when the LM is given input_ids
+                embeddings=kwargs.get("inputs_embeds"),
             )
 
     def _keep_embeddings(self, module, args, output):

@@ -162,10 +162,8 @@ def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if not targets:
             valid = sorted({p for _, c, _ in stage_values for p in c.parameter_specs()} | {"positions"})
             raise BadInput(f"-P {key}: not a parameter of preset '{data.get('name', source)}'{_suggest(param_name, valid)}; valid: {', '.join(valid)}")
-        if len(targets) > 1 and not dot:
-            names = ", ".join(f"{n}.{param_name}" for n, _, _ in targets)
-            raise BadInput(f"-P {key} is ambiguous in this preset; use one of: {names}")
-        targets[0][2][param_name] = value
+        for _, _, values in targets:  # an unqualified key sets every stage that has it
+            values[param_name] = value
     if positions not in POSITIONS:
         raise BadInput(f"positions '{positions}' is not one of: {', '.join(POSITIONS)}")
     stages = tuple((name, _configure(cls, values, f"{data.get('name', source)}.{name}")) for name, cls, values in stage_values)

@@ -48,6 +48,10 @@ class PresetPruner(Pruner):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         if (keep is not None or flops is not None) and not self.bound:
             raise BadInput(f"preset '{preset.name}' has no in-LLM budget for --keep/--flops to set; use its -P parameters")
+        for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
+            reason = getattr(stage, "unsolvable", None)
+            if reason and (keep is not None or flops is not None):
+                raise BadInput(f"preset '{preset.name}': {reason}")
         if not preset.before_llm and keep is not None:
             lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
             if keep < lowest - 1e-9:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
 from .fastv import LastTokenAttention
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
+from .sparsevlm import RaterAttentionPrune
 
 STAGES: dict[str, type[Stage]] = {
-    stage.kind: stage for stage in (LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect)
+    stage.kind: stage for stage in (
+        LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect,
+        SegmentDedup, DebiasedSegmentSelect,
+        RaterAttentionPrune,
+    )
 }
 
 __all__ = ["STAGES", "BeforeLLM", "InsideLLM", "Stage", "scaled_layer"]
