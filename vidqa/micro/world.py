@@ -1,0 +1,257 @@
+"""The micro model's synthetic world: seeded clips with questions whose evidence sits in known
+frames and places.
+
+A clip (default 8 frames of 112 x 112 px) shows
+- a plain background, one of BACKGROUND_COLOURS, that may change once to another background
+  colour at a frame in the middle part of the clip;
+- a coloured square (28-36 px side), one of SQUARE_COLOURS, moving in a straight line from one
+  edge to the opposite one (left / right / up / down), that may change colour once (also in the
+  middle part, independently of the background);
+- a white circle (radius 11-13 px) that, in half the clips, is visible in a contiguous run of
+  1 .. ceil(T/2) frames, placed clear of the square's path (never occluded); else absent.
+
+Background and square colours are disjoint sets, chosen far apart in RGB, and the circle is the
+only white object, so every question has exactly one right one-word answer.
+
+Question types (QUESTIONS) and where their evidence is:
+  square_start       colour of the square in frame 0              red / green / blue / yellow
+  square_end         colour of the square in frame T-1            red / green / blue / yellow
+  direction          square position over all frames              left / right / up / down
+  background_change  background in the first vs last frames       yes / no
+  background_start   background in frame 0                        black / grey / purple / brown
+  background_end     background in frame T-1                      black / grey / purple / brown
+  circle             the frames the circle is in (maybe only one) yes / no
+
+Every answer is balanced by construction: start colours and directions are uniform; a change
+happens with probability 1/2 and then goes to a uniformly chosen *other* colour, so the end
+colour is uniform too; the circle is present with probability 1/2.
+
+Question groups (GROUPS): questions in one group constrain each other's answers, so a training
+chat asks at most one question per group. "square at the start" + "square at the end" would let
+the model copy its first answer (they agree in half the clips); "background at the start", "at
+the end" and "does the background change" are tied by change == (start != end). Direction and
+circle are independent of everything else. A training chat over a T-frame clip therefore asks
+4 questions (one per group, in random order); over a single frame it asks 3 (no direction, and
+the background group only asks start/end, since a single frame cannot show a change).
+
+Randomness: every clip is drawn from a numpy Generator. `heldout_clip(i, seed)` is clip i of a
+held-out set: `np.random.default_rng([seed, i])`, so any clip can be regenerated on its own.
+Training draws from `np.random.default_rng(train_seed)`, a different stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 112
+NUM_FRAMES = 8
+HELDOUT_SEED = 1000  # default seed of the held-out set; training uses other streams
+
+SQUARE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 240),
+    "yellow": (240, 220, 40),
+}
+BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "grey": (125, 125, 125),
+    "purple": (120, 40, 150),
+    "brown": (130, 80, 30),
+}
+CIRCLE_COLOUR = (255, 255, 255)
+DIRECTIONS = ("left", "right", "up", "down")
+SQUARE_SIDE = (28, 36)  # inclusive range, px
+CIRCLE_RADIUS = (11, 13)  # inclusive range, px
+EDGE_MARGIN = 6  # the square starts/ends within this many px of the edges
+
+QUESTIONS: dict[str, str] = {
+    "square_start": "what colour is the square at the start ?",
+    "square_end": "what colour is the square at the end ?",
+    "direction": "which way does the square move ?",
+    "background_change": "does the background change ?",
+    "background_start": "what colour is the background at the start ?",
+    "background_end": "what colour is the background at the end ?",
+    "circle": "is there a circle ?",
+}
+QUESTION_TYPES = tuple(QUESTIONS)
+
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("square_start", "square_end"),
+    ("direction",),
+    ("background_change", "background_start", "background_end"),
+    ("circle",),
+)
+
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "square_start": tuple(SQUARE_COLOURS),
+    "square_end": tuple(SQUARE_COLOURS),
+    "direction": DIRECTIONS,
+    "background_change": ("yes", "no"),
+    "background_start": tuple(BACKGROUND_COLOURS),
+    "background_end": tuple(BACKGROUND_COLOURS),
+    "circle": ("yes", "no"),
+}
+
+# Every word the micro model's tokenizer knows (besides the chat specials). Questions and answers
+# must tokenize without <unk>: tests check it.
+VOCABULARY: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        "user assistant system what colour is the square at start end which way does move "
+        "background change there a circle in this video of frame first last and it ? . , ".split()
+        + list(SQUARE_COLOURS)
+        + list(BACKGROUND_COLOURS)
+        + ["white"]
+        + list(DIRECTIONS)
+        + ["yes", "no"]
+    )
+)
+
+
+@dataclass
+class WorldClip:
+    """One generated clip: frames plus the ground truth behind every answer.
+
+    frames: uint8 [T, SIZE, SIZE, 3]. answers: question type -> one-word answer (types a clip of
+    this length cannot answer are missing: direction and background_change for T == 1).
+    square_boxes: (T, 4) int (x0, y0, x1, y1) of the square per frame (x1, y1 exclusive).
+    circle_frames: frame indices where the circle is drawn; circle: (cx, cy, r) or None.
+    square_change / background_change: frame index of the change (first frame with the new
+    colour), or None.
+    """
+
+    frames: np.ndarray
+    answers: dict[str, str]
+    square_boxes: np.ndarray
+    square_colours: tuple[str, str]
+    background_colours: tuple[str, str]
+    square_change: int | None
+    background_change: int | None
+    direction: str
+    circle: tuple[int, int, int] | None
+    circle_frames: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def question_types(self) -> tuple[str, ...]:
+        return tuple(t for t in QUESTION_TYPES if t in self.answers)
+
+
+def _change_frame(rng: np.random.Generator, num_frames: int) -> int:
+    """A frame in the middle part: at least a quarter of the clip (>= 1 frame) on each side."""
+    margin = max(1, round(num_frames / 4))
+    return int(rng.integers(margin, num_frames - margin + 1))
+
+
+def _pick_change(rng, names: tuple[str, ...], num_frames: int):
+    start = names[int(rng.integers(len(names)))]
+    if num_frames > 1 and rng.random() < 0.5:
+        others = [n for n in names if n != start]
+        return start, others[int(rng.integers(len(others)))], _change_frame(rng, num_frames)
+    return start, start, None
+
+
+def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int = SIZE) -> WorldClip:
+    """Draw one clip from `rng` (consumed in a fixed order, so the same state gives the same clip)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    bg_start, bg_end, bg_change = _pick_change(rng, tuple(BACKGROUND_COLOURS), num_frames)
+    sq_start, sq_end, sq_change = _pick_change(rng, tuple(SQUARE_COLOURS), num_frames)
+    direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+    side = int(rng.integers(SQUARE_SIDE[0], SQUARE_SIDE[1] + 1))
+    across = int(rng.integers(0, size - side + 1))  # fixed coordinate across the motion
+    first = int(rng.integers(0, EDGE_MARGIN + 1))
+    last = size - side - int(rng.integers(0, EDGE_MARGIN + 1))
+    if num_frames == 1:  # a single frame: anywhere along the line
+        along = np.array([int(rng.integers(0, size - side + 1))])
+    else:
+        along = np.round(np.linspace(first, last, num_frames)).astype(int)
+    if direction in ("left", "up"):
+        along = (size - side) - along
+    boxes = np.zeros((num_frames, 4), int)
+    for t in range(num_frames):
+        x0, y0 = (along[t], across) if direction in ("left", "right") else (across, along[t])
+        boxes[t] = (x0, y0, x0 + side, y0 + side)
+
+    circle, circle_frames = None, ()
+    if rng.random() < 0.5:
+        radius = int(rng.integers(CIRCLE_RADIUS[0], CIRCLE_RADIUS[1] + 1))
+        length = int(rng.integers(1, math.ceil(num_frames / 2) + 1))
+        begin = int(rng.integers(0, num_frames - length + 1))
+        circle_frames = tuple(range(begin, begin + length))
+        # Off the square's band (the strip it sweeps), so it is never occluded.
+        free = [c for c in range(radius, size - radius) if c + radius + 2 <= across or c - radius - 2 >= across + side]
+        off_band = free[int(rng.integers(len(free)))]
+        on_band = int(rng.integers(radius, size - radius))
+        cx, cy = (on_band, off_band) if direction in ("left", "right") else (off_band, on_band)
+        circle = (cx, cy, radius)
+
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    ys, xs = np.mgrid[0:size, 0:size]
+    for t in range(num_frames):
+        bg = bg_end if bg_change is not None and t >= bg_change else bg_start
+        sq = sq_end if sq_change is not None and t >= sq_change else sq_start
+        frames[t] = BACKGROUND_COLOURS[bg]
+        if circle is not None and t in circle_frames:
+            cx, cy, r = circle
+            frames[t][(xs - cx) ** 2 + (ys - cy) ** 2 <= r * r] = CIRCLE_COLOUR
+        x0, y0, x1, y1 = boxes[t]
+        frames[t, y0:y1, x0:x1] = SQUARE_COLOURS[sq]
+
+    answers = {
+        "square_start": sq_start,
+        "square_end": sq_end,
+        "background_start": bg_start,
+        "background_end": bg_end,
+        "circle": "yes" if circle is not None else "no",
+    }
+    if num_frames > 1:
+        answers["direction"] = direction
+        answers["background_change"] = "yes" if bg_change is not None else "no"
+    return WorldClip(
+        frames=frames,
+        answers=answers,
+        square_boxes=boxes,
+        square_colours=(sq_start, sq_end),
+        background_colours=(bg_start, bg_end),
+        square_change=sq_change,
+        background_change=bg_change,
+        direction=direction,
+        circle=circle,
+        circle_frames=circle_frames,
+    )
+
+
+def heldout_clip(index: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES) -> WorldClip:
+    """Clip `index` of the held-out set `seed` (independent of every other clip)."""
+    return make_clip(np.random.default_rng([seed, index]), num_frames)
+
+
+def heldout_clips(n: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES) -> list[WorldClip]:
+    return [heldout_clip(i, seed, num_frames) for i in range(n)]
+
+
+def write_clip(path: str | os.PathLike, clip: WorldClip, fps: float = 4.0) -> Path:
+    """Write the clip as an mp4 (lossy: decoded pixels differ by a few levels)."""
+    from vidqa.synthetic import write_video
+
+    return write_video(path, clip.frames, fps=fps)
+
+
+def training_chat(clip: WorldClip, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(question, answer) turns for one training chat: one question per group, random order."""
+    turns = []
+    for group in GROUPS:
+        options = [t for t in group if t in clip.answers]  # a single frame has no change/direction
+        if options:
+            kind = options[int(rng.integers(len(options)))]
+            turns.append((QUESTIONS[kind], clip.answers[kind]))
+    order = rng.permutation(len(turns))
+    return [turns[i] for i in order]
