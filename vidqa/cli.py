@@ -122,10 +122,13 @@ def ask(
     param: ParamOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer token by token.")] = True,
     stats: Annotated[
-        Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr [default: on when stderr is a terminal].", show_default=False)
+        Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr \\[default: on when stderr is a terminal].", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) on stdout; no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answer only.")] = False,
+    max_pixels: Annotated[
+        Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
+    ] = None,
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 
@@ -151,7 +154,7 @@ def ask(
         with timed(run_stats.time, "video_decode_s"):
             clip = engine.decode_video(str(video), frame_options)
         with err_console.status("loading model…", spinner="dots") if _interactive() else _nothing():
-            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value)
+            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels)
         pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
         streaming = stream and not as_json
         on_text = _stdout_writer() if streaming else None
@@ -176,6 +179,7 @@ def ask(
         "dtype": str(adapter.model.dtype).removeprefix("torch."), "attn": attn.value,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
         "keep": keep, "flops": flops, "preset_parameters": preset.parameters(), "positions": preset.positions,
+        "max_pixels": max_pixels,
     }
     if as_json:
         from .report import ask_record
@@ -306,4 +310,32 @@ def presets_show(
         console.print(f"  stage [bold]{stage['name']}[/] ({stage['type']}, {stage['where']}): {values}")
     if preset.keep_rule:
         console.print(f"--keep: {preset.keep_rule}")
+
+
+# `vidqa models` ----------------------------------------------------------------------------
+@app.command("models")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the supported model families: family, model_type, class, example checkpoints."""
+    from .models import ADAPTERS
+
+    rows = [
+        {"family": a.family, "model_types": list(a.model_types), "class": a.model_class,
+         "checkpoints": list(a.checkpoints), "max_pixels": a.supports_max_pixels}
+        for a in ADAPTERS
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="supported models (--model HUB_ID or a local checkpoint of these classes)", title_justify="left")
+    for column in ("family", "model_type", "class", "example checkpoints"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["family"], ", ".join(row["model_types"]), row["class"], "\n".join(row["checkpoints"]))
+    Console().print(table)
+
+
 from . import cli_batch  # noqa: E402,F401  (registers batch/summarize)

@@ -103,6 +103,9 @@ class VisionShape:
     patch_size: int
     num_channels: int = 3
     has_class_token: bool = False
+    # "mlp2": LLaVA's 2-layer MLP H -> D -> D on every token; "linear": a pixel shuffle that folds
+    # s x s tokens into one of width H s^2, then one Linear to D (SmolVLM/Idefics3): t H D in all
+    projector: str = "mlp2"
 
     @property
     def patches_per_image(self) -> int:
@@ -143,7 +146,15 @@ def shapes_from_model_config(config: Any) -> tuple[LLMShape, VisionShape | None]
     """
     text_config = getattr(config, "text_config", None) or config
     vision_config = getattr(config, "vision_config", None)
-    vision = VisionShape.from_config(vision_config) if vision_config is not None else None
+    vision = None
+    # Only fixed-resolution ViTs (an `image_size`) are modelled: Qwen2.5-VL's dynamic-resolution,
+    # windowed-attention encoder is not, and gets None (its vision FLOPs are reported as 0).
+    if vision_config is not None and getattr(vision_config, "image_size", None) is not None:
+        vision = VisionShape.from_config(vision_config)
+        if getattr(config, "model_type", "") in ("smolvlm", "idefics3"):
+            from dataclasses import replace
+
+            vision = replace(vision, projector="linear")
     return LLMShape.from_config(text_config), vision
 
 
@@ -226,7 +237,8 @@ def vision_encoder_macs(
       + ``2 t H I`` (GELU MLP, two matrices), times ``num_layers``;
     * if ``projector_hidden`` (the LLM hidden size ``D``) is given, the LLaVA
       2-layer MLP projector ``H -> D -> D`` on all ``t`` tokens:
-      ``t (H D + D D)``.
+      ``t (H D + D D)``; with ``vshape.projector == "linear"`` (SmolVLM's pixel
+      shuffle + one Linear ``H s^2 -> D`` on ``t / s^2`` tokens): ``t H D``.
 
     Not counted: norms, position embeddings, activations, any attention-pooling
     head (LLaVA uses the patch features, not the pooled output), post-projector
@@ -241,7 +253,7 @@ def vision_encoder_macs(
     per_image = patch_embed + vshape.num_layers * per_layer
     if projector_hidden is not None:
         D = int(projector_hidden)
-        per_image += t * (H * D + D * D)
+        per_image += t * H * D if vshape.projector == "linear" else t * (H * D + D * D)
     return num_images * per_image
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 from ..errors import BadInput, RuntimeFailure
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 __all__ = [
@@ -74,8 +76,14 @@ def _read_config(model_id: str):
         raise BadInput(f"cannot read the config of '{model_id}': {str(error).splitlines()[0]}") from None
 
 
-def load_model(model_id: str, device: str = "auto", dtype: str = "auto", attn: str = "sdpa") -> ModelAdapter:
-    """Load checkpoint + processor and wrap them in the family's adapter."""
+def load_model(
+    model_id: str, device: str = "auto", dtype: str = "auto", attn: str = "sdpa", max_pixels: int | None = None
+) -> ModelAdapter:
+    """Load checkpoint + processor and wrap them in the family's adapter.
+
+    max_pixels: per-frame pixel budget for families with dynamic resolution (Qwen2.5-VL);
+    None keeps the processor's own.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
@@ -85,11 +93,17 @@ def load_model(model_id: str, device: str = "auto", dtype: str = "auto", attn: s
 
     config = _read_config(model_id)
     adapter_class = adapter_for(config.model_type)
+    adapter_class.check_max_pixels(max_pixels)  # before the weights load
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     source = str(Path(model_id).expanduser()) if Path(model_id).expanduser().exists() else model_id
     try:
         processor = AutoProcessor.from_pretrained(source)
+    except ImportError as error:  # e.g. SmolVLM's processor without the num2words package
+        raise RuntimeFailure(f"cannot load the processor of '{model_id}': {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:
+        raise RuntimeFailure(f"cannot load model '{model_id}': {str(error).splitlines()[0]}") from None
+    try:
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn
         ).to(device)
@@ -98,4 +112,4 @@ def load_model(model_id: str, device: str = "auto", dtype: str = "auto", attn: s
     except (OSError, ValueError) as error:
         raise RuntimeFailure(f"cannot load model '{model_id}': {str(error).splitlines()[0]}") from None
     model.eval()
-    return adapter_class(model, processor)
+    return adapter_class(model, processor, max_pixels=max_pixels)

@@ -19,7 +19,8 @@ class VisualTokens:
     """The video's prunable visual tokens for one request (batch size 1).
 
     features: (num_tokens, hidden) projected features, as the LLM will receive them.
-    frame, row, col: (num_tokens,) grid coordinates of each token (frame = sampled-frame index).
+    frame, row, col: (num_tokens,) grid coordinates of each token (frame = sampled-frame index;
+        for Qwen2.5-VL, which encodes two frames as one temporal patch, the temporal-patch index).
     seq_index: (num_tokens,) index of each token in the full (unpruned) prompt.
     fixed_features: (num_fixed, hidden) visual-span rows that are never pruned (LLaVA-OneVision's
         image_newline after the video), fed back unchanged.
@@ -88,8 +89,10 @@ class GenerationInputs:
 
     kwargs: dict[str, Any]
     seq_index: torch.Tensor  # (seq,) index into the unpruned prompt of each input row
-    visual_rows: torch.Tensor  # (num_visual,) rows of input_ids holding the prunable visual tokens, in order
-    text_start: int  # first row after the whole visual span: the question and the chat template
+    # (num_visual,) rows of input_ids holding the prunable visual tokens, in the order of the VisualTokens
+    # handed to generation_inputs (any set of rows: SmolVLM2's frames are spans separated by text)
+    visual_rows: torch.Tensor
+    text_start: int  # first row after the LAST visual span: the question and the chat template
 
 
 class ModelAdapter:
@@ -97,10 +100,25 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
+    model_class: ClassVar[str] = ""  # the transformers class the family's checkpoints load as
+    checkpoints: ClassVar[tuple[str, ...]] = ()  # hub ids known to work (listed by `vidqa models`)
+    # whether `--max-pixels` (a per-frame pixel budget for the processor) means anything here
+    supports_max_pixels: ClassVar[bool] = False
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, max_pixels: int | None = None):
         self.model = model
         self.processor = processor
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def check_max_pixels(cls, max_pixels: int | None) -> None:
+        """Raise BadInput when `--max-pixels` is given to a family it cannot apply to."""
+        if max_pixels is not None:
+            from ..errors import BadInput
+
+            raise BadInput(
+                f"--max-pixels does not apply to {cls.family}: its processor resizes every frame to a fixed size"
+            )
 
     # --- prompt and vision -------------------------------------------------------------
     def build_prompt(self, frames, timestamps, question: str) -> Prompt:

@@ -18,6 +18,12 @@ from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 class LlavaOnevisionAdapter(ModelAdapter):
     model_types = ("llava_onevision",)
     family = "LLaVA-OneVision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    checkpoints = (
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+    )
 
     @property
     def video_token_id(self) -> int:

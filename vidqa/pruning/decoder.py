@@ -119,11 +119,14 @@ class DecoderPruning:
             rows = self.inputs.kwargs["input_ids"].shape[1]
             is_visual = torch.zeros(rows, dtype=torch.bool)
             is_visual[self.inputs.visual_rows] = True
+            # the meta follows the tokens handed to the LLM; the stages see the rows in sequence order
+            in_sequence = torch.argsort(self.inputs.visual_rows)
             device = self.adapter.model.device
             self._prefill = _Prefill(
                 row_source=torch.arange(rows, device=device),
                 is_visual=is_visual.to(device),
-                visual_meta={name: values.to(device) for name, values in self.visual_meta.items()},
+                visual_meta={name: values[in_sequence.to(values.device)].to(device)
+                             for name, values in self.visual_meta.items()},
                 # VLMs embed (and scatter the visual features) themselves and pass inputs_embeds;
                 # the embedding hook below only fills this when the LM is given input_ids
                 embeddings=kwargs.get("inputs_embeds"),

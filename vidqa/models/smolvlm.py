@@ -1,0 +1,144 @@
+"""SmolVLM2 (SmolVLMForConditionalGeneration): SigLIP + pixel-shuffle connector + Llama, 1-D RoPE.
+
+Prompt. SmolVLM2 sees a video as timestamped images. Its processor expands the chat template's
+`<video>` into an intro line and, per sampled frame, "Frame from MM:SS:" followed by
+`<fake_token_around_image><global-img>` + one `<image>` per visual token + `<fake_token_around_image>`.
+The visual tokens are therefore T spans separated by text. Only the `<image>` rows are prunable
+visual tokens; the wrapper tokens and the timestamp text between frames are text, never pruned,
+and stay in place (a frame whose tokens are all pruned keeps its timestamp line). For the methods
+that read the question, the text is what follows the LAST frame's span.
+
+Tokens. The video path never splits a frame: each frame is resized to the vision tower's square
+input (`max_image_size`, e.g. 512 px for the 256M/500M checkpoints), SigLIP cuts it into
+(S/p) x (S/p) patches and the connector's pixel shuffle folds scale x scale neighbours into one
+token: (S/p/scale)^2 tokens per frame (512/16/4 = 8x8 = 64), row-major in the frame.
+`frame` = sampled-frame index, `row`/`col` = position in that 8x8 grid.
+
+Timestamps. The processor writes each frame's timestamp from our sampler's timestamps (passed as
+video metadata); the intro's duration is the last timestamp, as the processor does when the
+source duration is unknown. Positions are 1-D: a kept token keeps its original position.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import RuntimeFailure
+from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+
+
+def span_starts(rows: torch.Tensor) -> torch.Tensor:
+    """First row of each run of consecutive rows in sorted `rows` (one run per frame)."""
+    if len(rows) == 0:
+        return rows
+    breaks = (rows[1:] != rows[:-1] + 1).nonzero().flatten() + 1
+    return rows[torch.cat([torch.zeros(1, dtype=torch.long), breaks])]
+
+
+class SmolVLMAdapter(ModelAdapter):
+    model_types = ("smolvlm",)
+    family = "SmolVLM2"
+    model_class = "SmolVLMForConditionalGeneration"
+    checkpoints = (
+        "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+        "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+    )
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.text_model
+
+    # --- prompt and vision -------------------------------------------------------------
+    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+        conversation = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
+        ]
+        # with a video entry the processor picks its own video chat template
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        # the processor writes timestamps as frames_indices / fps: give it seconds at fps 1
+        metadata = {"total_num_frames": len(frames), "fps": 1.0,
+                    "frames_indices": [float(t) for t in timestamps]}
+        inputs = self.processor(
+            text=text, videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+        )
+        inputs = {key: value for key, value in inputs.items() if key != "video_metadata"}
+        image_positions = (inputs["input_ids"][0] == self.image_token_id).nonzero().flatten()
+        return Prompt(
+            inputs=inputs,
+            visual_index=image_positions,
+            fixed_visual_index=image_positions[:0],
+            text=text,
+        )
+
+    def frame_grid(self, pixel_values: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, rows, cols) of the LLM's image tokens for (1, T, 3, S, S) pixel values."""
+        patch = self.model.config.vision_config.patch_size
+        scale = self.model.config.scale_factor
+        height, width = pixel_values.shape[-2:]
+        return pixel_values.shape[1], height // patch // scale, width // patch // scale
+
+    def encode_video(self, prompt: Prompt) -> VisualTokens:
+        device = self.model.device
+        pixels = prompt.inputs["pixel_values"].to(device, self.model.dtype)
+        mask = prompt.inputs.get("pixel_attention_mask")
+        output = self.model.get_image_features(
+            pixel_values=pixels, pixel_attention_mask=None if mask is None else mask.to(device), return_dict=True
+        )
+        features = output.pooler_output[0]  # (T * rows * cols, hidden), frame then row-major
+        num_frames, rows, cols = self.frame_grid(pixels)
+        per_frame = rows * cols
+        if features.shape[0] != num_frames * per_frame or features.shape[0] != len(prompt.visual_index):
+            raise RuntimeFailure(
+                f"SmolVLM gave {features.shape[0]} image features for {num_frames} frames of {rows}x{cols} "
+                f"and {len(prompt.visual_index)} image tokens"
+            )
+        token = torch.arange(features.shape[0], device=features.device)
+        return VisualTokens(
+            features=features,
+            frame=token // per_frame,
+            row=(token % per_frame) // cols,
+            col=token % cols,
+            seq_index=prompt.visual_index.to(features.device),
+            grid=(num_frames, rows, cols),
+            fixed_features=features.new_zeros((0, features.shape[1])),
+        )
+
+    def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str) -> GenerationInputs:
+        """Every text row stays; each kept (or merged) token goes into the frame span of its
+        `seq_index`, in the order of `tokens` within a span."""
+        ids = prompt.input_ids[0]
+        visual = prompt.visual_index.cpu()
+        is_visual = torch.zeros(ids.shape[0], dtype=torch.bool)
+        is_visual[visual] = True
+        text_rows = (~is_visual).nonzero().flatten()
+        starts = span_starts(visual)
+        token_index = tokens.seq_index.cpu()
+        span_start = starts[torch.searchsorted(starts, token_index, right=True) - 1]
+        # sequence order: text rows by their row, tokens at their span's start, in `tokens` order
+        primary = torch.cat([text_rows, span_start])
+        secondary = torch.cat([torch.zeros(len(text_rows), dtype=torch.long), torch.arange(len(tokens))])
+        order = torch.argsort(primary * (len(tokens) + 1) + secondary)
+        seq_index = torch.cat([text_rows, token_index])[order]
+        source = order - len(text_rows)  # >= 0: the new row holds tokens[source]
+        token_rows = (source >= 0).nonzero().flatten()
+        visual_rows = torch.empty(len(tokens), dtype=torch.long)
+        visual_rows[source[token_rows]] = token_rows  # row of each token, in `tokens` order
+        features = tokens.features[source[token_rows].to(tokens.features.device)]  # in sequence order
+        device = self.model.device
+        new_ids = ids[seq_index][None].to(device)  # a token's row holds <image>
+        position_ids = seq_index if positions == "original" else torch.arange(seq_index.shape[0])
+        kwargs = {
+            "input_ids": new_ids,
+            "attention_mask": torch.ones_like(new_ids),
+            "position_ids": position_ids[None].to(device),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[features])},
+        }
+        last_visual = int(visual.max()) if len(visual) else -1
+        text_start = int((seq_index <= last_visual).sum())
+        return GenerationInputs(kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=text_start)
