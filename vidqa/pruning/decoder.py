@@ -95,8 +95,6 @@ class DecoderPruning:
         language_model = self.adapter.language_model
         self._handles.append(language_model.register_forward_pre_hook(self._count_forward, with_kwargs=True))
         self._handles.append(language_model.register_forward_hook(self._after_forward, with_kwargs=True))
-        embed = language_model.get_input_embeddings()
-        self._handles.append(embed.register_forward_hook(self._keep_embeddings))
         for stage in self.stages:
             attention = layers[stage.layer - 1].self_attn
             handle = attention.register_forward_pre_hook(self._capture(stage.layer - 1), with_kwargs=True)
@@ -127,14 +125,18 @@ class DecoderPruning:
                 is_visual=is_visual.to(device),
                 visual_meta={name: values[in_sequence.to(values.device)].to(device)
                              for name, values in self.visual_meta.items()},
-                # VLMs embed (and scatter the visual features) themselves and pass inputs_embeds;
-                # the embedding hook below only fills this when the LM is given input_ids
-                embeddings=kwargs.get("inputs_embeds"),
+                embeddings=self._layer0_input(module, args, kwargs),
             )
 
-    def _keep_embeddings(self, module, args, output):
-        if self._forward_calls == 1 and self._prefill.embeddings is None:
-            self._prefill.embeddings = output
+    @staticmethod
+    def _layer0_input(language_model, args, kwargs) -> torch.Tensor:
+        """(1, n, hidden) what layer 0 receives: VLMs embed the ids and scatter the visual
+        features themselves and pass inputs_embeds; a bare LM given ids embeds them here."""
+        embeddings = kwargs.get("inputs_embeds")
+        if embeddings is None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            embeddings = language_model.get_input_embeddings()(input_ids)
+        return embeddings
 
     def _capture(self, layer_index: int):
         def hook(module, args, kwargs):
