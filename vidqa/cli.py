@@ -88,6 +88,9 @@ AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; pr
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
+MaxPixelsOpt = Annotated[
+    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
+]
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
@@ -126,9 +129,7 @@ def ask(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) on stdout; no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answer only.")] = False,
-    max_pixels: Annotated[
-        Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
-    ] = None,
+    max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 

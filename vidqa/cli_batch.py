@@ -21,6 +21,7 @@ from .cli import (
     FpsOpt,
     FramesOpt,
     MaxNewOpt,
+    MaxPixelsOpt,
     ModelOpt,
     ParamOpt,
     SeedOpt,
@@ -69,6 +70,7 @@ def batch(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attention.sdpa,
+    max_pixels: MaxPixelsOpt = None,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -144,7 +146,7 @@ def batch(
         new: list[dict] = []
         if todo:
             new = _run(todo, len(tasks), settings, output, device, dtype, attn, cache_mb, overwrite=not resume,
-                       quiet=quiet, verbose=verbose)
+                       quiet=quiet, verbose=verbose, max_pixels=max_pixels)
     except VidqaError as error:
         fail(error)
         return
@@ -197,7 +199,7 @@ def _first_per_key(records: list[dict], record_key) -> list[dict]:
     return unique
 
 
-def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose) -> list[dict]:
+def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None) -> list[dict]:
     from rich.markup import escape
 
     from . import batch as batching
@@ -207,7 +209,8 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
 
     interactive = _interactive()
     with err_console.status("loading model…", spinner="dots") if interactive and not quiet else _nothing():
-        adapter = load_model(settings.model, device=device.value, dtype=dtype.value, attn=attn.value)
+        adapter = load_model(settings.model, device=device.value, dtype=dtype.value, attn=attn.value,
+                             max_pixels=max_pixels)
     runner = batching.Runner(adapter, settings, batching.ClipCache(cache_mb * 2**20))
     already = total - len(todo)
     progress = _progress() if interactive and not quiet else None
