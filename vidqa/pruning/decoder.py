@@ -22,6 +22,7 @@ import torch
 
 from ..stats import synchronize
 from .attention import attention_rows, project_keys
+from .runtime import stage_threads
 
 
 @dataclass
@@ -204,8 +205,9 @@ class DecoderPruning:
             budget=self.budgets[stage.layer], state=self.state,
             _attention=lambda rows: self._attention_rows(stage.layer - 1, rows),
         )
-        selection = stage.select(context)
-        hidden = self._apply(selection, hidden, visual_rows)
+        with stage_threads(device):  # small ops: one thread, no barrier stalls on a busy CPU
+            selection = stage.select(context)
+            hidden = self._apply(selection, hidden, visual_rows)
         self.state.record_layer(stage.layer, int(prefill.is_visual.sum()))
         synchronize(device)
         self.state.in_llm_seconds += time.perf_counter() - started

@@ -9,7 +9,7 @@ from .. import flops as flops_model
 from ..errors import BadInput
 from ..stats import synchronize
 from .decoder import DecoderPruning
-from .runtime import Pruner, RequestState
+from .runtime import Pruner, RequestState, stage_threads
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ class PresetPruner(Pruner):
 
     # -- before the LLM ----------------------------------------------------------------------
     def before_llm(self, tokens, state: RequestState):
-        for name, stage in self.preset.before_llm:
-            tokens = stage.apply(tokens, state)
-            state.record_stage(name, len(tokens))
+        with stage_threads(state.device):
+            for name, stage in self.preset.before_llm:
+                tokens = stage.apply(tokens, state)
+                state.record_stage(name, len(tokens))
         synchronize(state.device)
         state.llm_tokens = tokens
         return tokens

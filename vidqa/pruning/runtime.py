@@ -45,6 +45,29 @@ class RequestState:
         return counts
 
 
+@contextlib.contextmanager
+def stage_threads(device):
+    """Run a pruning stage's CPU work on one intra-op thread (no-op on accelerators).
+
+    A stage is hundreds of small ops (DPC-KNN, top-k, gathers on a few hundred rows). With
+    several intra-op threads every op above PyTorch's grain size is a parallel region whose
+    barrier waits for all threads; on a CPU shared with other jobs a thread that lost its core
+    stalls the region for a scheduler time slice, and a PruneVid merge that takes ~20 ms on one
+    thread took 0.1-1.6 s with 2 threads on a loaded 2-core machine. One thread loses little
+    on an idle machine (the ops are too small to scale) and never stalls. The model's own
+    layers keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Pruner:
     """What the engine calls. The default does nothing: that is the `none` preset."""
 

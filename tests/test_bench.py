@@ -1,0 +1,94 @@
+"""benchmarks/prefill.py runs end to end on a tiny model and produces its table, JSON and plot.
+
+Structure only: a benchmark measures, a test never asserts on timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill.py"
+PRESETS = ("fastv", "prunevid", "sparsevlm", "adatp")
+KEEPS = (0.1, 0.5)
+
+
+@pytest.fixture(scope="module")
+def prefill_bench():
+    spec = importlib.util.spec_from_file_location("vidqa_bench_prefill", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def bench_run(prefill_bench, tiny_llava, square_video, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    argv = [
+        "--model", str(tiny_llava), "--video", str(square_video), "--frames", "4",
+        "--presets", ",".join(PRESETS), "--keeps", ",".join(map(str, KEEPS)),
+        "--repeats", "1", "--warmup", "0", "--decode-tokens", "3", "--device", "cpu",
+        "--threads", "1", "--layer-curve", "8,32", "--workdir", str(tmp_path_factory.mktemp("bench-work")), "--out", str(out), "--quiet",
+    ]
+    return prefill_bench.main(argv), out
+
+
+def test_table_has_a_row_per_configuration(bench_run, capsys):
+    results, out = bench_run
+    table = (out / "table.md").read_text().strip().splitlines()
+    header, rule, rows = table[0], table[1], table[2:]
+    for column in ("LLM prefill ms", "TTFT", "pruning overhead", "decode tok/s", "peak mem",
+                   "FLOPs % full prompt", "FLOPs % paper", "speedup", "realised (full)", "realised (paper)",
+                   "best-of-N"):
+        assert column in header
+    assert rule.count("---") == header.count("|") - 1
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels == ["none"] + [f"{p} @ {k:g}" for p in PRESETS for k in KEEPS]
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_unreachable_keep_is_a_row_not_a_crash(bench_run):
+    results, _ = bench_run
+    rows = {row["label"]: row for row in results["rows"]}
+    # FastV acts after layer K=1 of this 4-layer model: keep >= 1/4
+    assert rows["fastv @ 0.1"]["unreachable"] == "lowest keep 0.250"
+    assert "unreachable" not in rows["fastv @ 0.5"]
+
+
+def test_json_rows_hold_every_measure(bench_run):
+    results, out = bench_run
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    assert results["machine"]["torch"] and results["machine"]["torch_threads"] == 1
+    measured = [row for row in results["rows"] if "unreachable" not in row]
+    assert measured[0]["label"] == "none" and len(measured) >= 5
+    for row in measured:
+        assert row["repetitions"] == 1
+        assert row["prefill_min_s"] <= row["prefill_median_s"] <= row["prefill_max_s"]
+        assert row["ttft_median_s"] > 0 and row["overhead_median_s"] >= 0
+        assert row["generated_tokens"] == 3  # exactly --decode-tokens, even from a random model
+        assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] > 0
+        for key in ("flops_full_fraction", "flops_paper_fraction", "flops_causal_fraction"):
+            assert 0 < row[key] <= 1.0 + 1e-9
+        assert row["realised_full"] == pytest.approx(row["speedup"] * row["flops_full_fraction"])
+    none = measured[0]
+    assert none["flops_full_fraction"] == 1.0 and none["speedup"] == 1.0
+    pruned = [row for row in measured if row["preset"] != "none"]
+    assert all(row["flops_paper_fraction"] < 1 and row["retention"] < 1 for row in pruned)
+
+
+def test_layer_curve(bench_run):
+    results, _ = bench_run
+    assert [point["tokens"] for point in results["layer_curve"]] == [8, 32]
+    assert all(point["layer_s"] > 0 for point in results["layer_curve"])
+
+
+def test_plot_is_written(bench_run):
+    _, out = bench_run
+    png = out / "speedup.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
