@@ -94,27 +94,46 @@ def test_the_evidence_is_where_the_answers_say(num_frames):
         assert max(abs(dx), abs(dy)) >= 112 - world.SQUARE_SIDE[1] - 2 * world.EDGE_MARGIN
 
 
+@pytest.mark.parametrize("num_frames", [1, 8])
+def test_the_square_is_at_the_edge_the_aux_answers_name(num_frames):
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        clip = world.make_clip(rng, num_frames)
+        for kind, t in (("square_where_start", 0), ("square_where_end", -1)):
+            x0, y0, x1, y1 = clip.square_boxes[t]
+            gaps = {"left": x0, "right": 112 - x1, "top": y0, "bottom": 112 - y1}
+            edge = clip.aux_answers[kind]
+            assert gaps[edge] <= world.EDGE_MARGIN
+            assert all(gap >= world.ACROSS_MARGIN for name, gap in gaps.items() if name != edge
+                       and {name, edge} not in ({"left", "right"}, {"top", "bottom"}))
+    counts = Counter(world.heldout_clip(i).aux_answers["square_where_start"] for i in range(400))
+    assert set(counts) == set(world.EDGES) and min(counts.values()) >= 70
+
+
 def test_questions_and_answers_are_in_the_vocabulary():
     tokenizer = build_processor().tokenizer
     unk = tokenizer.unk_token_id
-    for question in world.QUESTIONS.values():
+    for question in world.ALL_QUESTIONS.values():
         assert unk not in tokenizer(question)["input_ids"], question
-    for options in world.ANSWERS.values():
+    for options in (world.ANSWERS | world.AUX_ANSWERS).values():
         for answer in options:
             assert tokenizer(answer)["input_ids"] not in ([unk], []) and len(tokenizer(answer)["input_ids"]) == 1
 
 
 def test_training_chats_ask_one_question_per_group():
     rng = np.random.default_rng(0)
-    by_question = {q: k for k, q in world.QUESTIONS.items()}
+    by_question = {q: k for k, q in world.ALL_QUESTIONS.items()}
     for num_frames in (1, 8):
         for _ in range(100):
             clip = world.make_clip(rng, num_frames)
             turns = world.training_chat(clip, rng)
             kinds = [by_question[q] for q, _ in turns]
             groups = [next(i for i, g in enumerate(world.GROUPS) if k in g) for k in kinds]
-            assert len(groups) == len(set(groups)) == (3 if num_frames == 1 else 4)
-            assert all(answer == clip.answers[kind] for kind, (_, answer) in zip(kinds, turns))
+            assert len(groups) == len(set(groups)) == 4
+            truth = clip.answers | clip.aux_answers
+            assert all(answer == truth[kind] for kind, (_, answer) in zip(kinds, turns))
+            if num_frames == 1:
+                assert not {"direction", "background_change"} & set(kinds)
 
 
 def test_batches_put_the_loss_on_the_answers_only():
@@ -125,7 +144,7 @@ def test_batches_put_the_loss_on_the_answers_only():
     video_id = tokenizer.convert_tokens_to_ids("<video>")
     assert inputs["pixel_values_videos"].shape == (3, 4, 3, 112, 112)
     assert ((inputs["input_ids"] == video_id).sum(1) == 4 * 16 + 1).all()
-    answers = {a for options in world.ANSWERS.values() for a in options}
+    answers = {a for options in (world.ANSWERS | world.AUX_ANSWERS).values() for a in options}
     for ids, labels in zip(inputs["input_ids"], inputs["labels"]):
         kept = tokenizer.convert_ids_to_tokens(ids[labels != -100])
         assert kept[1::2] == ["<|im_end|>"] * (len(kept) // 2) and set(kept[0::2]) <= answers
@@ -147,7 +166,7 @@ def test_training_smoke_saves_a_loadable_fp16_checkpoint(tmp_path, run_cli):
     out = tmp_path / "micro"
     code = main(["--out", str(out), "--seed", "0", "--steps", "6", "--batch", "2", "--text-steps", "1",
                  "--warmup", "2", "--eval-every", "3", "--eval-clips", "1", "--final-eval-clips", "2",
-                 "--log-every", "2"])
+                 "--log-every", "2", "--threads", "0"])  # 0: leave torch threads alone
     assert code == 0
     summary = json.loads((out / "micro_train.json").read_text())
     assert summary["steps"] == 6 and summary["parameters"] > 1_000_000

@@ -8,10 +8,12 @@ Recipe (what made the prototype work, see design.md §8):
   <|im_end|>).
 - Steps [0, text_steps): text-only chats teaching "repeat the last word before ?", so the
   answer position learns to read the question's last word ("start" vs "end").
-- Then a curriculum over the remaining steps: single frames (12%), 2-frame clips (12%), 4-frame
-  clips (14%), then 8-frame clips with a quarter of the batches 1/2/4-frame clips.
+- Then a curriculum over the remaining steps: single frames (25%: where the square is takes
+  ~700 single-frame steps to learn), 2-frame clips (10%), 4-frame clips (13%), then 8-frame
+  clips with a quarter of the batches 1/2/4-frame clips.
 - Every training clip is one multi-turn chat asking one question per group of mutually
-  constraining questions (world.GROUPS); the video sits in the first user turn.
+  constraining questions (world.GROUPS, including the training-only "where is the square at the
+  start / end ?" stepping stones for direction); the video sits in the first user turn.
 - Inputs are built with the checkpoint's own LlavaOnevisionProcessor (frames in memory).
 
 The checkpoint (model in float16 + processor + chat template) is written with save_pretrained
@@ -37,7 +39,7 @@ from . import world
 from .model import build_micro_model, save_checkpoint, size_dict
 
 TEXT_WORDS = tuple(w for w in world.VOCABULARY if w not in ("?", ".", ","))
-CURRICULUM = ((0.12, 1), (0.24, 2), (0.38, 4))  # (end fraction of the video steps, frames)
+CURRICULUM = ((0.25, 1), (0.35, 2), (0.48, 4))  # (end fraction of the video steps, frames)
 MIX_SHORT = 0.25  # after the curriculum: share of batches with 1/2/4-frame clips
 
 
@@ -97,7 +99,7 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 def text_batch(rng: np.random.Generator, batch: int, processor, turns: int = 4):
     """Text-only chats: each question is a word string ending in '?' (random words, or a real
     question template); the answer is the last word before the '?'."""
-    templates = list(world.QUESTIONS.values())
+    templates = list(world.ALL_QUESTIONS.values())
     texts = []
     for _ in range(batch):
         chat = []
@@ -171,10 +173,12 @@ def evaluate(
                 videos.append(load_clip(path, num_frames=num_frames).frames)
     correct: dict[str, int] = {}
     asked: dict[str, int] = {}
-    for kind in question_types:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": world.QUESTIONS[kind]}]}]
+    for kind in question_types:  # QUESTION_TYPES, or also world.AUX_QUESTIONS types
+        question = world.ALL_QUESTIONS[kind]
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        items = [(v, c.answers[kind]) for v, c in zip(videos, clips) if kind in c.answers]
+        truth = [{**c.answers, **c.aux_answers} for c in clips]
+        items = [(v, t[kind]) for v, t in zip(videos, truth) if kind in t]
         for begin in range(0, len(items), batch_size):
             chunk = items[begin : begin + batch_size]
             inputs = processor(text=[prompt] * len(chunk), videos=[v for v, _ in chunk], return_tensors="pt")
@@ -250,7 +254,8 @@ def train(
             history.append({"step": step + 1, "loss": running / count})
             running, count = 0.0, 0
         if eval_every and eval_clips and ((step + 1) % eval_every == 0) and not last and step + 1 > text_steps:
-            accuracy = evaluate(n_clips=eval_clips, model=model, processor=processor)
+            accuracy = evaluate(n_clips=eval_clips, model=model, processor=processor,
+                                question_types=world.QUESTION_TYPES + tuple(world.AUX_QUESTIONS))
             log(f"eval step {step + 1} ({eval_clips} held-out clips): {format_accuracy(accuracy)}", flush=True)
             history.append({"step": step + 1, "eval": accuracy})
     train_s = time.time() - began
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-clips", type=int, default=48, help="held-out clips per periodic eval")
     parser.add_argument("--final-eval-clips", type=int, default=480)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary = train(

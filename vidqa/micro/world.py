@@ -6,12 +6,15 @@ A clip (default 8 frames of 112 x 112 px) shows
   colour at a frame in the middle part of the clip;
 - a coloured square (28-36 px side), one of SQUARE_COLOURS, moving in a straight line from one
   edge to the opposite one (left / right / up / down), that may change colour once (also in the
-  middle part, independently of the background);
+  middle part, independently of the background). It starts and ends within EDGE_MARGIN px of the
+  edges on its line of motion and stays >= ACROSS_MARGIN px from the other two edges, so in any
+  frame the edge it is nearest is unambiguous;
 - a white circle (radius 11-13 px) that, in half the clips, is visible in a contiguous run of
   1 .. ceil(T/2) frames, placed clear of the square's path (never occluded); else absent.
 
-Background and square colours are disjoint sets, chosen far apart in RGB, and the circle is the
-only white object, so every question has exactly one right one-word answer.
+Background and square colours are disjoint sets: squares bright and saturated, backgrounds dark
+(R+G+B >= 310 vs <= 210, so "is this patch part of the square" is linear in its colour); the
+circle is the only white object. Every question has exactly one right one-word answer.
 
 Question types (QUESTIONS) and where their evidence is:
   square_start       colour of the square in frame 0              red / green / blue / yellow
@@ -26,17 +29,26 @@ Every answer is balanced by construction: start colours and directions are unifo
 happens with probability 1/2 and then goes to a uniformly chosen *other* colour, so the end
 colour is uniform too; the circle is present with probability 1/2.
 
+Auxiliary training questions (AUX_QUESTIONS, answers in `WorldClip.aux_answers`; not part of
+the evaluated set): "where is the square at the start ?" / "... at the end ?" -> left / right /
+top / bottom. They are the stepping stone to "which way does the square move ?": a first run
+without them learned every other type to 100% while direction stayed at chance (nothing else
+needs *where* the square is, and colour questions can be answered by averaging all tokens).
+They need the model's SigLIP position embeddings initialised large enough (model.py).
+
 Question groups (GROUPS): questions in one group constrain each other's answers, so a training
 chat asks at most one question per group. "square at the start" + "square at the end" would let
 the model copy its first answer (they agree in half the clips); "background at the start", "at
-the end" and "does the background change" are tied by change == (start != end). Direction and
-circle are independent of everything else. A training chat over a T-frame clip therefore asks
-4 questions (one per group, in random order); over a single frame it asks 3 (no direction, and
-the background group only asks start/end, since a single frame cannot show a change).
+the end" and "does the background change" are tied by change == (start != end); direction and
+where the square is at the start / at the end determine each other. The circle is independent
+of everything else. A training chat therefore asks 4 questions (one per group, in random order);
+over a single frame (a clip's first frame: the square sits at its start edge) it asks no
+direction and no background change, which one frame cannot show.
 
 Randomness: every clip is drawn from a numpy Generator. `heldout_clip(i, seed)` is clip i of a
 held-out set: `np.random.default_rng([seed, i])`, so any clip can be regenerated on its own.
-Training draws from `np.random.default_rng(train_seed)`, a different stream.
+Training draws from `np.random.default_rng(SeedSequence(train_seed, spawn_key=(1,)))`, a
+different stream.
 """
 
 from __future__ import annotations
@@ -52,23 +64,26 @@ SIZE = 112
 NUM_FRAMES = 8
 HELDOUT_SEED = 1000  # default seed of the held-out set; training uses other streams
 
+# Squares are bright and saturated, backgrounds dark: R+G+B >= 310 vs <= 210, so "is this patch
+# part of the square?" is a linear function of its colour.
 SQUARE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (40, 80, 240),
+    "red": (240, 40, 40),
+    "green": (40, 210, 60),
+    "blue": (50, 90, 250),
     "yellow": (240, 220, 40),
 }
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
-    "black": (20, 20, 20),
-    "grey": (125, 125, 125),
-    "purple": (120, 40, 150),
-    "brown": (130, 80, 30),
+    "black": (10, 10, 10),
+    "grey": (70, 70, 70),
+    "purple": (70, 20, 90),
+    "brown": (90, 50, 15),
 }
 CIRCLE_COLOUR = (255, 255, 255)
 DIRECTIONS = ("left", "right", "up", "down")
 SQUARE_SIDE = (28, 36)  # inclusive range, px
 CIRCLE_RADIUS = (11, 13)  # inclusive range, px
 EDGE_MARGIN = 6  # the square starts/ends within this many px of the edges
+ACROSS_MARGIN = 18  # ... and keeps at least this many px from the edges across its motion
 
 QUESTIONS: dict[str, str] = {
     "square_start": "what colour is the square at the start ?",
@@ -81,9 +96,18 @@ QUESTIONS: dict[str, str] = {
 }
 QUESTION_TYPES = tuple(QUESTIONS)
 
+# Training-only stepping stones for "direction" (see the module docstring).
+AUX_QUESTIONS: dict[str, str] = {
+    "square_where_start": "where is the square at the start ?",
+    "square_where_end": "where is the square at the end ?",
+}
+EDGES = ("left", "right", "top", "bottom")
+START_EDGE = {"right": "left", "left": "right", "down": "top", "up": "bottom"}
+END_EDGE = {"right": "right", "left": "left", "down": "bottom", "up": "top"}
+
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("square_start", "square_end"),
-    ("direction",),
+    ("direction", "square_where_start", "square_where_end"),
     ("background_change", "background_start", "background_end"),
     ("circle",),
 )
@@ -97,17 +121,19 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "background_end": tuple(BACKGROUND_COLOURS),
     "circle": ("yes", "no"),
 }
+AUX_ANSWERS: dict[str, tuple[str, ...]] = {"square_where_start": EDGES, "square_where_end": EDGES}
 
 # Every word the micro model's tokenizer knows (besides the chat specials). Questions and answers
 # must tokenize without <unk>: tests check it.
 VOCABULARY: tuple[str, ...] = tuple(
     dict.fromkeys(
-        "user assistant system what colour is the square at start end which way does move "
+        "user assistant system what colour is the square at start end which way does move where "
         "background change there a circle in this video of frame first last and it ? . , ".split()
         + list(SQUARE_COLOURS)
         + list(BACKGROUND_COLOURS)
         + ["white"]
         + list(DIRECTIONS)
+        + ["top", "bottom"]
         + ["yes", "no"]
     )
 )
@@ -119,6 +145,7 @@ class WorldClip:
 
     frames: uint8 [T, SIZE, SIZE, 3]. answers: question type -> one-word answer (types a clip of
     this length cannot answer are missing: direction and background_change for T == 1).
+    aux_answers: the training-only AUX_QUESTIONS' answers.
     square_boxes: (T, 4) int (x0, y0, x1, y1) of the square per frame (x1, y1 exclusive).
     circle_frames: frame indices where the circle is drawn; circle: (cx, cy, r) or None.
     square_change / background_change: frame index of the change (first frame with the new
@@ -135,6 +162,7 @@ class WorldClip:
     direction: str
     circle: tuple[int, int, int] | None
     circle_frames: tuple[int, ...] = field(default_factory=tuple)
+    aux_answers: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -166,13 +194,11 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
     sq_start, sq_end, sq_change = _pick_change(rng, tuple(SQUARE_COLOURS), num_frames)
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
     side = int(rng.integers(SQUARE_SIDE[0], SQUARE_SIDE[1] + 1))
-    across = int(rng.integers(0, size - side + 1))  # fixed coordinate across the motion
+    across = int(rng.integers(ACROSS_MARGIN, size - side - ACROSS_MARGIN + 1))  # fixed across the motion
     first = int(rng.integers(0, EDGE_MARGIN + 1))
     last = size - side - int(rng.integers(0, EDGE_MARGIN + 1))
-    if num_frames == 1:  # a single frame: anywhere along the line
-        along = np.array([int(rng.integers(0, size - side + 1))])
-    else:
-        along = np.round(np.linspace(first, last, num_frames)).astype(int)
+    # one frame = a clip's first frame (the square at its start edge)
+    along = np.round(np.linspace(first, last, num_frames)).astype(int) if num_frames > 1 else np.array([first])
     if direction in ("left", "up"):
         along = (size - side) - along
     boxes = np.zeros((num_frames, 4), int)
@@ -215,6 +241,10 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
     if num_frames > 1:
         answers["direction"] = direction
         answers["background_change"] = "yes" if bg_change is not None else "no"
+    aux_answers = {
+        "square_where_start": START_EDGE[direction],
+        "square_where_end": END_EDGE[direction] if num_frames > 1 else START_EDGE[direction],
+    }
     return WorldClip(
         frames=frames,
         answers=answers,
@@ -226,7 +256,11 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
         direction=direction,
         circle=circle,
         circle_frames=circle_frames,
+        aux_answers=aux_answers,
     )
+
+
+ALL_QUESTIONS: dict[str, str] = {**QUESTIONS, **AUX_QUESTIONS}
 
 
 def heldout_clip(index: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES) -> WorldClip:
@@ -247,11 +281,12 @@ def write_clip(path: str | os.PathLike, clip: WorldClip, fps: float = 4.0) -> Pa
 
 def training_chat(clip: WorldClip, rng: np.random.Generator) -> list[tuple[str, str]]:
     """(question, answer) turns for one training chat: one question per group, random order."""
+    answers = {**clip.answers, **clip.aux_answers}
     turns = []
     for group in GROUPS:
-        options = [t for t in group if t in clip.answers]  # a single frame has no change/direction
+        options = [t for t in group if t in answers]  # a single frame has no change/direction
         if options:
             kind = options[int(rng.integers(len(options)))]
-            turns.append((QUESTIONS[kind], clip.answers[kind]))
+            turns.append((ALL_QUESTIONS[kind], answers[kind]))
     order = rng.permutation(len(turns))
     return [turns[i] for i in order]

@@ -1,0 +1,195 @@
+"""The committed micro checkpoint answers the held-out questions, and the benchmark is sensitive to
+which frames' tokens are kept (benchmarks/micro/heldout.py, benchmarks/micro/accuracy.py).
+
+The behaviour tests need the trained checkpoint at benchmarks/micro/checkpoint. Until it is
+committed (issue 9 is open: its training run did not finish in the session that built this) they
+are SKIPPED with that reason, visibly in the test summary; once the checkpoint exists they run.
+VIDQA_MICRO_CHECKPOINT=/path points them at another checkpoint (e.g. a second seed).
+The held-out subsets are generated from the seed in tmp_path (cheap), never committed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vidqa.micro import world
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or ROOT / "benchmarks" / "micro" / "checkpoint")
+ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
+START_TYPES = ("square_start", "background_start")
+END_TYPES = ("square_end", "background_end")
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("vidqa_bench_micro_accuracy", ACCURACY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses / pickling look the module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def checkpoint() -> Path:
+    """The trained checkpoint; until one is committed the behaviour tests skip, saying why."""
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.skip(
+            f"the trained micro checkpoint is missing: {CHECKPOINT}/config.json not found. Train it with the "
+            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out benchmarks/micro/checkpoint "
+            "--seed 0 ...), or set VIDQA_MICRO_CHECKPOINT to a checkpoint directory."
+        )
+    return CHECKPOINT
+
+
+def _accuracy(records, types):
+    chosen = [r for r in records if r["type"] in types and r["correct"] is not None]
+    assert chosen and not any(r.get("error") for r in chosen)
+    return sum(r["correct"] for r in chosen) / len(chosen)
+
+
+# --- the checkpoint ----------------------------------------------------------------------------
+
+
+def test_checkpoint_answers_heldout_questions_through_vidqa_batch(acc, run_cli, tmp_path):
+    """>= 95% of 7 question types x 6 held-out clips (mp4, decoded by vidqa), --prune none."""
+    model = checkpoint()
+    csv_path = acc.heldout.generate(tmp_path / "heldout", clips=6)
+    rows = acc.heldout.read_questions(csv_path)
+    assert len(rows) == 6 * len(world.QUESTION_TYPES)
+    out = tmp_path / "none.jsonl"
+    result = run_cli(["batch", csv_path, "-o", out, "--model", model, "--frames", "8", "--max-new-tokens", "3",
+                      "--device", "cpu", "--dtype", "float32", "--prune", "none", "-q"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(rows) and all(r["error"] is None for r in records)
+    table = acc.accuracy_table(records, world.QUESTION_TYPES)
+    assert len(table) == 1 and table[0]["preset"] == "none"
+    overall = table[0]["overall"]
+    wrong = [(r["id"], r["answer"], r["prediction"]) for r in records if not r["correct"]]
+    per_type = {t: table[0][t]["accuracy"] for t in world.QUESTION_TYPES}
+    assert overall["accuracy"] >= 0.95, f"accuracy {overall['accuracy']:.3f} < 0.95; per type {per_type}; wrong (id, answer, prediction) {wrong[:12]}"
+
+
+def test_keeping_only_one_half_of_the_clip_loses_the_other_halfs_questions(acc, tmp_path):
+    """End-only tokens (frames 4-7) lose "at the start" questions, start-only (0-3) "at the end"
+    ones, each by >= 0.25 against all tokens and against the opposite selection. The clips are the
+    first held-out clips where both the square and the background change colour, so the start and
+    end answers differ and half the clip cannot give both."""
+    from vidqa.models import load_model
+
+    adapter = load_model(str(checkpoint()), device="cpu", dtype="float32")
+    clips = [i for i in range(200)
+             if (c := world.heldout_clip(i)).square_change is not None and c.background_change is not None][:6]
+    assert len(clips) == 6
+    folder = tmp_path / "changing"
+    csv_path = acc.heldout.generate(folder, clips=clips, types=START_TYPES + END_TYPES)
+    rows = acc.heldout.read_questions(csv_path)
+    tasks = [("all", 128, 1.0), ("start-only", 64, 0.5), ("end-only", 64, 0.5)]
+    records = acc.join_types(acc.run_selections(adapter, rows, folder, acc.heldout.read_manifest(folder), tasks))
+    assert len(records) == len(rows) * len(tasks)
+    by = {name: [r for r in records if r["preset"] == name] for name, _, _ in tasks}
+    for name, budget, _ in tasks:
+        assert all(r["stats"]["tokens"]["visual_tokens_after"] == budget for r in by[name])
+    full = {kinds: _accuracy(by["all"], kinds) for kinds in (START_TYPES, END_TYPES)}
+    start_only = {kinds: _accuracy(by["start-only"], kinds) for kinds in (START_TYPES, END_TYPES)}
+    end_only = {kinds: _accuracy(by["end-only"], kinds) for kinds in (START_TYPES, END_TYPES)}
+    report = f"all {full}, start-only {start_only}, end-only {end_only}"
+    assert full[START_TYPES] - end_only[START_TYPES] >= 0.25, report
+    assert full[END_TYPES] - start_only[END_TYPES] >= 0.25, report
+    assert start_only[START_TYPES] - end_only[START_TYPES] >= 0.25, report
+    assert end_only[END_TYPES] - start_only[END_TYPES] >= 0.25, report
+
+
+# --- the benchmark's plumbing (no checkpoint needed) -------------------------------------------
+
+
+def test_heldout_set_is_regenerable_and_ids_name_the_type(acc, tmp_path):
+    from vidqa.batch import read_questions as batch_read
+
+    a = acc.heldout.generate(tmp_path / "a", clips=3, types=("square_start", "circle"))
+    b = acc.heldout.generate(tmp_path / "b", clips=3, types=("square_start", "circle"))
+    rows_a, rows_b = acc.heldout.read_questions(a), acc.heldout.read_questions(b)
+    assert rows_a == rows_b and len(rows_a) == 6
+    for row in rows_a:
+        assert acc.heldout.type_of_id(row["id"]) == row["type"]
+        assert acc.heldout.clip_of_id(row["id"]) == int(row["clip"])
+        assert row["answer"] == world.heldout_clip(int(row["clip"])).answers[row["type"]]
+        assert (tmp_path / "a" / row["video"]).stat().st_size > 0
+    parsed = batch_read(a)  # what vidqa batch sees: unknown columns ignored, videos resolved
+    assert [r.id for r in parsed] == [r["id"] for r in rows_a]
+    assert all(r.video_path.exists() and r.answer for r in parsed)
+    manifest = acc.heldout.read_manifest(tmp_path / "a")
+    assert manifest["seed"] == world.HELDOUT_SEED and sorted(manifest["clips"]) == [0, 1, 2]
+    assert manifest["clips"][1]["square_boxes"] == world.heldout_clip(1).square_boxes.tolist()
+
+
+def _tokens(frames=8, side=4):
+    from vidqa.models.base import VisualTokens
+
+    n = frames * side * side
+    token = torch.arange(n)
+    return VisualTokens(features=torch.zeros(n, 2), frame=token // (side * side), row=(token % (side * side)) // side,
+                        col=token % side, seq_index=token + 5, grid=(frames, side, side))
+
+
+def test_selections_keep_the_frames_and_cells_they_say(acc):
+    tokens = _tokens()
+    frame_of = lambda name, k=64: sorted(set(tokens.frame[acc.selection_index(name, tokens, k)].tolist()))  # noqa: E731
+    assert frame_of("start-only") == [0, 1, 2, 3]
+    assert frame_of("end-only") == [4, 5, 6, 7]
+    assert frame_of("even-frames") == [0, 2, 4, 6]
+    for name in ("checkerboard", "per-frame-random", "random", "all"):
+        index = acc.selection_index(name, tokens, 128 if name == "all" else 64)
+        assert len(set(index.tolist())) == len(index) == (128 if name == "all" else 64)
+        if name in ("checkerboard", "per-frame-random"):
+            assert np.bincount(tokens.frame[index].numpy()).tolist() == [8] * 8
+    assert acc.spread(13, 8) == [2, 1, 2, 1, 2, 2, 1, 2] and sum(acc.spread(32, 8)) == 32
+    with pytest.raises(ValueError):
+        acc.selection_index("end-only", tokens, 32)
+
+    clip = world.heldout_clip(0)
+    truth = acc.heldout._truth(clip)
+    index = acc.selection_index("oracle", tokens, 8, truth)  # one token per frame: the square's cell
+    for i in index.tolist():
+        t, r, c = int(tokens.frame[i]), int(tokens.row[i]), int(tokens.col[i])
+        x0, y0, x1, y1 = clip.square_boxes[t]
+        covered = max(0, min(x1, 28 * c + 28) - max(x0, 28 * c)) * max(0, min(y1, 28 * r + 28) - max(y0, 28 * r))
+        assert covered >= 28 * 28 * 0.25, (t, r, c, clip.square_boxes[t])
+    assert len(acc.selection_index("oracle", tokens, 13, truth)) == 13
+
+
+def _record(id, preset, keep, correct=None, error=None, fraction=0.5):
+    stats = None if error else {"flops": {"paper_fraction": fraction},
+                                "tokens": {"visual_tokens_after": 10, "layer_avg_retention": fraction}}
+    return {"id": id, "preset": preset, "keep": keep, "correct": correct, "error": error, "stats": stats,
+            "prediction": None if error else "x"}
+
+
+def test_table_joins_types_by_id_and_shows_unreachable_cells(acc):
+    message = "--keep 0.1 is below what 'fastv' can reach on this 4-layer model (at least 0.250)"
+    records = [
+        _record("c0000-square_start", "none", None, True, fraction=1.0),
+        _record("c0000-circle", "none", None, False, fraction=1.0),
+        _record("c0000-square_start", "fastv", 0.1, error=message),
+        _record("c0000-circle", "fastv", 0.1, error=message),
+        _record("c0000-square_start", "fastv", 0.5, True),
+        _record("c0000-circle", "fastv", 0.5, True),
+        _record("not-from-heldout", "none", None, True),
+    ]
+    table = acc.accuracy_table(records, ("square_start", "circle"), order=["none", "fastv"])
+    assert [(r["preset"], r["keep"]) for r in table] == [("none", None), ("fastv", 0.1), ("fastv", 0.5)]
+    assert table[0]["overall"]["accuracy"] == 0.5 and table[0]["circle"]["accuracy"] == 0.0
+    assert table[1]["square_start"]["unreachable"] == 1 and table[1]["overall"]["at_least"] == 0.25
+    markdown = acc.markdown_table(table, ("square_start", "circle"))
+    line = next(line for line in markdown.splitlines() if line.startswith("| fastv | 0.1 |"))
+    assert line.count("unreachable") == 3 and "R ≥ 0.25" in line
+    assert "| fastv | 0.5 | 1.00 | 1.00 | 1.00 |" in markdown
