@@ -255,9 +255,13 @@ class Config:
     unreachable: str | None = None
     peak_bytes: int | None = None
     info: dict = field(default_factory=dict)  # counts, FLOPs, notes from one request
+    reference_frames: int | None = None  # hardware reference: `none` on a clip of fewer frames
+    clip: object = None  # that clip (None: the benchmark's clip)
 
     @property
     def label(self) -> str:
+        if self.reference_frames is not None:
+            return f"none, {self.reference_frames} frames (reference)"
         return self.preset if self.keep is None else f"{self.preset} @ {self.keep:g}"
 
 
@@ -288,7 +292,10 @@ def record_info(config: Config, result, shape) -> None:
     }
 
 
-def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tokens, memory=True, log=print):
+def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tokens, memory=True, log=print,
+            reference_clips=()):
+    """reference_clips: shorter clips of the same video; `none` on each is the hardware reference
+    (an unpruned prompt of about the pruned length: what time the hardware needs for it)."""
     from vidqa import flops
     from vidqa.errors import BadInput
     from vidqa.pruning.presets import load_preset
@@ -296,12 +303,13 @@ def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tok
     shape, _ = flops.shapes_from_model_config(adapter.model.config)
 
     configs = [Config("none", None)] + [Config(name, keep) for name in presets if name != "none" for keep in keeps]
+    configs += [Config("none", None, reference_frames=c.num_frames, clip=c) for c in reference_clips]
     loaded = {name: load_preset(name) for name in {c.preset for c in configs}}
     for config in configs:  # warm-up, reachability, counts, memory
         preset = loaded[config.preset]
         try:
             for _ in range(max(warmup, 1)):
-                sample, result = run_once(adapter, clip, question, preset, config.keep, decode_tokens)
+                sample, result = run_once(adapter, config.clip or clip, question, preset, config.keep, decode_tokens)
         except BadInput as error:
             lowest = re.search(r"at least ([0-9.]+)", str(error))
             config.unreachable = f"lowest keep {lowest.group(1)}" if lowest else str(error)
@@ -311,7 +319,7 @@ def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tok
         if warmup == 0:  # the reachability run counts as a repetition
             config.samples.append(sample)
         if memory:
-            sample, _ = run_once(adapter, clip, question, preset, config.keep, decode_tokens,
+            sample, _ = run_once(adapter, config.clip or clip, question, preset, config.keep, decode_tokens,
                                  memory=adapter.model.device.type == "cpu")
             config.peak_bytes = sample.peak_bytes
         log(f"  {config.label}: warm ({config.info['llm_prompt_tokens']} prompt tokens, "
@@ -319,7 +327,7 @@ def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tok
     runnable = [c for c in configs if c.unreachable is None]
     for repeat in range(repeats - (1 if warmup == 0 else 0)):
         for config in runnable:  # interleaved: drift hits every configuration alike
-            sample, _ = run_once(adapter, clip, question, loaded[config.preset], config.keep, decode_tokens)
+            sample, _ = run_once(adapter, config.clip or clip, question, loaded[config.preset], config.keep, decode_tokens)
             config.samples.append(sample)
         log(f"  repetition {repeat + 1} done")
     if adapter.model.device.type == "cuda":
@@ -373,7 +381,8 @@ def summarise(configs: list[Config]) -> list[dict]:
     vanilla_causal = vanilla.info["causal_prefill_macs"]
     rows = []
     for config in configs:
-        row = {"preset": config.preset, "keep": config.keep, "label": config.label}
+        row = {"preset": config.preset, "keep": config.keep, "label": config.label,
+               "reference_frames": config.reference_frames}
         if config.unreachable is not None:
             row["unreachable"] = config.unreachable
             rows.append(row)
@@ -381,7 +390,9 @@ def summarise(configs: list[Config]) -> list[dict]:
         prefill = [s.prefill_s for s in config.samples]
         effective = statistics.median(s.prefill_s + s.pre_llm_s for s in config.samples)
         full_fraction = config.info["prompt_prefill_macs"] / vanilla_macs
-        paper_fraction = config.info["paper_fraction"]
+        # visual-only MACs over the benchmark clip's vanilla ones (= stats' paper_fraction for the
+        # presets; for a reference clip, its fewer frames' share)
+        paper_fraction = config.info["paper_visual_prefill_macs"] / vanilla.info["paper_visual_prefill_macs"]
         causal_fraction = config.info["causal_prefill_macs"] / vanilla_causal
         speedup = vanilla_effective / effective
         # best-of-N: on a machine shared with other jobs the minimum is the usual estimate of the
@@ -391,7 +402,7 @@ def summarise(configs: list[Config]) -> list[dict]:
         overhead = statistics.median(s.overhead_s for s in config.samples)
         row.update(
             repetitions=len(config.samples),
-            retention=config.info["retention"],
+            retention=config.info["retention"] * config.info["visual_tokens_before"] / vanilla.info["visual_tokens_before"],
             prefill_median_s=statistics.median(prefill),
             prefill_min_s=min(prefill),
             prefill_max_s=max(prefill),
@@ -455,13 +466,14 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
     measured = [r for r in rows if "unreachable" not in r and r["preset"] != "none"]
+    references = [r for r in rows if r.get("reference_frames") is not None and "unreachable" not in r]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, key, name in (
         (axes[0], "flops_full_fraction", "FLOPs fraction, full prompt prefill (pruned / vanilla)"),
         (axes[1], "flops_paper_fraction", "FLOPs fraction, paper convention (visual tokens only)"),
     ):
-        low = min([r[key] for r in measured] + [0.1]) * 0.8
+        low = min([r[key] for r in measured + references] + [0.1]) * 0.8
         xs = np.geomspace(low, 1.0, 100)
         axis.plot(xs, 1 / xs, "k--", linewidth=1, label="ideal: speedup = 1 / fraction")
         for index, preset in enumerate(dict.fromkeys(r["preset"] for r in measured)):
@@ -473,6 +485,11 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
                 axis.plot([b[0] for b in best], [b[1] for b in best], "o", mfc="none", color=colour, alpha=0.7)
             for x, y, _, keep in points:
                 axis.annotate(f"{keep:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+        reference = sorted((r[key], r["speedup"]) for r in rows
+                           if r.get("reference_frames") is not None and "unreachable" not in r)
+        if reference:
+            axis.plot([p[0] for p in reference] + [1.0], [p[1] for p in reference] + [1.0], "x-.", color="grey",
+                      label="none on fewer frames (hardware reference)")
         axis.plot([1.0], [1.0], "ks", label="none")
         axis.set_xscale("log")
         axis.set_yscale("log")
@@ -543,6 +560,8 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default=os.environ.get("VIDQA_BENCH_DIR", "~/.cache/vidqa-bench"),
                         help="where the bench model and clip are cached")
     parser.add_argument("--out", default="bench-results", help="directory for results.json, table.md, speedup.png")
+    parser.add_argument("--reference-frames", default="1,2,4",
+                        help="comma-separated frame counts: also run `none` on that many frames (hardware reference); '' for none")
     parser.add_argument("--layer-curve", default="",
                         help="comma-separated sequence lengths: also time one decoder layer at each (linearity check)")
     parser.add_argument("--quiet", action="store_true")
@@ -576,8 +595,10 @@ def main(argv=None) -> dict:
 
     load_at_start = machine().get("load_average_1_5_15_min")
     wall_start, cpu_start = time.perf_counter(), os.times()
+    reference_clips = [load_clip(video, num_frames=int(f)) for f in args.reference_frames.split(",") if f.strip()]
+    reference_clips = [c for c in reference_clips if c.num_frames < clip.num_frames]
     configs = measure(adapter, clip, args.question, presets, keeps, args.repeats, args.warmup,
-                      args.decode_tokens, memory=not args.no_memory, log=log)
+                      args.decode_tokens, memory=not args.no_memory, log=log, reference_clips=reference_clips)
     cpu_end = os.times()
     # CPU time this process got / (wall time x threads): well below 1 on a machine shared with
     # other jobs (threads waiting for a core), ~0.9-1 on an idle one

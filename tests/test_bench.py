@@ -34,7 +34,7 @@ def bench_run(prefill_bench, tiny_llava, square_video, tmp_path_factory):
         "--model", str(tiny_llava), "--video", str(square_video), "--frames", "4",
         "--presets", ",".join(PRESETS), "--keeps", ",".join(map(str, KEEPS)),
         "--repeats", "1", "--warmup", "0", "--decode-tokens", "3", "--device", "cpu",
-        "--threads", "1", "--layer-curve", "8,32", "--workdir", str(tmp_path_factory.mktemp("bench-work")), "--out", str(out), "--quiet",
+        "--threads", "1", "--layer-curve", "8,32", "--reference-frames", "2", "--workdir", str(tmp_path_factory.mktemp("bench-work")), "--out", str(out), "--quiet",
     ]
     return prefill_bench.main(argv), out
 
@@ -49,7 +49,7 @@ def test_table_has_a_row_per_configuration(bench_run, capsys):
         assert column in header
     assert rule.count("---") == header.count("|") - 1
     labels = [row.split("|")[1].strip() for row in rows]
-    assert labels == ["none"] + [f"{p} @ {k:g}" for p in PRESETS for k in KEEPS]
+    assert labels == ["none"] + [f"{p} @ {k:g}" for p in PRESETS for k in KEEPS] + ["none, 2 frames (reference)"]
     assert all(row.count("|") == header.count("|") for row in rows)
 
 
@@ -80,6 +80,9 @@ def test_json_rows_hold_every_measure(bench_run):
     assert none["flops_full_fraction"] == 1.0 and none["speedup"] == 1.0
     pruned = [row for row in measured if row["preset"] != "none"]
     assert all(row["flops_paper_fraction"] < 1 and row["retention"] < 1 for row in pruned)
+    reference = measured[-1]  # `none` on 2 of the 4 frames: half the visual tokens, unpruned
+    assert reference["reference_frames"] == 2 and reference["retention"] == pytest.approx(0.5)
+    assert reference["flops_paper_fraction"] < 1
 
 
 def test_layer_curve(bench_run):
