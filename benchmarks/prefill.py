@@ -21,6 +21,10 @@ configuration:
   theoretical speedup that is realised. Speedup is the vanilla prefill over the configuration's
   prefill plus its pre-LLM pruning time (the whole path from the visual features to the first
   logits). Computed against both FLOPs fractions; the full-prompt one is the honest denominator.
+- hardware reference (--reference-frames): `none` on fewer frames of the same clip, i.e. an
+  unpruned prompt of about the pruned length; "vs unpruned prompt of equal FLOPs" is its
+  (interpolated) time over the configuration's: 1.0 = pruning is as fast as a shorter prompt, so
+  whatever is missing from the FLOPs ideal is the hardware's, not the pruning's.
 
 Without --model it builds (once, cached under --workdir) a random-weight LLaVA-OneVision with
 the text dimensions of llava-onevision-qwen2-0.5b (Qwen2-0.5B: hidden 896, 24 layers, 14 heads,
@@ -33,14 +37,15 @@ sliding bar, so PruneVid and AdaTP meet realistic redundancy.
     python benchmarks/prefill.py --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf \
         --device cuda --frames 32                                     # a real model on a GPU
 
-Writes results.json, table.md and speedup.png to --out; prints the table. Measures, never
-asserts timings.
+Writes results.json, table.md and speedup.png to --out; prints the table (`--replot
+results.json` redraws both). Measures, never asserts timings. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -428,7 +433,32 @@ def summarise(configs: list[Config]) -> list[dict]:
             notes=config.info["notes"],
         )
         rows.append(row)
+    add_reference_ratio(rows)
     return rows
+
+
+def add_reference_ratio(rows: list[dict]) -> None:
+    """rows[i]["vs_reference"]: the time an UNPRUNED prompt with the same full-prompt FLOPs takes
+    (interpolated, log-log, between `none` on the reference frame counts and on the whole clip)
+    over this configuration's prefill + pre-LLM time. 1.0 = pruning is as fast as simply having
+    a shorter prompt; what is missing from the FLOPs ideal is then the hardware's, not the
+    pruning's. Extrapolated below the smallest reference. No-op without reference rows."""
+    vanilla = rows[0]
+    points = sorted([(1.0, vanilla["prefill_plus_pre_llm_s"])] + [
+        (r["flops_full_fraction"], r["prefill_plus_pre_llm_s"]) for r in rows
+        if r.get("reference_frames") is not None and "unreachable" not in r])
+    if len(points) < 2:
+        return
+    xs = [math.log(f) for f, _ in points]
+    ys = [math.log(t) for _, t in points]
+    for row in rows:
+        if "unreachable" in row:
+            continue
+        x = math.log(row["flops_full_fraction"])
+        i = max(0, min(len(xs) - 2, sum(1 for value in xs if value <= x) - 1))
+        y = ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+        row["reference_prefill_s"] = math.exp(y)
+        row["vs_reference"] = math.exp(y) / row["prefill_plus_pre_llm_s"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -437,10 +467,13 @@ def markdown_table(rows: list[dict]) -> str:
         "| decode tok/s | peak mem MiB | FLOPs % full prompt | FLOPs % paper | speedup | realised (full) | realised (paper) "
         "| realised (full, best-of-N) |"
     )
-    lines = [header, "|" + "---|" * 13]
+    with_reference = any("vs_reference" in row for row in rows)
+    if with_reference:
+        header += " vs unpruned prompt of equal FLOPs |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         if "unreachable" in row:
-            lines.append(f"| {row['label']} | unreachable: {row['unreachable']} |" + " |" * 11)
+            lines.append(f"| {row['label']} | unreachable: {row['unreachable']} |" + " |" * (header.count("|") - 3))
             continue
         peak = "–" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"
         lines.append(
@@ -452,13 +485,16 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {100 * row['flops_full_fraction']:.1f} | {100 * row['flops_paper_fraction']:.1f} "
             f"| {row['speedup']:.2f}x | {row['realised_full']:.2f} | {row['realised_paper']:.2f} "
             f"| {row['realised_full_best']:.2f} |"
+            + (f" {row['vs_reference']:.2f} |" if with_reference else "")
         )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
-    """Prefill speedup vs FLOPs fraction per preset (log-log), with the ideal speedup = 1/fraction.
-    Filled markers: medians; hollow: best-of-N."""
+    """Three panels, one series per preset (the keeps), with `none` on fewer frames as the
+    hardware reference: prefill speedup vs the full-prompt FLOPs fraction and vs the papers'
+    visual-only fraction (log-log, ideal speedup = 1/fraction dashed), and the realised share
+    speedup x fraction (full prompt) vs that fraction (ideal 1, the 0.9 target dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,47 +502,65 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
     measured = [r for r in rows if "unreachable" not in r and r["preset"] != "none"]
-    references = [r for r in rows if r.get("reference_frames") is not None and "unreachable" not in r]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    references = sorted((r for r in rows if r.get("reference_frames") is not None and "unreachable" not in r),
+                        key=lambda r: r["flops_full_fraction"])
+    presets = list(dict.fromkeys(r["preset"] for r in measured))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>"
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    low = min([r["flops_paper_fraction"] for r in measured + references] + [0.1]) * 0.8
     for axis, key, name in (
-        (axes[0], "flops_full_fraction", "FLOPs fraction, full prompt prefill (pruned / vanilla)"),
-        (axes[1], "flops_paper_fraction", "FLOPs fraction, paper convention (visual tokens only)"),
+        (axes[0], "flops_full_fraction", "FLOPs fraction, full prompt prefill"),
+        (axes[1], "flops_paper_fraction", "FLOPs fraction, paper convention (visual only)"),
     ):
-        low = min([r[key] for r in measured + references] + [0.1]) * 0.8
         xs = np.geomspace(low, 1.0, 100)
         axis.plot(xs, 1 / xs, "k--", linewidth=1, label="ideal: speedup = 1 / fraction")
-        for index, preset in enumerate(dict.fromkeys(r["preset"] for r in measured)):
-            colour = colours[index % len(colours)]
-            points = sorted((r[key], r["speedup"], r.get("speedup_best"), r["keep"]) for r in measured if r["preset"] == preset)
-            axis.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, label=f"{preset} (median)")
-            best = [(p[0], p[2]) for p in points if p[2] is not None]
-            if best:
-                axis.plot([b[0] for b in best], [b[1] for b in best], "o", mfc="none", color=colour, alpha=0.7)
-            for x, y, _, keep in points:
-                axis.annotate(f"{keep:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
-        reference = sorted((r[key], r["speedup"]) for r in rows
-                           if r.get("reference_frames") is not None and "unreachable" not in r)
-        if reference:
-            axis.plot([p[0] for p in reference] + [1.0], [p[1] for p in reference] + [1.0], "x-.", color="grey",
-                      label="none on fewer frames (hardware reference)")
+        if references:
+            axis.plot([r[key] for r in references] + [1.0], [r["speedup"] for r in references] + [1.0], "x-.",
+                      color="grey", label="none on fewer frames (hardware reference)")
+        for index, preset in enumerate(presets):
+            points = sorted((r[key], r["speedup"]) for r in measured if r["preset"] == preset)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=markers[index % len(markers)],
+                      color=colours[index % len(colours)], linewidth=1, alpha=0.85, label=preset)
         axis.plot([1.0], [1.0], "ks", label="none")
         axis.set_xscale("log")
         axis.set_yscale("log")
-        ticks = [t for t in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if t >= low]
-        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_major_locator(FixedLocator([t for t in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if t >= low]))
         axis.xaxis.set_minor_locator(NullLocator())
         axis.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_major_locator(FixedLocator([1, 1.5, 2, 3, 5, 7, 10, 15]))
+        axis.yaxis.set_minor_locator(NullLocator())
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
         axis.set_xlabel(name)
-        axis.grid(alpha=0.3, which="both")
-    axes[0].yaxis.set_major_locator(FixedLocator([1, 1.5, 2, 3, 5, 7, 10, 15]))
-    axes[0].yaxis.set_minor_locator(NullLocator())
-    axes[0].yaxis.set_major_formatter(FormatStrFormatter("%gx"))
-    axes[0].set_ylabel("prefill speedup over none (filled: median, hollow: best-of-N)")
+        axis.set_ylabel("prefill speedup over none (median)")
+        axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    axis = axes[2]
+    axis.axhline(1.0, color="k", linestyle="--", linewidth=1, label="ideal")
+    axis.axhline(0.9, color="k", linestyle=":", linewidth=1, label="target 0.9")
+    if references:
+        axis.plot([r["flops_full_fraction"] for r in references], [r["realised_full"] for r in references], "x-.",
+                  color="grey", label="none on fewer frames")
+    for index, preset in enumerate(presets):
+        points = sorted((r["flops_full_fraction"], r["realised_full"], r["keep"]) for r in measured if r["preset"] == preset)
+        colour = colours[index % len(colours)]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=markers[index % len(markers)], color=colour,
+                  linewidth=1, alpha=0.85, label=preset)
+        for x, y, keep in points:
+            axis.annotate(f"{keep:g}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7, color=colour)
+    axis.set_xscale("log")
+    axis.xaxis.set_major_locator(FixedLocator([t for t in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if t >= low]))
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    values = [r["realised_full"] for r in measured + references]
+    axis.set_ylim(min(values + [0.85]) - 0.03, 1.05)
+    axis.set_xlabel("FLOPs fraction, full prompt prefill (labels: --keep)")
+    axis.set_ylabel("realised share = speedup x fraction")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
@@ -564,6 +618,8 @@ def parse_args(argv=None):
                         help="comma-separated frame counts: also run `none` on that many frames (hardware reference); '' for none")
     parser.add_argument("--layer-curve", default="",
                         help="comma-separated sequence lengths: also time one decoder layer at each (linearity check)")
+    parser.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw table.md and the plot from a results.json")
+    parser.add_argument("--plot-name", default="speedup.png", help="file name of the plot in --out")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -577,6 +633,14 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        add_reference_ratio(results["rows"])
+        table = markdown_table(results["rows"])
+        (out / "table.md").write_text(table + "\n")
+        plot(results["rows"], out / args.plot_name, results.get("title", ""))
+        print(table)
+        return results
 
     from vidqa.models import load_model
     from vidqa.video import load_clip
@@ -636,11 +700,11 @@ def main(argv=None) -> dict:
         "layer_curve": curve,
         "raw": [{"label": c.label, "samples": [asdict(s) for s in c.samples]} for c in configs],
     }
+    results["title"] = (f"{text.num_hidden_layers}-layer, hidden {text.hidden_size} LLM, {clip.num_frames} frames, "
+                        f"{results['device']}, {torch.get_num_threads()} thread(s), median of {args.repeats}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table + "\n")
-    title = (f"{results['model_config']['layers']}-layer, hidden {results['model_config']['hidden']} LLM, "
-             f"{clip.num_frames} frames, {results['device']}, {torch.get_num_threads()} threads")
-    plot(rows, out / "speedup.png", title)
+    plot(rows, out / args.plot_name, results["title"])
     print(table)
     if curve:
         print("\n| tokens | one layer ms | µs/token | GMAC/s (dense count) | GMAC/s (causal count) |\n|---|---|---|---|---|")

@@ -83,6 +83,9 @@ def test_json_rows_hold_every_measure(bench_run):
     reference = measured[-1]  # `none` on 2 of the 4 frames: half the visual tokens, unpruned
     assert reference["reference_frames"] == 2 and reference["retention"] == pytest.approx(0.5)
     assert reference["flops_paper_fraction"] < 1
+    # time of an unpruned prompt of equal FLOPs / this one: exactly 1 on the reference curve itself
+    assert reference["vs_reference"] == pytest.approx(1.0) and none["vs_reference"] == pytest.approx(1.0)
+    assert all(row["vs_reference"] > 0 for row in measured)
 
 
 def test_layer_curve(bench_run):
