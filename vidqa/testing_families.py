@@ -1,6 +1,6 @@
 """Tiny random Qwen2.5-VL and SmolVLM2 checkpoints, for tests and CPU benchmarks.
 
-Like `vidqa.testing` (LLaVA-OneVision): the real model classes with random weights, a word-level
+Like `vidqa.testing` (LLaVA-OneVision, and the shared tokenizer/init helpers): the real model classes with random weights, a word-level
 tokenizer built in code, the family's REAL processor classes, saved with `save_pretrained` so
 they load through the same `from_pretrained` path users take. Nothing here downloads.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from .testing import build_word_level_tokenizer, init_random_model, scale_weight_matrices
 
 # Qwen2.5-VL's chat markup, reduced to what a word-level tokenizer round-trips. The real template
 # writes "<|vision_start|><|video_pad|><|vision_end|>" for a video entry, as this one does.
@@ -50,39 +50,6 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def build_family_tokenizer(specials: list[str], eos: str, words: list[str] | None = None, extra: dict | None = None):
-    """A fast word-level tokenizer: `specials` first (matched before splitting), then `words`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab: dict[str, int] = {}
-    for token in specials + list(dict.fromkeys(words or DEFAULT_WORDS)):
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token=eos,
-        extra_special_tokens=extra or {},
-    )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [t for t in specials if t not in ("<pad>", "<unk>", eos)]}
-    )
-    return tokenizer
-
-
-def _scale_weights(model, weight_scale: float) -> None:
-    """Multiply every weight matrix: at the default init (std 0.02) a random model answers the
-    same token whatever it sees, so a parity test could not fail; at ~15 the answer depends on
-    the video and the question."""
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(weight_scale)
-
-
 def build_tiny_qwen2_5_vl(
     path: str | Path,
     *,
@@ -115,9 +82,9 @@ def build_tiny_qwen2_5_vl(
     )
 
     path = Path(path)
-    tokenizer = build_family_tokenizer(
-        QWEN_SPECIAL_TOKENS, "<|im_end|>", words,
-        extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    tokenizer = build_word_level_tokenizer(
+        QWEN_SPECIAL_TOKENS, "<|im_end|>", words or DEFAULT_WORDS,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     ids = tokenizer.convert_tokens_to_ids
     head_dim = text_hidden // text_heads
@@ -158,14 +125,10 @@ def build_tiny_qwen2_5_vl(
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _scale_weights(model, weight_scale)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = init_random_model(
+        Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    ).eval()
+    scale_weight_matrices(model, weight_scale)
     model.save_pretrained(path)
 
     pixels = frame_size * frame_size
@@ -213,9 +176,9 @@ def build_tiny_smolvlm(
     )
 
     path = Path(path)
-    tokenizer = build_family_tokenizer(
-        SMOLVLM_SPECIAL_TOKENS, "<end_of_utterance>", words,
-        extra={
+    tokenizer = build_word_level_tokenizer(
+        SMOLVLM_SPECIAL_TOKENS, "<end_of_utterance>", words or DEFAULT_WORDS,
+        extra_special_tokens={
             "image_token": "<image>", "video_token": "<video>", "fake_image_token": "<fake_token_around_image>",
             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
         },
@@ -248,13 +211,10 @@ def build_tiny_smolvlm(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=True,
     )
-    config.eos_token_id = tokenizer.eos_token_id
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config).eval()
-    _scale_weights(model, weight_scale)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = init_random_model(
+        SmolVLMForConditionalGeneration, config, tokenizer, seed=seed, attn_implementation=attn_implementation
+    ).eval()
+    scale_weight_matrices(model, weight_scale)
     model.save_pretrained(path)
 
     edge = {"longest_edge": image_size}
