@@ -91,6 +91,25 @@ def test_dpc_knn_edge_cases():
     assert canonical(dpc_knn(blobs.to(torch.bfloat16), 2, k=7)) == canonical(truth)
 
 
+def test_dpc_knn_batched_equals_one_set_at_a_time():
+    """A [B, N, C] call clusters each set on its own: identical labels to B separate calls,
+    including sets with duplicate rows (exact density ties) and a set shared by two batch
+    entries, where global duplicate ids must not leak across sets."""
+    gen = torch.Generator().manual_seed(4)
+    for num_tokens, channels, num_clusters in [(30, 8, 6), (17, 3, 16), (40, 12, 1)]:
+        x = torch.randn(4, num_tokens, channels, generator=gen)
+        x[1] = torch.randint(0, 3, (num_tokens, channels), generator=gen).float()  # many duplicates
+        x[2, 5] = x[2, 0]
+        x[3] = x[0]
+        batched = dpc_knn(x, num_clusters, k=5)
+        assert batched.shape == (4, num_tokens)
+        for b in range(4):
+            assert torch.equal(batched[b], dpc_knn(x[b], num_clusters, k=5))
+        means = cluster_means(x, batched, num_clusters)
+        for b in range(4):
+            assert torch.equal(means[b], cluster_means(x[b], batched[b], num_clusters))
+
+
 def test_cluster_means_and_members():
     x = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     labels = torch.tensor([2, 0, 2, 1, 0, 2])

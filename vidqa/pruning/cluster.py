@@ -18,10 +18,11 @@ def pairwise_distances(x: Tensor) -> Tensor:
     """Euclidean distances between all pairs of rows, scaled by 1/sqrt(C), in float32.
 
     Args:
-        x: `[N, C]` features.
+        x: `[N, C]` features, or `[B, N, C]` for B independent sets.
 
     Returns:
-        `[N, N]` float32, symmetric, exactly zero on the diagonal and between identical rows.
+        `[N, N]` (or `[B, N, N]`) float32, symmetric, exactly zero on the diagonal and between
+        identical rows.
 
     On accelerators: `cdist` without the matmul shortcut (exact for duplicates, no host sync).
     On CPU that direct mode is ~10x slower than a GEMM and was most of the pruning overhead, so
@@ -31,10 +32,22 @@ def pairwise_distances(x: Tensor) -> Tensor:
     exactly (`torch.unique`) and get 0; the matrix is symmetrised bit for bit.
     """
     x = x.float()
-    num_tokens, channels = x.shape
-    scale = math.sqrt(max(channels, 1))
     if x.device.type != "cpu":
-        return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / scale
+        return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(max(x.shape[-1], 1))
+    if x.dim() == 3:
+        # One set at a time on CPU: measured on 8 x 98 x 896, the batched version took 7.4 ms
+        # against 5.7 ms, its [B, N, C] float64 elementwise ops running ~8x slower per element
+        # (most likely first-touch faults on a fresh multi-MB buffer each call). The GEMMs cost
+        # the same either way; accelerators keep the batched cdist above (fewer launches).
+        if not len(x):
+            return x.new_zeros(0, x.shape[1], x.shape[1])
+        return torch.stack([_gram_distances(one) for one in x])
+    return _gram_distances(x)
+
+
+def _gram_distances(x: Tensor) -> Tensor:
+    """The CPU path of `pairwise_distances` for one `[N, C]` float32 set."""
+    num_tokens, channels = x.shape
     centred = x.double()
     centred = centred - centred.mean(dim=0, keepdim=True)  # distances are shift-invariant
     squared_norm = centred.square().sum(dim=-1)  # [N]
@@ -44,7 +57,7 @@ def pairwise_distances(x: Tensor) -> Tensor:
         duplicate_of = torch.unique(x, dim=0, return_inverse=True)[1]  # same id <=> identical rows
         squared.masked_fill_(duplicate_of[:, None] == duplicate_of[None, :], 0.0)  # diagonal included
     distances = squared.clamp_min_(0.0).sqrt_().float()
-    return distances / scale
+    return distances / math.sqrt(max(channels, 1))
 
 
 def knn_log_density(distances: Tensor, k: int) -> Tensor:
@@ -54,51 +67,57 @@ def knn_log_density(distances: Tensor, k: int) -> Tensor:
     that far-apart tokens do not all underflow to a density of 0; orderings are unchanged.
 
     Args:
-        distances: `[N, N]` float pairwise distances (diagonal ignored), N >= 2.
+        distances: `[..., N, N]` float pairwise distances (diagonal ignored), N >= 2.
         k: number of neighbours; `min(k, N - 1)` are used.
 
     Returns:
-        `[N]` float32 log-density (<= 0).
+        `[..., N]` float32 log-density (<= 0).
     """
-    num_tokens = distances.shape[0]
+    num_tokens = distances.shape[-1]
     k = min(k, num_tokens - 1)
     squared = distances.square()
-    squared.fill_diagonal_(float("inf"))  # exclude self
-    nearest = torch.topk(squared, k, dim=-1, largest=False).values  # [N, k]
+    squared.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exclude self
+    nearest = torch.topk(squared, k, dim=-1, largest=False).values  # [..., N, k]
     return -nearest.mean(dim=-1)
+
+
+def _rank_of(order: Tensor) -> Tensor:
+    """Inverse permutation along the last dim: `rank[..., order[..., i]] = i`."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def density_rank(log_density: Tensor) -> Tensor:
     """Rank of every token by decreasing density, ties broken by lower token index.
 
     Args:
-        log_density: `[N]` float.
+        log_density: `[..., N]` float.
 
     Returns:
-        `[N]` long, a permutation of `0..N-1`; rank 0 is the densest token. Token j is "denser"
-        than token i exactly when `rank[j] < rank[i]`.
+        `[..., N]` long, a permutation of `0..N-1`; rank 0 is the densest token. Token j is
+        "denser" than token i exactly when `rank[j] < rank[i]`.
     """
-    order = torch.sort(-log_density, stable=True).indices  # densest first, lower index first
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    return rank
+    order = torch.sort(-log_density, dim=-1, stable=True).indices  # densest first, lower index first
+    return _rank_of(order)
 
 
 def relabel_by_first_appearance(labels: Tensor, num_clusters: int) -> Tensor:
     """Renumber non-empty clusters so that labels appear as 0, 1, 2, ... along the sequence.
 
     Args:
-        labels: `[N]` long in `[0, num_clusters)`; every cluster must be non-empty.
+        labels: `[..., N]` long in `[0, num_clusters)`; every cluster must be non-empty.
         num_clusters: number of clusters.
 
     Returns:
-        `[N]` long: the same partition, cluster of token 0 is 0, the next new cluster is 1, ...
+        `[..., N]` long: the same partition, cluster of token 0 is 0, the next new cluster is 1, ...
     """
-    first = first_member(labels, num_clusters)  # [num_clusters]
-    order = torch.argsort(first)  # old labels sorted by first appearance
-    new_label = torch.empty_like(order)
-    new_label[order] = torch.arange(num_clusters, device=labels.device)
-    return new_label[labels]
+    batch_shape, num_tokens = labels.shape[:-1], labels.shape[-1]
+    flat = labels.reshape(-1, num_tokens)
+    offsets = torch.arange(flat.shape[0], device=labels.device)[:, None] * num_clusters
+    first = first_member((flat + offsets).flatten(), flat.shape[0] * num_clusters)
+    order = torch.argsort(first.view(-1, num_clusters), dim=-1)  # old labels by first appearance
+    new_label = _rank_of(order)  # [B, num_clusters]
+    return new_label.gather(-1, flat).view(*batch_shape, num_tokens)
 
 
 def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
@@ -117,39 +136,43 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
     first token not in cluster 0 has label 1, and so on. All clusters are non-empty.
 
     Args:
-        x: `[N, C]` features (any float dtype / device).
-        num_clusters: number of clusters, >= 1. If `num_clusters >= N`, every token is its own
-            cluster (labels `0..N-1`).
+        x: `[N, C]` features (any float dtype / device), or `[B, N, C]`: B independent sets
+            clustered in one batched pass (PruneVid clusters every frame of a segment at once,
+            which saves a launch per op and frame on accelerators).
+        num_clusters: number of clusters per set, >= 1. If `num_clusters >= N`, every token is
+            its own cluster (labels `0..N-1`).
         k: number of nearest neighbours for the density, >= 1.
 
     Returns:
-        `[N]` long labels in `[0, min(num_clusters, N))`, on `x.device`.
+        `[N]` (or `[B, N]`) long labels in `[0, min(num_clusters, N))`, on `x.device`.
     """
-    if x.dim() != 2:
-        raise ValueError(f"dpc_knn expects [N, C] features, got shape {tuple(x.shape)}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"dpc_knn expects [N, C] or [B, N, C] features, got shape {tuple(x.shape)}")
     if num_clusters <= 0:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
-    num_tokens = x.shape[0]
+    num_tokens = x.shape[-2]
     if num_clusters >= num_tokens:
-        return torch.arange(num_tokens, device=x.device)
+        return torch.arange(num_tokens, device=x.device).expand(x.shape[:-1]).clone()
 
-    distances = pairwise_distances(x)  # [N, N]
-    log_density = knn_log_density(distances, k)  # [N]
-    rank = density_rank(log_density)  # [N]
+    distances = pairwise_distances(x)  # [..., N, N]
+    log_density = knn_log_density(distances, k)  # [..., N]
+    rank = density_rank(log_density)  # [..., N]
 
     # delta_i: distance to the nearest denser token (denser = smaller rank).
-    denser = rank.unsqueeze(0) < rank.unsqueeze(1)  # [N, N]; denser[i, j]: j denser than i
-    max_distance = distances.max()
-    delta = torch.where(denser, distances, max_distance).min(dim=-1).values  # [N]
+    denser = rank[..., None, :] < rank[..., :, None]  # [..., N, N]; denser[i, j]: j denser than i
+    max_distance = distances.amax(dim=(-2, -1), keepdim=True)  # [..., 1, 1]
+    delta = torch.where(denser, distances, max_distance).min(dim=-1).values  # [..., N]
 
     # log(delta * density), so that tiny densities do not all collapse to 0.
-    log_score = torch.log(delta) + log_density  # [N]; -inf where delta == 0
-    centres = torch.sort(log_score, descending=True, stable=True).indices[:num_clusters]
+    log_score = torch.log(delta) + log_density  # [..., N]; -inf where delta == 0
+    centres = torch.sort(log_score, dim=-1, descending=True, stable=True).indices[..., :num_clusters]
 
-    labels = distances[:, centres].argmin(dim=-1)  # [N]; first (best-ranked) centre on ties
-    labels[centres] = torch.arange(num_clusters, device=x.device)
+    to_centres = distances.gather(-1, centres[..., None, :].expand(*distances.shape[:-1], num_clusters))
+    labels = to_centres.argmin(dim=-1)  # [..., N]; first (best-ranked) centre on ties
+    centre_labels = torch.arange(num_clusters, device=x.device).expand_as(centres)
+    labels.scatter_(-1, centres, centre_labels)
     return relabel_by_first_appearance(labels, num_clusters)
 
 
@@ -157,17 +180,24 @@ def cluster_means(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
     """Plain mean of each cluster's members.
 
     Args:
-        x: `[N, C]` features.
-        labels: `[N]` long in `[0, num_clusters)`.
-        num_clusters: number of clusters.
+        x: `[N, C]` features, or `[B, N, C]` with per-set labels.
+        labels: `[N]` (or `[B, N]`) long in `[0, num_clusters)`.
+        num_clusters: number of clusters (per set).
 
     Returns:
-        `[num_clusters, C]` in `x.dtype` (accumulated in float32); empty clusters are zeros.
+        `[num_clusters, C]` (or `[B, num_clusters, C]`) in `x.dtype`, accumulated in float32;
+        empty clusters are zeros.
     """
-    sums = torch.zeros(num_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, labels, x.float())
-    counts = torch.bincount(labels, minlength=num_clusters).clamp(min=1)  # [num_clusters]
-    return (sums / counts.unsqueeze(-1)).to(x.dtype)
+    batch_shape, channels = x.shape[:-2], x.shape[-1]
+    flat_labels = labels.reshape(-1, labels.shape[-1])
+    offsets = torch.arange(flat_labels.shape[0], device=labels.device)[:, None] * num_clusters
+    flat_labels = (flat_labels + offsets).flatten()  # every set's clusters side by side
+    total = offsets.numel() * num_clusters
+    sums = torch.zeros(total, channels, dtype=torch.float32, device=x.device)
+    sums.index_add_(0, flat_labels, x.reshape(-1, channels).float())
+    counts = torch.bincount(flat_labels, minlength=total).clamp(min=1)  # [total]
+    means = (sums / counts.unsqueeze(-1)).to(x.dtype)
+    return means.view(*batch_shape, num_clusters, channels)
 
 
 def first_member(labels: Tensor, num_clusters: int) -> Tensor:

@@ -48,20 +48,21 @@ def cluster_or_keep(
     mean per cluster; otherwise every token is kept as its own cluster.
 
     Args:
-        x: `[N, C]` tokens.
+        x: `[N, C]` tokens, or `[B, N, C]`: B sets of N tokens, each clustered on its own.
         cluster_ratio: clusters per token.
         k: DPC-KNN neighbours.
         min_tokens_to_cluster: cluster only when N is larger than this.
 
     Returns:
-        `(means [G, C] in x.dtype, labels [N] long in [0, G), G)`.
+        `(means [G, C] in x.dtype, labels [N] long in [0, G), G)`; with a batch,
+        `([B, G, C], [B, N], G)`.
     """
-    num_tokens = x.shape[0]
+    num_tokens = x.shape[-2]
     if num_tokens > min_tokens_to_cluster:
         num_clusters = min(max(1, int(num_tokens * cluster_ratio)), num_tokens)
         labels = dpc_knn(x, num_clusters, k)
         return cluster_means(x, labels, num_clusters), labels, num_clusters
-    labels = torch.arange(num_tokens, device=x.device)
+    labels = torch.arange(num_tokens, device=x.device).expand(x.shape[:-1])
     return x, labels, num_tokens
 
 
@@ -102,17 +103,18 @@ def prunevid_merge_segment(
     )
     assignment[:, static_locations] = static_labels.unsqueeze(0)
 
-    rows = [static_rows.to(tokens.dtype)]
-    frame_of_row = [torch.zeros(num_static, dtype=torch.long, device=device)]
-    offset = num_static
-    for w in range(num_frames):
-        dynamic_rows, dynamic_labels, num_dynamic = cluster_or_keep(
-            tokens[w, dynamic_locations], cluster_ratio, k, min_tokens_to_cluster
-        )
-        assignment[w, dynamic_locations] = dynamic_labels + offset
-        rows.append(dynamic_rows)
-        frame_of_row.append(torch.full((num_dynamic,), w, dtype=torch.long, device=device))
-        offset += num_dynamic
+    # Every frame has the same D dynamic locations, so all W frames cluster in one batched pass.
+    dynamic_rows, dynamic_labels, num_dynamic = cluster_or_keep(
+        tokens[:, dynamic_locations], cluster_ratio, k, min_tokens_to_cluster
+    )  # [W, G, C], [W, D], G
+    frame_offsets = num_static + num_dynamic * torch.arange(num_frames, device=device)  # [W]
+    assignment[:, dynamic_locations] = dynamic_labels + frame_offsets[:, None]
+    rows = [static_rows.to(tokens.dtype), dynamic_rows.reshape(-1, dynamic_rows.shape[-1])]
+    frame_of_row = [
+        torch.zeros(num_static, dtype=torch.long, device=device),
+        torch.arange(num_frames, device=device).repeat_interleave(num_dynamic),
+    ]
+    offset = num_static + num_frames * num_dynamic
 
     is_static = torch.zeros(offset, dtype=torch.bool, device=device)
     is_static[:num_static] = True
