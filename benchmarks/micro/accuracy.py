@@ -1,6 +1,6 @@
 """Accuracy of every pruning preset on the micro model's held-out set, per question type.
 
-    python benchmarks/micro/accuracy.py                       # everything; ~20-30 min on 2 CPU cores
+    python benchmarks/micro/accuracy.py                       # everything; ~6 min on 2 idle CPU cores
     python benchmarks/micro/accuracy.py --skip-run            # only re-read the results, redo tables + plot
 
 Steps (each resumable: rerunning skips the records already in the results files):
