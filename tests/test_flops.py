@@ -92,6 +92,18 @@ def test_from_config_reads_qwen2_and_llama() -> None:
     assert layer_macs(llama, 1) == 2 * 64 * 128 + 2 * 64 * 128 + 2 * 128 + 3 * 64 * 128
 
 
+# 28 px / patch 14 -> 2x2 patches -> 4 tokens per image
+SMALL_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+)
+
+
 def test_shapes_from_model_config() -> None:
     config = transformers.LlavaOnevisionConfig(
         text_config=dict(
@@ -103,15 +115,7 @@ def test_shapes_from_model_config() -> None:
             num_key_value_heads=2,
             vocab_size=100,
         ),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
+        vision_config=dict(SMALL_SIGLIP),
     )
     llm, vision = shapes_from_model_config(config)
     assert llm == LLMShape(2, 48, 96, 4, 2, 12, 100)
@@ -245,15 +249,7 @@ def test_vision_projector_matches_flop_counter() -> None:
 
     config = transformers.LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", hidden_size=48),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
+        vision_config=dict(SMALL_SIGLIP),
     )
     _, vshape = shapes_from_model_config(config)
     projector = LlavaOnevisionMultiModalProjector(config).eval()
