@@ -39,6 +39,31 @@ class VisualTokens:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    @classmethod
+    def from_grid(
+        cls,
+        features: torch.Tensor,
+        grid: tuple[int, int, int],
+        seq_index: torch.Tensor,
+        fixed_features: torch.Tensor | None = None,
+    ) -> "VisualTokens":
+        """Tokens laid out frame-major then row-major over `grid` = (frames, rows, cols), the
+        order every supported family's encoder emits them in."""
+        num_frames, rows, cols = grid
+        per_frame = rows * cols
+        token = torch.arange(num_frames * per_frame, device=features.device)
+        if fixed_features is None:
+            fixed_features = features.new_zeros((0, features.shape[1]))
+        return cls(
+            features=features,
+            frame=token // per_frame,
+            row=(token % per_frame) // cols,
+            col=token % cols,
+            seq_index=seq_index.to(features.device),
+            grid=grid,
+            fixed_features=fixed_features,
+        )
+
     def select(self, index: torch.Tensor) -> "VisualTokens":
         """A subset of rows (index: (k,) long), keeping the grid of the unpruned video."""
         return VisualTokens(

@@ -53,18 +53,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         pixels = prompt.inputs["pixel_values_videos"].to(self.model.device, self.model.dtype)
         output = self.model.get_video_features(pixel_values_videos=pixels, return_dict=True)
         features = output.pooler_output[0]  # (T*h*w + 1, hidden); last row is image_newline
-        num_frames, rows, cols = self.pooled_grid(pixels.shape[1])
-        per_frame = rows * cols
-        token = torch.arange(num_frames * per_frame, device=features.device)
-        return VisualTokens(
-            features=features[:-1],
-            frame=token // per_frame,
-            row=(token % per_frame) // cols,
-            col=token % cols,
-            seq_index=prompt.visual_index.to(features.device),
-            grid=(num_frames, rows, cols),
-            fixed_features=features[-1:],
-        )
+        grid = self.pooled_grid(pixels.shape[1])
+        return VisualTokens.from_grid(features[:-1], grid, prompt.visual_index, fixed_features=features[-1:])
 
     def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str):
         ids = prompt.input_ids[0]

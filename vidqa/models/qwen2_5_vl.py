@@ -114,16 +114,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 f"Qwen2.5-VL gave {features.shape[0]} video features for a {num_frames}x{rows}x{cols} grid "
                 f"and {len(prompt.visual_index)} video tokens"
             )
-        token = torch.arange(features.shape[0], device=features.device)
-        return VisualTokens(
-            features=features,
-            frame=token // per_frame,
-            row=(token % per_frame) // cols,
-            col=token % cols,
-            seq_index=prompt.visual_index.to(features.device),
-            grid=(num_frames, rows, cols),
-            fixed_features=features.new_zeros((0, features.shape[1])),
-        )
+        return VisualTokens.from_grid(features, (num_frames, rows, cols), prompt.visual_index)
 
     # --- positions ---------------------------------------------------------------------
     def full_positions(self, prompt: Prompt) -> torch.Tensor:

@@ -98,16 +98,7 @@ class SmolVLMAdapter(ModelAdapter):
                 f"SmolVLM gave {features.shape[0]} image features for {num_frames} frames of {rows}x{cols} "
                 f"and {len(prompt.visual_index)} image tokens"
             )
-        token = torch.arange(features.shape[0], device=features.device)
-        return VisualTokens(
-            features=features,
-            frame=token // per_frame,
-            row=(token % per_frame) // cols,
-            col=token % cols,
-            seq_index=prompt.visual_index.to(features.device),
-            grid=(num_frames, rows, cols),
-            fixed_features=features.new_zeros((0, features.shape[1])),
-        )
+        return VisualTokens.from_grid(features, (num_frames, rows, cols), prompt.visual_index)
 
     def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str) -> GenerationInputs:
         """Every text row stays; each kept (or merged) token goes into the frame span of its
