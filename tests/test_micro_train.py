@@ -11,7 +11,7 @@ import torch
 
 from vidqa.micro import world
 from vidqa.micro.model import build_processor
-from vidqa.micro.train import answer_labels, evaluate, main, text_batch, video_batch
+from vidqa.micro.train import answer_labels, evaluate, frames_for_step, main, text_batch, video_batch
 
 
 def _colour_counts(frame: np.ndarray) -> Counter:
@@ -157,6 +157,28 @@ def test_batches_put_the_loss_on_the_answers_only():
         assert kept[0::2] == before_question and kept[1::2] == ["<|im_end|>"] * 4
     ids = torch.tensor([tokenizer.convert_tokens_to_ids("<|im_start|> assistant red <|im_end|> red".split())])
     assert answer_labels(ids, tokenizer).tolist() == [[-100, -100, ids[0, 2].item(), ids[0, 3].item(), -100]]
+
+
+def test_curriculum_and_text_mixing():
+    """Text-only steps first, then 1 -> 2 -> 4 -> 8 frames; --mix-text adds text batches later,
+    and at its default of 0 it draws nothing, so the committed seed-0 run stays reproducible."""
+    def schedule(mix_text, seed=0):
+        rng = np.random.default_rng(seed)
+        return [frames_for_step(step, 3900, 300, rng, mix_text) for step in range(3900)], rng.random()
+
+    plain, after_plain = schedule(0.0)
+    assert set(plain[:300]) == {0} and 0 not in plain[300:]
+    assert plain[300] == 1 and plain[1300] == 2 and plain[1700] == 4 and Counter(plain[2100:])[8] > 1000
+    assert after_plain == schedule(0.0)[1]  # deterministic
+    # before the 8-frame phase (step 2,028) the default recipe draws no random number at all
+    rng = np.random.default_rng(7)
+    for step in range(2028):
+        frames_for_step(step, 3900, 300, rng, 0.0)
+    assert rng.random() == np.random.default_rng(7).random()
+    mixed, _ = schedule(0.25)
+    text_share = mixed[300:].count(0) / 3600
+    assert 0.2 < text_share < 0.3
+    assert set(mixed[:300]) == {0}
 
 
 def test_training_smoke_saves_a_loadable_fp16_checkpoint(tmp_path, run_cli):
