@@ -181,6 +181,14 @@ def test_curriculum_and_text_mixing():
     assert set(mixed[:300]) == {0}
 
 
+def test_mix_text_outside_0_1_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "ckpt"), "--mix-text", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--mix-text 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_training_smoke_saves_a_loadable_fp16_checkpoint(tmp_path, run_cli):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.mix_text < 1.0:
+        parser.error(f"--mix-text {args.mix_text}: must be a share in [0, 1), e.g. 0.1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary = train(
         args.out, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
