@@ -115,6 +115,8 @@ class LlavaOnevisionSize:
     vision_heads: int = 2
     vision_intermediate: int = 128
     # SigLIP's attention-pooling head: LLaVA-OneVision reads hidden states and never uses it.
+    # True by default only so the test models keep their random init (the head's parameters
+    # take their share of the seeded RNG stream); the micro model drops it.
     vision_use_head: bool = True
     text_hidden: int = 64
     text_layers: int = 4

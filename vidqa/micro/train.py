@@ -271,8 +271,8 @@ def train(
     out = save_checkpoint(model, processor, out)
     log(f"saved {out} (float16) after {train_s:.0f}s of training", flush=True)
     summary = {
-        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "text_steps": text_steps, "mix_text": mix_text,
-        "weight_decay": weight_decay, "clip_norm": clip_norm, "curriculum": CURRICULUM, "mix_short": MIX_SHORT,
+        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "text_steps": text_steps,
+        "mix_text": mix_text, "weight_decay": weight_decay, "clip_norm": clip_norm, "curriculum": CURRICULUM, "mix_short": MIX_SHORT,
         "size": size_dict(), "parameters": sum(p.numel() for p in model.parameters()),
         "threads": threads, "train_s": round(train_s, 1), "history": history,
     }

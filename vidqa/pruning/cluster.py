@@ -101,6 +101,13 @@ def density_rank(log_density: Tensor) -> Tensor:
     return _rank_of(order)
 
 
+def _sets_side_by_side(labels: Tensor, num_clusters: int) -> Tensor:
+    """`[S, N]` per-set labels -> `[S * N]` labels into S x num_clusters clusters, set s taking
+    clusters `[s * num_clusters, (s + 1) * num_clusters)`, so per-set reductions run as one."""
+    offsets = torch.arange(labels.shape[0], device=labels.device)[:, None] * num_clusters
+    return (labels + offsets).flatten()
+
+
 def relabel_by_first_appearance(labels: Tensor, num_clusters: int) -> Tensor:
     """Renumber non-empty clusters so that labels appear as 0, 1, 2, ... along the sequence.
 
@@ -113,8 +120,7 @@ def relabel_by_first_appearance(labels: Tensor, num_clusters: int) -> Tensor:
     """
     batch_shape, num_tokens = labels.shape[:-1], labels.shape[-1]
     flat = labels.reshape(-1, num_tokens)
-    offsets = torch.arange(flat.shape[0], device=labels.device)[:, None] * num_clusters
-    first = first_member((flat + offsets).flatten(), flat.shape[0] * num_clusters)
+    first = first_member(_sets_side_by_side(flat, num_clusters), flat.shape[0] * num_clusters)
     order = torch.argsort(first.view(-1, num_clusters), dim=-1)  # old labels by first appearance
     new_label = _rank_of(order)  # [B, num_clusters]
     return new_label.gather(-1, flat).view(*batch_shape, num_tokens)
@@ -189,10 +195,9 @@ def cluster_means(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
         empty clusters are zeros.
     """
     batch_shape, channels = x.shape[:-2], x.shape[-1]
-    flat_labels = labels.reshape(-1, labels.shape[-1])
-    offsets = torch.arange(flat_labels.shape[0], device=labels.device)[:, None] * num_clusters
-    flat_labels = (flat_labels + offsets).flatten()  # every set's clusters side by side
-    total = offsets.numel() * num_clusters
+    per_set = labels.reshape(-1, labels.shape[-1])
+    flat_labels = _sets_side_by_side(per_set, num_clusters)
+    total = per_set.shape[0] * num_clusters
     sums = torch.zeros(total, channels, dtype=torch.float32, device=x.device)
     sums.index_add_(0, flat_labels, x.reshape(-1, channels).float())
     counts = torch.bincount(flat_labels, minlength=total).clamp(min=1)  # [total]
