@@ -144,7 +144,7 @@ class DecoderPruning:
             if self._forward_calls == 1:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self._prefill.attention_inputs[layer_index] = (
-                    hidden, kwargs["position_embeddings"], kwargs.get("past_key_values"))
+                    hidden, kwargs["position_embeddings"], _cache_argument(kwargs))
         return hook
 
     def _before_layer(self, layer_index: int):
@@ -175,7 +175,7 @@ class DecoderPruning:
     def _decode_mask(self, layer_index, args, kwargs):
         """Decode step: a 4-D mask built for layer 0's cache length must match this layer's."""
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -187,7 +187,7 @@ class DecoderPruning:
 
     def _after_forward(self, module, args, kwargs, output):
         if self._forward_calls == 1 and self.prune_cache:
-            self._slice_early_caches(kwargs.get("past_key_values"))
+            self._slice_early_caches(_cache_argument(kwargs))
         if self._forward_calls == 1:
             self._prefill.attention_inputs.clear()  # drop references to activations
             self._prefill.embeddings = None
@@ -259,6 +259,13 @@ class DecoderPruning:
             layer = cache.layers[layer_index]
             layer.keys = layer.keys[:, :, rows]
             layer.values = layer.values[:, :, rows]
+
+
+def _cache_argument(kwargs: dict):
+    """The KV cache a decoder module was called with: transformers >= 5.24 names the argument
+    `cache` (`past_key_values` is deprecated until 5.40), earlier releases `past_key_values`."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _causal_like(mask: torch.Tensor, length: int) -> torch.Tensor:
