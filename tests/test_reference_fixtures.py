@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vidqa.errors import BadInput
 from vidqa.models.base import VisualTokens
 from vidqa.pruning.cluster import cluster_means, dpc_knn
 from vidqa.pruning.decoder import LayerContext
@@ -129,6 +130,11 @@ def test_stage1_first_appearance_order_is_a_permutation_within_groups(case):
         # first_appearance: positions increase within the group
         assert torch.equal(by_first.seq_index[chosen], by_first.seq_index[chosen].sort().values)
     assert not torch.equal(by_first.features, by_score.features)  # the order does differ
+
+
+def test_row_order_must_be_a_known_order():
+    with pytest.raises(BadInput, match="row_order 'by_size'"):
+        SpatioTemporalMerge(row_order="by_size")
 
 
 # -- stage 2: question-attention selection ----------------------------------------------------
