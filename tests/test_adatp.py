@@ -1,4 +1,5 @@
-"""AdaTP preset: planted global (end-of-video) and local (same-position) attention bias,
+"""AdaTP preset: planted global (start, end and both ends of the video) and local
+(same-position) attention bias,
 segmentation, parity with `none` at identity settings, and the --keep budget end to end."""
 
 from __future__ import annotations
@@ -70,22 +71,33 @@ def hidden_with_relevance(relevance_per_token: torch.Tensor) -> torch.Tensor:
     return torch.cat([visual, text])[None]
 
 
-# --- global (end-of-video) bias ----------------------------------------------------------------
+# --- global bias: at the end, at the start, at both ends of the visual sequence ------------------
+
+# Attention weight per frame: grows steeply towards the biased end(s). The paper finds the top
+# tokens piling up at both ends of the visual sequence; the end is the larger pile.
+FRAME_BIAS = {
+    "end": lambda frame: torch.exp(2.0 * frame),
+    "start": lambda frame: torch.exp(2.0 * (FRAMES - 1 - frame)),
+    "both_ends": lambda frame: torch.exp(2.0 * (frame - (FRAMES - 1) / 2).abs()),
+}
+# Where FastV's 32 picks (2 frames' worth) land under each bias.
+FASTV_FRAMES = {"end": {FRAMES - 2, FRAMES - 1}, "start": {0, 1}, "both_ends": {0, FRAMES - 1}}
 
 
+@pytest.mark.parametrize("bias", list(FRAME_BIAS))
 @pytest.mark.parametrize("segment_relevance", [[0.2, 0.2, 0.2, 0.2], [0.1, 0.3, 0.1, 0.1]], ids=["equal", "skewed"])
-def test_end_bias_fastv_piles_up_at_the_end_adatp_spreads_by_segment_budgets(segment_relevance):
+def test_positional_bias_fastv_piles_up_adatp_spreads_by_segment_budgets(segment_relevance, bias):
     tokens = FRAMES * PER_FRAME
     frame = torch.arange(FRAMES).repeat_interleave(PER_FRAME)
     segment = frame // 2  # 4 segments of 2 frames
     noise = 0.5 + torch.rand(tokens, generator=torch.Generator().manual_seed(2))  # in [0.5, 1.5)
-    scores = torch.exp(2.0 * frame) * noise  # attention grows steeply towards the last frames
+    scores = FRAME_BIAS[bias](frame.double()) * noise
     meta = {"frame": frame, "row": torch.zeros(tokens), "col": torch.zeros(tokens), "segment": segment}
     budget = 32
 
     fastv = LastTokenAttention().select(layer_context(meta, scores, budget), 0.25).keep
     assert len(fastv) == budget
-    assert bool((frame[fastv] >= FRAMES - 2).all())  # all of FastV's picks: the last 2 frames
+    assert set(frame[fastv].tolist()) == FASTV_FRAMES[bias]  # all of FastV's picks: the biased frames
 
     relevance = torch.tensor(segment_relevance)
     context = layer_context(meta, scores, budget, hidden=hidden_with_relevance(relevance[segment]))

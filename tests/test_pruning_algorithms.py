@@ -170,16 +170,27 @@ def test_prunevid_segments_repairs_stray_frame():
     x[6] = centres[0] + 0.01 * torch.randn(16, generator=gen)  # a frame of scene A inside B
     labels = dpc_knn(x, 3, k=7).tolist()
     assert labels == [0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]  # non-contiguous
-    assert prunevid_segments(x, cluster_ratio=0.1875) == [(0, 4), (4, 10), (10, 16)]
+    # As PruneVid's refine_clusters: B keeps its longest run (frames 7..9), so frames 4..5 and
+    # the stray A frame 6 are blanked together and the whole stretch joins the longer
+    # neighbour, A (4 frames against 3).
+    assert prunevid_segments(x, cluster_ratio=0.1875) == [(0, 7), (7, 10), (10, 16)]
 
 
 def test_labels_to_segments_rules():
     # Stray run relabelled to its longer neighbour; ties -> the earlier (left) one.
     assert labels_to_segments([0, 0, 0, 1, 1, 1, 0, 1, 1]) == [(0, 3), (3, 9)]
     assert labels_to_segments([0, 0, 0, 1, 2, 2, 2]) == [(0, 4), (4, 7)]
-    # Shortest stray first: the lone 1 at frame 6 joins the 0s on its right (3 > 2 frames);
-    # then the first run of 0s (a stray: 0 keeps frames 6..9) joins its only neighbour, 1.
+    # All strays blanked at once, filled left to right: the first run of 0s (0 keeps frames
+    # 7..9) joins its only neighbour, 1; the lone 1 at frame 6 joins the 0s (3 > 2 frames).
     assert labels_to_segments([0, 0, 1, 1, 2, 2, 1, 0, 0, 0]) == [(0, 4), (4, 6), (6, 10)]
+    # Tied longest runs are all kept: cluster 0 owns two segments.
+    assert labels_to_segments([0, 0, 1, 1, 1, 0, 0]) == [(0, 2), (2, 5), (5, 7)]
+    # Adjacent strays of three clusters form one blank stretch, which joins its one neighbour.
+    assert labels_to_segments([3, 0, 1, 2] + [3] * 10 + [0, 0]) == [(0, 14), (14, 16)]
+    # A filled stretch counts as part of its run for the next one: frame 0 joins the 1s (its
+    # only neighbour), making that run 3 long, so frame 3 ties 3 against 3 and joins it too
+    # (judged on the labels before filling it would have joined the 2s, 3 > 2).
+    assert labels_to_segments([9, 1, 1, 8, 2, 2, 2]) == [(0, 4), (4, 7)]
     # 1-frame clusters are merged into the longer neighbour (ties: left).
     assert labels_to_segments([0, 0, 1, 2, 2, 2]) == [(0, 2), (2, 6)]
     assert labels_to_segments([0, 0, 1, 2, 2]) == [(0, 3), (3, 5)]

@@ -60,23 +60,33 @@ def _gram_distances(x: Tensor) -> Tensor:
     return distances / math.sqrt(max(channels, 1))
 
 
-def knn_log_density(distances: Tensor, k: int) -> Tensor:
-    """Log of the kNN density `exp(-mean of the k smallest squared distances to other tokens)`.
+def knn_log_density(distances: Tensor, k: int, count_self_as_neighbour: bool = False) -> Tensor:
+    """Log of the kNN density `exp(-mean of the k smallest squared distances)`.
 
     The log (i.e. minus the mean squared distance) is returned rather than the density itself so
     that far-apart tokens do not all underflow to a density of 0; orderings are unchanged.
 
     Args:
-        distances: `[..., N, N]` float pairwise distances (diagonal ignored), N >= 2.
-        k: number of neighbours; `min(k, N - 1)` are used.
+        distances: `[..., N, N]` float pairwise distances with a zero diagonal, N >= 1.
+        k: number of neighbours.
+        count_self_as_neighbour: False: the k nearest OTHER tokens (`min(k, N - 1)` of them; a
+            lone token gets 0). True: each token is one of its own k nearest neighbours, with
+            distance 0 (`min(k, N)` of them), as PruneVid's released `cluster_dpc_knn` does
+            (`topk(k, largest=False)` over a row whose diagonal is 0).
 
     Returns:
         `[..., N]` float32 log-density (<= 0).
     """
     num_tokens = distances.shape[-1]
-    k = min(k, num_tokens - 1)
     squared = distances.square()
-    squared.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exclude self
+    if count_self_as_neighbour:
+        k = min(k, num_tokens)
+        squared.diagonal(dim1=-2, dim2=-1).fill_(0.0)
+    else:
+        k = min(k, num_tokens - 1)
+        if k <= 0:
+            return squared.new_zeros(squared.shape[:-1])
+        squared.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exclude self
     nearest = torch.topk(squared, k, dim=-1, largest=False).values  # [..., N, k]
     return -nearest.mean(dim=-1)
 
@@ -126,11 +136,23 @@ def relabel_by_first_appearance(labels: Tensor, num_clusters: int) -> Tensor:
     return new_label.gather(-1, flat).view(*batch_shape, num_tokens)
 
 
-def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
+LABEL_ORDERS = ("first_appearance", "centre_score")
+
+
+def dpc_knn(
+    x: Tensor,
+    num_clusters: int,
+    k: int,
+    *,
+    count_self_as_neighbour: bool = False,
+    label_order: str = "first_appearance",
+) -> Tensor:
     """Density-peak clustering with kNN density (DPC-KNN), as used by PruneVid and SparseVLM.
 
     1. `D = cdist(x, x) / sqrt(C)`.
-    2. `density_i = exp(-mean of the k smallest D_ij^2, j != i)` (k capped at N - 1).
+    2. `density_i = exp(-mean of the k smallest D_ij^2)` over the k nearest neighbours of i;
+       whether i counts as one of its own neighbours is `count_self_as_neighbour` (see
+       `knn_log_density`): PruneVid's code counts it, vidqa's SparseVLM does not.
     3. `delta_i = min_j D_ij` over tokens j denser than i; for the densest token, `max(D)`.
        Equal densities are ordered by token index (the lower index counts as denser), which
        replaces the random tie-breaking noise of the original implementations.
@@ -138,8 +160,11 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
     5. Every token joins its nearest centre (ties: the better-ranked centre); a centre always
        joins itself.
 
-    Labels are numbered by first appearance in the token sequence: token 0 has label 0, the
-    first token not in cluster 0 has label 1, and so on. All clusters are non-empty.
+    `label_order="first_appearance"`: labels are numbered by first appearance in the token
+    sequence (token 0 has label 0, the first token not in cluster 0 has label 1, ...).
+    `label_order="centre_score"`: label i is the centre with the i-th largest `delta * density`,
+    the numbering of the released PruneVid/SparseVLM code (their merged tokens come out in this
+    order). All clusters are non-empty.
 
     Args:
         x: `[N, C]` features (any float dtype / device), or `[B, N, C]`: B independent sets
@@ -147,7 +172,10 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
             which saves a launch per op and frame on accelerators).
         num_clusters: number of clusters per set, >= 1. If `num_clusters >= N`, every token is
             its own cluster (labels `0..N-1`).
-        k: number of nearest neighbours for the density, >= 1.
+        k: number of nearest neighbours for the density, >= 1 (capped at the tokens there are).
+        count_self_as_neighbour: whether a token is one of its own k nearest neighbours.
+        label_order: "first_appearance" or "centre_score" (above). With `num_clusters >= N`
+            both give `0..N-1`.
 
     Returns:
         `[N]` (or `[B, N]`) long labels in `[0, min(num_clusters, N))`, on `x.device`.
@@ -158,12 +186,14 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"label_order must be one of {LABEL_ORDERS}, got {label_order!r}")
     num_tokens = x.shape[-2]
     if num_clusters >= num_tokens:
         return torch.arange(num_tokens, device=x.device).expand(x.shape[:-1]).clone()
 
     distances = pairwise_distances(x)  # [..., N, N]
-    log_density = knn_log_density(distances, k)  # [..., N]
+    log_density = knn_log_density(distances, k, count_self_as_neighbour)  # [..., N]
     rank = density_rank(log_density)  # [..., N]
 
     # delta_i: distance to the nearest denser token (denser = smaller rank).
@@ -178,7 +208,9 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
     to_centres = distances.gather(-1, centres[..., None, :].expand(*distances.shape[:-1], num_clusters))
     labels = to_centres.argmin(dim=-1)  # [..., N]; first (best-ranked) centre on ties
     centre_labels = torch.arange(num_clusters, device=x.device).expand_as(centres)
-    labels.scatter_(-1, centres, centre_labels)
+    labels.scatter_(-1, centres, centre_labels)  # label i = i-th best centre
+    if label_order == "centre_score":
+        return labels
     return relabel_by_first_appearance(labels, num_clusters)
 
 

@@ -18,7 +18,8 @@ class MergeResult:
 
     Attributes:
         features: `[M, C]` merged tokens, input dtype: static rows first, then each frame's
-            dynamic rows in frame order.
+            dynamic rows in frame order; within a group, rows in DPC-KNN label order (see
+            `prunevid_merge_segment`).
         assignment: `[W, P]` long, the output row (in `[0, M)`) of every input token; each
             input token belongs to exactly one row. Members of row m:
             `(assignment.flatten() == m).nonzero()` as flat indices `w * P + p`. As the flat
@@ -40,18 +41,25 @@ class MergeResult:
 
 
 def cluster_or_keep(
-    x: Tensor, cluster_ratio: float, k: int, min_tokens_to_cluster: int
+    x: Tensor,
+    cluster_ratio: float,
+    k: int,
+    min_tokens_to_cluster: int,
+    label_order: str = "centre_score",
 ) -> tuple[Tensor, Tensor, int]:
     """Cluster tokens with DPC-KNN into `int(N * cluster_ratio)` means, if there are enough.
 
-    When `N > min_tokens_to_cluster`, `dpc_knn(x, max(1, int(N * cluster_ratio)), k)` and one
-    mean per cluster; otherwise every token is kept as its own cluster.
+    When `N > min_tokens_to_cluster`, `dpc_knn(x, max(1, int(N * cluster_ratio)), k,
+    count_self_as_neighbour=True, label_order=label_order)` (PruneVid's density rule) and one
+    mean per cluster, row i holding cluster i; otherwise every token is kept as its own cluster,
+    in input order.
 
     Args:
         x: `[N, C]` tokens, or `[B, N, C]`: B sets of N tokens, each clustered on its own.
         cluster_ratio: clusters per token.
         k: DPC-KNN neighbours.
         min_tokens_to_cluster: cluster only when N is larger than this.
+        label_order: `dpc_knn`'s numbering of the clusters, hence the order of the means.
 
     Returns:
         `(means [G, C] in x.dtype, labels [N] long in [0, G), G)`; with a batch,
@@ -60,7 +68,7 @@ def cluster_or_keep(
     num_tokens = x.shape[-2]
     if num_tokens > min_tokens_to_cluster:
         num_clusters = min(max(1, int(num_tokens * cluster_ratio)), num_tokens)
-        labels = dpc_knn(x, num_clusters, k)
+        labels = dpc_knn(x, num_clusters, k, count_self_as_neighbour=True, label_order=label_order)
         return cluster_means(x, labels, num_clusters), labels, num_clusters
     labels = torch.arange(num_tokens, device=x.device).expand(x.shape[:-1])
     return x, labels, num_tokens
@@ -72,14 +80,18 @@ def prunevid_merge_segment(
     cluster_ratio: float = 0.5,
     k: int = 7,
     min_tokens_to_cluster: int = 14,
+    row_order: str = "centre_score",
 ) -> MergeResult:
     """PruneVid stage 1 for one segment: merge static tokens over time, then cluster in space.
 
     Static locations are first averaged over the W frames (`[S, C]`) and then clustered with
     `cluster_or_keep`; every row is the plain mean of its members (all W frames of its
     locations, since each location contributes exactly W tokens). Each frame's dynamic
-    (non-static) tokens `[D, C]` are clustered the same way. Within a group, rows are numbered
-    in the order of their first member (DPC-KNN label order).
+    (non-static) tokens `[D, C]` are clustered the same way. Within a group, rows come in
+    `row_order`: "centre_score" (decreasing `delta * density` of the cluster centre, the order
+    of the released code's `compute_cluster_vectors`) or "first_appearance" (by each cluster's
+    first member, so row positions increase within the group). A group that is not clustered
+    keeps its tokens in location order either way.
 
     Args:
         tokens: `[W, P, C]` visual tokens of the segment's W frames.
@@ -87,6 +99,7 @@ def prunevid_merge_segment(
         cluster_ratio: clusters per token, for both static and dynamic tokens.
         k: DPC-KNN neighbours.
         min_tokens_to_cluster: a group of at most this many tokens is kept unclustered.
+        row_order: "centre_score" or "first_appearance" (above).
 
     Returns:
         `MergeResult` with `M = G_static + sum_w G_dynamic(w)` rows.
@@ -99,13 +112,13 @@ def prunevid_merge_segment(
 
     static_features = tokens[:, static_locations].float().mean(dim=0)  # [S, C] float32
     static_rows, static_labels, num_static = cluster_or_keep(
-        static_features, cluster_ratio, k, min_tokens_to_cluster
+        static_features, cluster_ratio, k, min_tokens_to_cluster, row_order
     )
     assignment[:, static_locations] = static_labels.unsqueeze(0)
 
     # Every frame has the same D dynamic locations, so all W frames cluster in one batched pass.
     dynamic_rows, dynamic_labels, num_dynamic = cluster_or_keep(
-        tokens[:, dynamic_locations], cluster_ratio, k, min_tokens_to_cluster
+        tokens[:, dynamic_locations], cluster_ratio, k, min_tokens_to_cluster, row_order
     )  # [W, G, C], [W, D], G
     frame_offsets = num_static + num_dynamic * torch.arange(num_frames, device=device)  # [W]
     assignment[:, dynamic_locations] = dynamic_labels + frame_offsets[:, None]

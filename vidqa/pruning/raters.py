@@ -35,7 +35,9 @@ def select_raters(visual: Tensor, text: Tensor) -> Tensor:
     return raters
 
 
-def recycle_pruned(hidden: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+def recycle_pruned(
+    hidden: Tensor, scores: Tensor, count_self_as_neighbour: bool = False
+) -> tuple[Tensor, Tensor]:
     """SparseVLM token recycling: merge the best of the pruned tokens into a few new tokens.
 
     Of the m pruned tokens, the `min(int(0.3 * m) + 1, m)` with the highest scores are taken
@@ -43,9 +45,14 @@ def recycle_pruned(hidden: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     clusters (with `k = c`), and each cluster is merged by its plain mean. Rows are ordered by
     their cluster's first member in the original token order.
 
+    The density leaves a token out of its own k nearest neighbours (vidqa's choice for
+    SparseVLM); the released `cluster_and_merge` counts it, which `count_self_as_neighbour=True`
+    reproduces (tests/test_reference_fixtures.py checks that).
+
     Args:
         hidden: `[m, C]` hidden states of the pruned tokens.
         scores: `[m]` their importance scores.
+        count_self_as_neighbour: `dpc_knn`'s density rule (above).
 
     Returns:
         `(merged [c, C] in hidden.dtype, representative [c] long)`, where `representative[i]`
@@ -61,7 +68,9 @@ def recycle_pruned(hidden: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     taken = torch.sort(by_score[:num_taken]).values  # [num_taken], original order
 
     num_clusters = min(int(num_pruned / 10) + 1, num_taken)
-    labels = dpc_knn(hidden[taken], num_clusters, k=num_clusters)  # [num_taken]
+    labels = dpc_knn(
+        hidden[taken], num_clusters, k=num_clusters, count_self_as_neighbour=count_self_as_neighbour
+    )  # [num_taken]
     merged = cluster_means(hidden[taken], labels, num_clusters)  # [c, C]
     representative = taken[best_member(labels, scores[taken], num_clusters)]  # [c]
     return merged, representative

@@ -27,54 +27,83 @@ def _runs(labels: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+STRAY = -1  # a frame whose label is being repaired
+
+
 def make_clusters_contiguous(labels: list[int], min_length: int = 2) -> list[int]:
-    """Relabel frames so that every cluster occupies one contiguous run of >= `min_length` frames.
+    """Relabel frames so that clusters become contiguous runs in time (PruneVid's repair).
 
-    Each cluster keeps its longest run of consecutive frames (ties: the earliest), provided it
-    has at least `min_length` frames; every other run is a stray (so are all runs of a cluster
-    whose longest run is shorter than `min_length`, as in PruneVid's `refine_clusters`). Strays
-    are repaired one at a time, SHORTEST first (ties: the earliest), each relabelled to the
-    label of the longer of its two neighbouring runs (ties: the earlier, left one), which merges
-    it into that neighbour; runs, longest runs and strays are recomputed after every repair.
-    Shortest-first lets a small fragment go first, so that the fragments around it can rejoin
-    (in `A A A A B B A B B B`, the lone A becomes B and B is whole again; repairing the B B
-    first would hand it to the 4 A frames on its left).
+    The rule of PruneVid's released `refine_clusters`:
+    1. For each cluster, its runs of consecutive frames. If its longest run is shorter than
+       `min_length` (2: only single frames), every frame of the cluster is a stray. Otherwise
+       every run as long as its longest one is kept (ALL tied longest runs, so a cluster can keep
+       two separate runs) and its other runs are strays. All strays are blanked at once.
+    2. The blanked stretches are filled left to right: a stretch takes the label of the longer
+       of the runs right before and right after it, lengths read from the labels as they are at
+       that moment (so a stretch filled earlier counts as part of its run); ties go left; a
+       stretch with no neighbour on either side (every frame blank) becomes label 0.
 
-    Every repair removes at least one run, so this terminates; at the end each label forms one
-    run of >= `min_length` frames (a video shorter than `min_length` stays one run). The rule
-    only looks at run lengths, not features: a stray next to a scene boundary joins the
-    neighbouring scene when that scene's run is longer.
+    A filled stretch joins the neighbour whose label it takes, so every run at the end holds a
+    kept run and has >= `min_length` frames, unless all frames were strays (then one run). A
+    cluster may still own two runs (tied longest runs): each is its own segment.
 
     Args:
-        labels: per-frame cluster labels, length T.
-        min_length: minimum number of frames of a kept run.
+        labels: per-frame cluster labels (>= 0), length T.
+        min_length: a cluster whose longest run is shorter than this is dissolved.
 
     Returns:
-        per-frame labels, length T, in which each label forms a single run.
+        per-frame labels, length T.
     """
     labels = list(labels)
-    while True:
-        runs = _runs(labels)
-        if len(runs) <= 1:
-            return labels
-        longest: dict[int, int] = {}  # label -> index into runs of its longest run
-        for i, (start, end, label) in enumerate(runs):
-            best = longest.get(label)
-            if best is None or end - start > runs[best][1] - runs[best][0]:
-                longest[label] = i
-        kept = {i for i in longest.values() if runs[i][1] - runs[i][0] >= min_length}
-        strays = [i for i in range(len(runs)) if i not in kept]
-        if not strays:
-            return labels
-        stray = min(strays, key=lambda i: (runs[i][1] - runs[i][0], i))
-        start, end, _ = runs[stray]
-        left = runs[stray - 1] if stray > 0 else None
-        right = runs[stray + 1] if stray + 1 < len(runs) else None
-        if right is None or (left is not None and left[1] - left[0] >= right[1] - right[0]):
-            new_label = left[2]
+    refined = list(labels)
+    longest: dict[int, int] = {}
+    runs = _runs(labels)
+    for start, end, label in runs:
+        longest[label] = max(longest.get(label, 0), end - start)
+    for start, end, label in runs:
+        if longest[label] < min_length or end - start < longest[label]:
+            refined[start:end] = [STRAY] * (end - start)
+
+    num_frames = len(refined)
+    t = 0
+    while t < num_frames:
+        if refined[t] != STRAY:
+            t += 1
+            continue
+        start = t
+        while t < num_frames and refined[t] == STRAY:
+            t += 1
+        end = t  # blank stretch [start, end)
+        left_label, left_length = _run_ending_at(refined, start - 1)
+        right_label, right_length = _run_starting_at(refined, end)
+        if left_length > right_length:
+            new_label = left_label
+        elif right_length > left_length:
+            new_label = right_label
         else:
-            new_label = right[2]
-        labels[start:end] = [new_label] * (end - start)
+            new_label = left_label if left_label is not None else right_label
+        refined[start:end] = [0 if new_label is None else new_label] * (end - start)
+    return refined
+
+
+def _run_ending_at(labels: list[int], last: int) -> tuple[int | None, int]:
+    """(label, length) of the run of equal labels ending at index `last`; (None, 0) if none."""
+    if last < 0:
+        return None, 0
+    first = last
+    while first > 0 and labels[first - 1] == labels[last]:
+        first -= 1
+    return labels[last], last - first + 1
+
+
+def _run_starting_at(labels: list[int], first: int) -> tuple[int | None, int]:
+    """(label, length) of the run of equal labels starting at index `first`; (None, 0) if none."""
+    if first >= len(labels):
+        return None, 0
+    end = first + 1
+    while end < len(labels) and labels[end] == labels[first]:
+        end += 1
+    return labels[first], end - first
 
 
 def labels_to_segments(labels: Tensor | list[int], min_length: int = 2) -> list[Segment]:
@@ -101,9 +130,11 @@ def prunevid_segments(
 ) -> list[Segment]:
     """PruneVid temporal segmentation: DPC-KNN over frames, then contiguous segments.
 
-    Frames are clustered with `dpc_knn(frame_features, max(1, int(T * cluster_ratio)), k)`; the
-    clusters are then made contiguous in time, with runs shorter than 2 frames merged into a
-    neighbour, by `make_clusters_contiguous` (see there for the exact rules).
+    Frames are clustered with `dpc_knn(frame_features, max(1, int(T * cluster_ratio)), k)`,
+    each frame counted among its own k nearest neighbours as in the released code; the clusters
+    are then made contiguous in time by `make_clusters_contiguous` (see there for the rules).
+    Guards where the released code has none: at least 1 cluster (it asks for 0 when T < 4 and
+    fails), and k capped at T (it fails when T < k).
 
     Args:
         frame_features: `[T, C]` one feature per frame (typically the mean of its visual tokens).
@@ -120,7 +151,7 @@ def prunevid_segments(
     if num_frames == 0:
         return []
     num_clusters = max(1, int(num_frames * cluster_ratio))
-    labels = dpc_knn(frame_features, num_clusters, k)
+    labels = dpc_knn(frame_features, num_clusters, k, count_self_as_neighbour=True)
     return labels_to_segments(labels, min_length=2)
 
 

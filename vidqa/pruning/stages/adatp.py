@@ -3,7 +3,8 @@
 The authors' code is not released; this is a RECONSTRUCTION from the paper's description
 (design.md §6), with every threshold exposed as a preset parameter. The paper's finding: in
 shallow layers the question's attention over a video is biased globally (the top tokens pile up
-in the last frames) and locally (the same spatial positions win in every frame). Two stages:
+at both ends of the visual sequence, the first and above all the last frames) and locally (the
+same spatial positions win in every frame). Two stages:
 
 - `SegmentDedup` (before the LLM, local debiasing): cut the clip into segments where adjacent
   frames' mean features stop being similar (cosine < tau_s, at most max_segments); within a
@@ -12,6 +13,8 @@ in the last frames) and locally (the same spatial positions win in every frame).
 - `DebiasedSegmentSelect` (inside the LLM at layer K, global debiasing): split the budget over
   segments by size and by the question's content similarity to each segment; score tokens by
   the question's attention divided by their frame's mean score; keep the top B_s per segment.
+  Dividing by the frame mean removes any trend across frames, so a pile-up at the start, at
+  the end or at both ends is removed alike (tests/test_adatp.py plants all three).
 """
 
 from __future__ import annotations

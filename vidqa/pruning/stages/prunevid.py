@@ -8,24 +8,39 @@ from typing import ClassVar
 
 import torch
 
+from ...errors import BadInput
 from ..cluster import first_member
 from ..decoder import Selection
 from ..merging import prunevid_merge_segment
 from ..segments import prunevid_segments, static_mask
 from .base import BeforeLLM, InsideLLM, param
 
+ROW_ORDERS = ("centre_score", "first_appearance")
+
 
 @dataclass(frozen=True)
 class SpatioTemporalMerge(BeforeLLM):
     """Stage 1: DPC-KNN temporal segments; per segment, locations whose features barely change
     (mean pairwise cosine > tau) are averaged over time; static and per-frame dynamic tokens are
-    then clustered spatially with DPC-KNN and each cluster replaced by its mean."""
+    then clustered spatially with DPC-KNN and each cluster replaced by its mean.
+
+    Row order per segment: static rows, then each frame's dynamic rows; within each group,
+    `row_order` (the released code: by cluster-centre score). A merged row takes the position
+    and grid coordinates of its earliest member, whatever its place in the sequence."""
 
     kind: ClassVar[str] = "spatiotemporal_merge"
     temporal_ratio: float = param(0.25, 0.0, 1.0, "segments = int(frames * temporal_ratio) DPC-KNN clusters")
     tau: float = param(0.8, 0.0, 1.01, "static threshold on mean pairwise cosine (above 1 = nothing static)")
     cluster_ratio: float = param(0.5, 0.0, 1.0, "spatial clusters = int(tokens * cluster_ratio)")
     k: int = param(7, 1, 64, "neighbours for DPC-KNN density")
+    row_order: str = param(
+        "centre_score", help="merged rows within a group: 'centre_score' (as the original) or 'first_appearance'",
+        choices=ROW_ORDERS,
+    )
+
+    def __post_init__(self):
+        if self.row_order not in ROW_ORDERS:
+            raise BadInput(f"{self.kind}.row_order '{self.row_order}' is not one of: {', '.join(ROW_ORDERS)}")
 
     def apply(self, tokens, state):
         num_frames, rows, cols = tokens.grid
@@ -36,7 +51,9 @@ class SpatioTemporalMerge(BeforeLLM):
         for segment_id, (start, end) in enumerate(segments):
             segment = grid[start:end]
             static = static_mask(segment, self.tau)
-            merged = prunevid_merge_segment(segment, static, cluster_ratio=self.cluster_ratio, k=self.k)
+            merged = prunevid_merge_segment(
+                segment, static, cluster_ratio=self.cluster_ratio, k=self.k, row_order=self.row_order
+            )
             # earliest member of each output row gives its position and grid coordinates
             earliest = first_member(merged.assignment.flatten(), merged.num_rows) + start * per_frame
             chosen = tokens.select(earliest)
@@ -77,15 +94,19 @@ def _groups(meta: dict, count: int, device) -> torch.Tensor:
 
 
 def _group_quota(groups: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Tokens kept per group: int(size * alpha), truncated as the released code's
+    `VTPWindowCache.process_attention` does (3 groups of 37 at alpha 0.4 keep 14 each)."""
     sizes = torch.bincount(groups)
-    return torch.round(sizes.double() * ratio).long()
+    return torch.floor(sizes.double() * ratio).long()
 
 
 @dataclass(frozen=True)
 class QuestionAttentionSelect(InsideLLM):
     """Stage 2: score each visual token by the max over heads, then over every token after the
     video (question + template), of the attention it receives at layer K-1; keep `ratio`
-    (PruneVid's alpha) of each segment's static tokens and of each frame's dynamic tokens."""
+    (PruneVid's alpha) of each segment's static tokens and of each frame's dynamic tokens,
+    int(alpha * group size) each (truncated, as the original; `kept_count` uses the same rule,
+    so `--keep` solves alpha against the counts the layer really keeps)."""
 
     kind: ClassVar[str] = "question_attention_select"
     layer: int = param(10, 1, 31, "K in a 32-layer model (scaled to depth)")
