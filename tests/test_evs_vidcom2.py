@@ -223,3 +223,13 @@ def test_presets_are_listed_with_references(run_cli):
     assert listing["evs"]["default_keep"] == listing["vidcom2"]["default_keep"] == 0.25
     shown = json.loads(run_cli(["presets", "show", "evs", "-P", "pruning_rate=0.6", "--json"]).stdout)
     assert shown["stages"][0]["pruning_rate"] == 0.6 and "1 - R" in shown["keep"]
+
+
+def test_keep_without_a_budget_to_set_is_one_line(run_cli, tiny_llava, square_video, tmp_path):
+    from conftest import assert_one_line_error
+
+    merge_only = tmp_path / "merge_only.yaml"  # a data-dependent pre-LLM stage: nothing for --keep to set
+    merge_only.write_text("name: merge_only\ndescription: dedup only\nstages:\n  - type: segment_dedup\n")
+    result = run_cli(["ask", square_video, QUESTION, "--model", tiny_llava, "--frames", "8",
+                      "--prune", str(merge_only), "--keep", "0.5"])
+    assert_one_line_error(result, "merge_only", "no budget for --keep/--flops")
