@@ -74,7 +74,8 @@ class PresetPruner(Pruner):
         fraction = target * original / max(num_in, 1)
         if fraction > 1 + 1e-9:
             state.notes.append(
-                f"--keep {target:.3f} asks for more than the earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
+                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}, more than the "
+                f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
             )
         fraction = min(fraction, 1.0)
         state.details["budget"] = {"stage": self.budget_stage, "ratio": round(fraction, 6), "keep": round(target, 6)}
