@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill.py"
-PRESETS = ("fastv", "prunevid", "sparsevlm", "adatp")
+PRESETS = ("fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2")
 KEEPS = (0.1, 0.5)
 
 

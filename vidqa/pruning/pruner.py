@@ -46,8 +46,9 @@ class PresetPruner(Pruner):
         layers = [layer for layer, _ in self.bound]
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
-        if (keep is not None or flops is not None) and not self.bound:
-            raise BadInput(f"preset '{preset.name}' has no in-LLM budget for --keep/--flops to set; use its -P parameters")
+        self.budget_stage = self._pre_llm_budget_stage()
+        if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
+            raise BadInput(f"preset '{preset.name}' has no budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
             reason = getattr(stage, "unsolvable", None)
             if reason and (keep is not None or flops is not None):
@@ -58,9 +59,51 @@ class PresetPruner(Pruner):
                 raise BadInput(f"--keep {keep} is below what '{preset.name}' can reach on this {self.num_layers}-layer model (at least {lowest:.3f})")
 
     # -- before the LLM ----------------------------------------------------------------------
+    def _pre_llm_budget_stage(self) -> str | None:
+        """The pre-LLM stage --keep/--flops set when the preset has no in-LLM stage: the last
+        pre-LLM stage, if it declares a budget parameter (earlier stages are data-dependent)."""
+        if self.bound or not self.preset.before_llm:
+            return None
+        name, stage = self.preset.before_llm[-1]
+        return name if stage.budget_param else None
+
+    def _pre_llm_fraction(self, num_in: int, original: int, state) -> float:
+        """The fraction of its `num_in` input tokens the budget stage keeps so that the LLM gets
+        --keep of the `original` tokens (or the count meeting --flops)."""
+        target = self.keep if self.keep is not None else self._keep_for_flops(original)
+        fraction = target * original / max(num_in, 1)
+        if fraction > 1 + 1e-9:
+            state.notes.append(
+                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}, more than the "
+                f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
+            )
+        fraction = min(fraction, 1.0)
+        state.details["budget"] = {"stage": self.budget_stage, "ratio": round(fraction, 6), "keep": round(target, 6)}
+        return fraction
+
+    def _keep_for_flops(self, original: int) -> float:
+        """The retention whose token count (the same in every layer) meets --flops."""
+        llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
+        vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
+
+        def fraction(keep: float) -> float:
+            return flops_model.visual_prefill_macs(llm, [round(keep * original)] * self.num_layers) / vanilla
+
+        low, high = 0.0, 1.0  # fraction(low) <= flops < fraction(high), or high = 1
+        for _ in range(40):
+            middle = (low + high) / 2
+            if fraction(middle) <= self.flops:
+                low = middle
+            else:
+                high = middle
+        return low
+
     def before_llm(self, tokens, state: RequestState):
+        budgeted = self.keep is not None or self.flops is not None
         with stage_threads(state.device):
             for name, stage in self.preset.before_llm:
+                if budgeted and name == self.budget_stage:
+                    stage = stage.with_retention(self._pre_llm_fraction(len(tokens), state.stage_counts["vision encoder"], state))
                 tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens))
         synchronize(state.device)
@@ -72,14 +115,15 @@ class PresetPruner(Pruner):
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]
-        ratio = self._solve(len(tokens), original, meta, state)
+        ratio = self._solve(len(tokens), original, meta, state) if self.bound else None  # pre-LLM budgets: before_llm
         stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
         counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
         budgets = {layer: counts[layer] for layer, _ in self.bound}
-        state.details["budget"] = {
-            "ratio": None if ratio is None else round(ratio, 6),
-            "layers": {str(layer): budgets[layer] for layer in budgets},
-        }
+        if self.bound:  # a pre-LLM budget was recorded by before_llm
+            state.details["budget"] = {
+                "ratio": None if ratio is None else round(ratio, 6),
+                "layers": {str(layer): budgets[layer] for layer in budgets},
+            }
         prune_cache = any(getattr(stage, "prune_cache", False) for _, stage in self.bound)
         if prune_cache and len(self.bound) > 1:
             raise BadInput("prune_cache works with a single in-LLM stage")

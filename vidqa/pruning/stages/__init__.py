@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
+from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
+from .vidcom2 import FrameUniquenessSelect
 
 STAGES: dict[str, type[Stage]] = {
     stage.kind: stage for stage in (
         LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect,
         SegmentDedup, DebiasedSegmentSelect,
         RaterAttentionPrune,
+        TemporalChangeSelect,
+        FrameUniquenessSelect,
     )
 }
 

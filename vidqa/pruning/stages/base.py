@@ -9,7 +9,7 @@ Per-request state never lives on a stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -40,6 +40,13 @@ class Stage:
 @dataclass(frozen=True)
 class BeforeLLM(Stage):
     where: ClassVar[str] = "before LLM"
+    # A stage whose token budget --keep/--flops can set names that parameter here (None: no
+    # budget to set) and maps a retained fraction of the tokens entering it onto it.
+    budget_param: ClassVar[str | None] = None
+
+    def with_retention(self, fraction: float) -> "BeforeLLM":
+        """A copy of this stage that keeps `fraction` (in [0, 1]) of the tokens entering it."""
+        return replace(self, **{self.budget_param: fraction})
 
     def apply(self, tokens, state):
         raise NotImplementedError
