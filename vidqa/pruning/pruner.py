@@ -37,10 +37,19 @@ def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: i
     return counts
 
 
+def requested_vision_layer(preset) -> int | None:
+    """The encoder layer the preset's stages read vision attention from (`vision_layer`), or None."""
+    layers = {stage.vision_layer for _, stage in preset.stages if getattr(stage, "vision_layer", None) is not None}
+    if len(layers) > 1:
+        raise BadInput(f"preset '{preset.name}': its stages ask for different vision layers {sorted(layers)}; use one")
+    return layers.pop() if layers else None
+
+
 class PresetPruner(Pruner):
     def __init__(self, preset, adapter, keep=None, flops=None):
         self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
         self.positions = preset.positions
+        self.vision_layer = requested_vision_layer(preset)
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
         layers = [layer for layer, _ in self.bound]
