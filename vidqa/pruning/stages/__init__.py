@@ -7,12 +7,14 @@ from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
 from .fastv import LastTokenAttention
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
+from .visionzip import VisionZip
 
 STAGES: dict[str, type[Stage]] = {
     stage.kind: stage for stage in (
         LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect,
         SegmentDedup, DebiasedSegmentSelect,
         RaterAttentionPrune,
+        VisionZip,
     )
 }
 
