@@ -218,3 +218,9 @@ def test_listed_with_its_reference(run_cli):
     listing = json.loads(run_cli(["presets", "--json"]).stdout)
     row = next(row for row in listing if row["name"] == "visionzip")
     assert "before LLM" in json.dumps(row) and "CVPR 2025" in json.dumps(row)
+
+
+def test_a_vision_layer_outside_the_encoder_is_one_line(run_cli, checkpoints, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints["llava"], "--frames", "8",
+                      "--prune", "visionzip", "-P", "vision_layer=5"])
+    assert_one_line_error(result, "vision_layer 5", "[-1, 0]")
