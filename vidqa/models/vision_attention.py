@@ -13,8 +13,8 @@ CONTRACT (what pre-LLM stages build on)
     meta["vision_attention"]: (num_tokens,) float32, attention RECEIVED by the token in that layer:
         softmax(q k^T * scale) averaged over heads and over the queries of the token's attention
         block (its frame for SigLIP; its temporal patch or window for Qwen2.5-VL), then mapped
-        to LLM tokens the way the family maps features (see below). Within a frame it sums to
-        ~1 per patch count, so it compares tokens within and across frames.
+        to LLM tokens the way the family maps features (see below). Before mapping, each
+        attention block's values sum to 1 (a mean of probability rows).
     meta["vision_keys"]: (num_tokens, head_dim) float32, that layer's keys (before RoPE for
         Qwen2.5-VL) averaged over heads, mapped the same way: VisionZip's "metric".
   `tokens.vision_layer` records the absolute layer index they come from.
