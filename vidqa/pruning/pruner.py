@@ -3,6 +3,7 @@ the decoder hooks for the in-LLM stages."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from .. import flops as flops_model
@@ -37,10 +38,19 @@ def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: i
     return counts
 
 
+def requested_vision_layer(preset) -> int | None:
+    """The encoder layer the preset's stages read vision attention from (`vision_layer`), or None."""
+    layers = {stage.vision_layer for _, stage in preset.stages if getattr(stage, "vision_layer", None) is not None}
+    if len(layers) > 1:
+        raise BadInput(f"preset '{preset.name}': its stages ask for different vision layers {sorted(layers)}; use one")
+    return layers.pop() if layers else None
+
+
 class PresetPruner(Pruner):
     def __init__(self, preset, adapter, keep=None, flops=None):
         self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
         self.positions = preset.positions
+        self.vision_layer = requested_vision_layer(preset)
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
         layers = [layer for layer, _ in self.bound]
@@ -67,10 +77,19 @@ class PresetPruner(Pruner):
         name, stage = self.preset.before_llm[-1]
         return name if stage.budget_param else None
 
-    def _pre_llm_fraction(self, num_in: int, original: int, state) -> float:
-        """The fraction of its `num_in` input tokens the budget stage keeps so that the LLM gets
-        --keep of the `original` tokens (or the count meeting --flops)."""
+    def _pre_llm_fraction(self, stage, tokens, original: int, state) -> float:
+        """The fraction of its input `tokens` the budget stage keeps so that the LLM gets --keep
+        of the `original` tokens (or the count meeting --flops). A stage with a
+        `kept_count(num_in, grid, ratio)` also says the lowest retention it can reach."""
         target = self.keep if self.keep is not None else self._keep_for_flops(original)
+        num_in = len(tokens)
+        if hasattr(stage, "kept_count"):
+            lowest = stage.kept_count(num_in, tokens.grid, 0.0) / original
+            if target < lowest - 1e-9:
+                option = "--keep" if self.keep is not None else "--flops"
+                asked = self.keep if self.keep is not None else self.flops
+                raise BadInput(f"{option} {asked} is below what '{self.preset.name}' can reach on this clip "
+                               f"(a retention of at least {lowest:.3f})")
         fraction = target * original / max(num_in, 1)
         if fraction > 1 + 1e-9:
             state.notes.append(
@@ -103,7 +122,7 @@ class PresetPruner(Pruner):
         with stage_threads(state.device):
             for name, stage in self.preset.before_llm:
                 if budgeted and name == self.budget_stage:
-                    stage = stage.with_retention(self._pre_llm_fraction(len(tokens), state.stage_counts["vision encoder"], state))
+                    stage = stage.with_retention(self._pre_llm_fraction(stage, tokens, state.stage_counts["vision encoder"], state))
                 tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens))
         synchronize(state.device)
@@ -112,6 +131,8 @@ class PresetPruner(Pruner):
 
     # -- inside the LLM ----------------------------------------------------------------------
     def inside_llm(self, inputs, state: RequestState):
+        if not self.bound:  # pre-LLM stages only: nothing to attach to the decoder
+            return contextlib.nullcontext()
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]

@@ -9,6 +9,7 @@ from .fastv import LastTokenAttention
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
 from .vidcom2 import FrameUniquenessSelect
+from .visionzip import VisionZip
 
 STAGES: dict[str, type[Stage]] = {
     stage.kind: stage for stage in (
@@ -17,6 +18,7 @@ STAGES: dict[str, type[Stage]] = {
         RaterAttentionPrune,
         TemporalChangeSelect,
         FrameUniquenessSelect,
+        VisionZip,
     )
 }
 
