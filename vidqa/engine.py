@@ -11,6 +11,7 @@ from transformers import TextStreamer
 
 from . import flops as flops_model
 from .errors import BadInput, RuntimeFailure
+from .frame_rules import FrameRule, UniformFrames
 from .models import ModelAdapter
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
 from .stats import Stats, peak_memory, synchronize, timed
@@ -19,10 +20,14 @@ from .video import Clip, load_clip
 
 @dataclass
 class FrameOptions:
+    """--frames N or --fps F choose the frames; with neither, `sampling` (the model family's
+    reference rule, `models.frame_rule_for`) does, else 32 uniform frames."""
+
     frames: int | None = 32
     fps: float | None = None
     start: float | None = None
     end: float | None = None
+    sampling: FrameRule | None = None
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Answer:
     stats: Stats
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # the preset's method-specific stats
+    generation: dict = field(default_factory=dict)  # the generation settings in effect (`generation_settings`)
 
 
 class _CallbackStreamer(TextStreamer):
@@ -75,7 +81,8 @@ class _StepClock:
 
 
 def decode_video(path: str, options: FrameOptions) -> Clip:
-    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end)
+    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end,
+                     sampling=options.sampling or UniformFrames(32))
 
 
 def answer(
@@ -104,7 +111,7 @@ def answer(
         torch.cuda.reset_peak_memory_stats(device)
 
     with timed(stats.time, "preprocess_s", device):
-        prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
+        prompt = adapter.prompt_for_clip(clip, question)
     with torch.inference_mode():
         cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
         with timed(stats.time, "vision_encoder_s", device):
@@ -124,7 +131,8 @@ def answer(
     _fill_flops(stats, adapter, clip)
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
-    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details)
+    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
+                  generation=generation_settings(adapter, generation))
 
 
 def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str:
@@ -138,11 +146,10 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
             on_text(text)
 
     kwargs = dict(inputs.kwargs)
-    kwargs.update(max_new_tokens=generation.max_new_tokens, streamer=_CallbackStreamer(tokenizer, emit))
-    if generation.temperature > 0:
-        kwargs.update(do_sample=True, temperature=generation.temperature, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(generation_overrides(adapter, generation), streamer=_CallbackStreamer(tokenizer, emit))
+    note = _sampling_note(adapter, generation)
+    if note:
+        state.notes.append(note)
     if generation.seed is not None:
         torch.manual_seed(generation.seed)
 
@@ -166,6 +173,63 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
         steps = len(clock.ends) - 1
         stats.time.decode_tokens_per_s = steps / stats.time.decode_s if stats.time.decode_s > 0 else 0.0
     return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def generation_overrides(adapter, generation: GenerationOptions) -> dict:
+    """What vidqa's flags change in the checkpoint's generation_config; the rest (repetition
+    penalty, top-k/top-p when sampling, pad id...) applies as `generate` applies it.
+
+    Greedy (temperature 0) sets do_sample=False only; --temperature T sets do_sample and the
+    temperature. The eos ids are the generation_config's plus the family's chat end markers
+    (Qwen-family: both <|im_end|> and <|endoftext|>), so a fork that lists one still stops.
+    """
+    overrides: dict = {"max_new_tokens": generation.max_new_tokens}
+    if generation.temperature > 0:
+        overrides.update(do_sample=True, temperature=generation.temperature)
+    else:
+        overrides["do_sample"] = False
+    eos = _id_list(adapter.model.generation_config.eos_token_id)
+    eos += [token for token in adapter.stop_token_ids() if token not in eos]
+    if eos:
+        overrides["eos_token_id"] = eos
+    return overrides
+
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "no_repeat_ngram_size", "length_penalty", "num_beams", "max_new_tokens", "eos_token_id",
+                   "pad_token_id")
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+def generation_settings(adapter, generation: GenerationOptions) -> dict:
+    """The settings `generate` runs with: the checkpoint's generation_config updated by
+    `generation_overrides`. Sampling-only knobs are left out when decoding is greedy (they do
+    nothing then); values a config leaves unset are left out."""
+    import copy
+
+    config = copy.deepcopy(adapter.model.generation_config)
+    config.update(**generation_overrides(adapter, generation))
+    settings = {}
+    for key in GENERATION_KEYS:
+        value = getattr(config, key, None)
+        if value is None or (key in SAMPLING_ONLY and not config.do_sample):
+            continue
+        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return settings
+
+
+def _sampling_note(adapter, generation: GenerationOptions) -> str | None:
+    """A note when the checkpoint's top_k=1 turns --temperature sampling into greedy decoding."""
+    if generation.temperature > 0 and getattr(adapter.model.generation_config, "top_k", None) == 1:
+        return (f"the checkpoint's generation_config sets top_k=1, so sampling at --temperature "
+                f"{generation.temperature:g} always picks the most likely token")
+    return None
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
