@@ -82,7 +82,7 @@ def load_clip(
         raise BadInput(f"video not found: {video}")
     if video.is_dir():
         raise BadInput(f"video path is a directory, not a file: {video}; give a video file")
-    _check_options(num_frames if sampling is None else (num_frames or 1), fps, start, end)
+    _check_options(1 if num_frames is None and sampling is not None else num_frames, fps, start, end)
     if video.stat().st_size == 0:
         raise _unreadable(video, "empty file, 0 bytes")
 
