@@ -143,6 +143,7 @@ class ModelAdapter:
         self.processor = processor
         self.max_pixels = max_pixels
         self.system_prompt = self.resolve_system_prompt(system_prompt)
+        self.placement_notes: list[str] = []  # e.g. that the model was sharded because it did not fit
 
     def resolve_system_prompt(self, asked: str | None) -> str | None:
         """The system text to send: the user's when given ("" = none); else the family default,
@@ -172,6 +173,12 @@ class ModelAdapter:
             return []
         vocab = tokenizer.get_vocab()
         return [vocab[token] for token in self.stop_tokens if token in vocab]
+
+    @classmethod
+    def assemble_processor(cls, source: str):
+        """A processor built from its parts when AutoProcessor cannot load the checkpoint's
+        (e.g. a fork naming a class transformers renamed); None = no way to, let the error stand."""
+        return None
 
     @classmethod
     def check_max_pixels(cls, max_pixels: int | None) -> None:

@@ -60,6 +60,36 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     supports_max_pixels = True
     stop_tokens = ("<|im_end|>", "<|endoftext|>")  # its generation_config lists both; forks often only one
 
+    # image processor names in forks' preprocessor_config.json that transformers no longer knows
+    # (Qwen2_5_VLImageProcessor existed briefly in 4.49-4.50) -> the class that reads their config
+    image_processor_aliases = {"Qwen2_5_VLImageProcessor": "Qwen2VLImageProcessor"}
+
+    @classmethod
+    def assemble_processor(cls, source: str):
+        """Build the processor from its parts when AutoProcessor cannot resolve the fork's
+        image processor name: same config files, the current class for that name."""
+        import transformers
+
+        from transformers.utils import cached_file
+
+        config_file = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        name = None
+        if config_file is not None:
+            import json
+
+            with open(config_file, encoding="utf-8") as handle:
+                name = json.load(handle).get("image_processor_type")
+        if name not in cls.image_processor_aliases:
+            return None
+        image_processor = getattr(transformers, cls.image_processor_aliases[name]).from_pretrained(source)
+        video_processor = transformers.AutoVideoProcessor.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        processor_class = transformers.Qwen2_5_VLProcessor
+        settings, _ = processor_class.get_processor_dict(source)
+        chat_template = settings.get("chat_template") or tokenizer.chat_template
+        return processor_class(image_processor=image_processor, video_processor=video_processor,
+                               tokenizer=tokenizer, chat_template=chat_template)
+
     @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
