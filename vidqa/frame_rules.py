@@ -34,7 +34,7 @@ class UniformFrames:
     def plan(self, total: int, video_fps: float) -> FramePlan:
         wanted, note = self.frames, None
         if wanted > total:
-            note = f"asked for {wanted} frames but the video has {total} in the window; using {total}"
+            note = f"the video has {total} frames in the window, fewer than the default {wanted}; using {total}"
             wanted = total
         return FramePlan(np.linspace(0, total - 1, wanted).round().astype(int), note=note)
 
