@@ -109,6 +109,17 @@ def test_rules_per_family(tmp_path_factory, checkpoints):
     assert frame_rule_for(str(checkpoints["llava"])) == UniformFrames(32)
 
 
+def test_smolvlm_rule_reads_the_checkpoints_video_sampling(tmp_path_factory, checkpoints):
+    import shutil
+
+    path = tmp_path_factory.mktemp("smol-sampling") / "ckpt"
+    shutil.copytree(checkpoints["smol"], path)
+    config = json.loads((path / "processor_config.json").read_text())
+    config["video_processor"]["video_sampling"] = {"fps": 2, "max_frames": 5, "video_size": {"longest_edge": 64}}
+    (path / "processor_config.json").write_text(json.dumps(config))
+    assert frame_rule_for(str(path)) == SmolVLMFrames(fps=2.0, max_frames=5)
+
+
 def test_smolvlm_intro_gives_the_video_duration(adapters, square_video):
     adapter = adapters["smol"]
     clip = load_clip(square_video, num_frames=None, sampling=SmolVLMFrames())  # 3 s at 1 fps: frames 0, 11, 23

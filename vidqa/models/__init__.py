@@ -83,7 +83,14 @@ def _read_config(model_id: str):
 def frame_rule_for(model_id: str):
     """The family's reference frame rule for a checkpoint (reads its config only, no weights):
     what `--frames`/`--fps` replace. See `vidqa.frame_rules`."""
-    return adapter_for(_read_config(model_id).model_type).frame_rule
+    adapter_class = adapter_for(_read_config(model_id).model_type)
+    return adapter_class.reference_frame_rule(_source(model_id))
+
+
+def _source(model_id: str) -> str:
+    """A local checkpoint's expanded path, else the hub id."""
+    local = Path(model_id).expanduser()
+    return str(local) if local.exists() else model_id
 
 
 def load_model(
@@ -116,7 +123,7 @@ def load_model(
     adapter_class.check_max_pixels(max_pixels)  # before the weights load
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    source = str(Path(model_id).expanduser()) if Path(model_id).expanduser().exists() else model_id
+    source = _source(model_id)
     processor = _load_processor(source, model_id, adapter_class)
     placement = plan_placement(config, device, torch_dtype, device_map)
     try:

@@ -175,6 +175,12 @@ class ModelAdapter:
         return [vocab[token] for token in self.stop_tokens if token in vocab]
 
     @classmethod
+    def reference_frame_rule(cls, source: str) -> FrameRule:
+        """The frame rule for checkpoint `source` (a path or hub id); families whose processor
+        config carries the sampling settings read them from there."""
+        return cls.frame_rule
+
+    @classmethod
     def assemble_processor(cls, source: str):
         """A processor built from its parts when AutoProcessor cannot load the checkpoint's
         (e.g. a fork naming a class transformers renamed); None = no way to, let the error stand."""

@@ -60,6 +60,20 @@ class SmolVLMAdapter(ModelAdapter):
     frame_rule = SmolVLMFrames()  # its processor's sampling: 1 fps, at most 64 frames
     stop_tokens = ("<end_of_utterance>",)
 
+    @classmethod
+    def reference_frame_rule(cls, source: str) -> SmolVLMFrames:
+        """fps and frame cap from the checkpoint's `video_sampling` (1 and 64 in the SmolVLM2
+        checkpoints); the class defaults when its video processor config has none or cannot load."""
+        try:
+            from transformers import AutoVideoProcessor
+
+            video_processor = AutoVideoProcessor.from_pretrained(source)
+        except Exception:  # noqa: BLE001 - any failure here resurfaces when the model loads
+            return cls.frame_rule
+        fps = getattr(video_processor, "fps", None) or cls.frame_rule.fps
+        max_frames = getattr(video_processor, "num_frames", None) or cls.frame_rule.max_frames
+        return SmolVLMFrames(fps=float(fps), max_frames=int(max_frames))
+
     def prompt_for_clip(self, clip, question: str) -> Prompt:
         return self.build_prompt(clip.frames, clip.timestamps, question, duration=clip.duration)
 
