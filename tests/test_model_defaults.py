@@ -19,6 +19,7 @@ import torch
 from vidqa import engine
 from vidqa.errors import BadInput
 from vidqa.frame_rules import QwenVLFrames, SmolVLMFrames, UniformFrames
+from vidqa.generation_settings import generation_settings
 from vidqa.models import frame_rule_for, load_model, plan_placement
 from vidqa.models import placement as placement_module
 from vidqa.models.qwen_vl_sizing import frame_pixel_limit, reference_size, resize_frames
@@ -183,8 +184,9 @@ def test_generation_config_applies_as_transformers_applies_it(qwen_with_generati
 
     assert result.text == theirs()  # generate's own defaults = the generation_config
     assert result.text != theirs(repetition_penalty=1.0)  # ... and the penalty changed the answer
-    sampled = engine.generation_settings(adapter, engine.GenerationOptions(temperature=0.7))
+    sampled = generation_settings(adapter, engine.GenerationOptions(temperature=0.7))
     assert sampled["do_sample"] is True and sampled["temperature"] == 0.7
+    assert sampled["top_k"] == 50 and sampled["repetition_penalty"] == 1.5  # transformers' default, the checkpoint's
 
 
 def test_endoftext_stops_qwen_generation(qwen_with_generation_config, square_video):

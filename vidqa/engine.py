@@ -12,6 +12,7 @@ from transformers import TextStreamer
 from . import flops as flops_model
 from .errors import BadInput, RuntimeFailure
 from .frame_rules import FrameRule, UniformFrames
+from .generation_settings import generation_overrides, generation_settings, sampling_note
 from .models import ModelAdapter
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
 from .stats import Stats, peak_memory, synchronize, timed
@@ -147,7 +148,7 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
 
     kwargs = dict(inputs.kwargs)
     kwargs.update(generation_overrides(adapter, generation), streamer=_CallbackStreamer(tokenizer, emit))
-    note = _sampling_note(adapter, generation)
+    note = sampling_note(adapter, generation)
     if note:
         state.notes.append(note)
     if generation.seed is not None:
@@ -173,63 +174,6 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
         steps = len(clock.ends) - 1
         stats.time.decode_tokens_per_s = steps / stats.time.decode_s if stats.time.decode_s > 0 else 0.0
     return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
-
-
-def generation_overrides(adapter, generation: GenerationOptions) -> dict:
-    """What vidqa's flags change in the checkpoint's generation_config; the rest (repetition
-    penalty, top-k/top-p when sampling, pad id...) applies as `generate` applies it.
-
-    Greedy (temperature 0) sets do_sample=False only; --temperature T sets do_sample and the
-    temperature. The eos ids are the generation_config's plus the family's chat end markers
-    (Qwen-family: both <|im_end|> and <|endoftext|>), so a fork that lists one still stops.
-    """
-    overrides: dict = {"max_new_tokens": generation.max_new_tokens}
-    if generation.temperature > 0:
-        overrides.update(do_sample=True, temperature=generation.temperature)
-    else:
-        overrides["do_sample"] = False
-    eos = _id_list(adapter.model.generation_config.eos_token_id)
-    eos += [token for token in adapter.stop_token_ids() if token not in eos]
-    if eos:
-        overrides["eos_token_id"] = eos
-    return overrides
-
-
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "no_repeat_ngram_size", "length_penalty", "num_beams", "max_new_tokens", "eos_token_id",
-                   "pad_token_id")
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
-
-
-def generation_settings(adapter, generation: GenerationOptions) -> dict:
-    """The settings `generate` runs with: the checkpoint's generation_config updated by
-    `generation_overrides`. Sampling-only knobs are left out when decoding is greedy (they do
-    nothing then); values a config leaves unset are left out."""
-    import copy
-
-    config = copy.deepcopy(adapter.model.generation_config)
-    config.update(**generation_overrides(adapter, generation))
-    settings = {}
-    for key in GENERATION_KEYS:
-        value = getattr(config, key, None)
-        if value is None or (key in SAMPLING_ONLY and not config.do_sample):
-            continue
-        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return settings
-
-
-def _sampling_note(adapter, generation: GenerationOptions) -> str | None:
-    """A note when the checkpoint's top_k=1 turns --temperature sampling into greedy decoding."""
-    if generation.temperature > 0 and getattr(adapter.model.generation_config, "top_k", None) == 1:
-        return (f"the checkpoint's generation_config sets top_k=1, so sampling at --temperature "
-                f"{generation.temperature:g} always picks the most likely token")
-    return None
-
-
-def _id_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
