@@ -33,6 +33,8 @@ Timing. The sampling rate handed to the processor as video metadata sets second_
 
 from __future__ import annotations
 
+import json
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -60,8 +62,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     supports_max_pixels = True
     stop_tokens = ("<|im_end|>", "<|endoftext|>")  # its generation_config lists both; forks often only one
 
-    # image processor names in forks' preprocessor_config.json that transformers no longer knows
-    # (Qwen2_5_VLImageProcessor existed briefly in 4.49-4.50) -> the class that reads their config
+    # image processor names in forks' preprocessor_config.json that transformers 5 does not know
+    # (written by the pre-release transformers some forks were saved with) -> the class to read it
     image_processor_aliases = {"Qwen2_5_VLImageProcessor": "Qwen2VLImageProcessor"}
 
     @classmethod
@@ -69,14 +71,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         """Build the processor from its parts when AutoProcessor cannot resolve the fork's
         image processor name: same config files, the current class for that name."""
         import transformers
-
         from transformers.utils import cached_file
 
         config_file = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
         name = None
         if config_file is not None:
-            import json
-
             with open(config_file, encoding="utf-8") as handle:
                 name = json.load(handle).get("image_processor_type")
         if name not in cls.image_processor_aliases:
