@@ -206,6 +206,7 @@ def ask(
         from .report import ask_record
 
         record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
+        record["notes"] = adapter.placement_notes + record["notes"]  # e.g. that the model was sharded
         sys.stdout.write(json.dumps(record) + "\n")
         return
     if streaming:
