@@ -58,7 +58,7 @@ def ask(adapter, clip, pruner=NO_PRUNING, max_new_tokens=6):
 
 def prepare(adapter, clip, pruner=NO_PRUNING):
     """The engine's steps up to generate: (prompt, inputs, state)."""
-    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    prompt = adapter.prompt_for_clip(clip, QUESTION)
     state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=adapter.model.device)
     tokens = adapter.encode_video(prompt)
     state.record_stage("vision encoder", len(tokens))
@@ -73,7 +73,7 @@ def prepare(adapter, clip, pruner=NO_PRUNING):
 @pytest.mark.parametrize("family", ["qwen", "smol"])
 def test_visual_tokens_grid(adapters, clips, family):
     adapter, clip = adapters[family], clips[family]
-    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
     frames = 4  # Qwen: 8 frames = 4 temporal patches (2 frames each); SmolVLM: 4 frames
     assert tokens.grid == (frames, 4, 4) and len(tokens) == frames * 16
@@ -89,7 +89,7 @@ def test_none_matches_the_models_own_generate(adapters, clips, family):
     """Our path (encoder output fed back, explicit positions) = transformers' own path."""
     adapter, clip = adapters[family], clips[family]
     ours = ask(adapter, clip, max_new_tokens=8)
-    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    prompt = adapter.prompt_for_clip(clip, QUESTION)
     if family == "qwen":
         adapter.model.model.rope_deltas = None
     output = adapter.model.generate(**prompt.inputs, max_new_tokens=8, do_sample=False)
@@ -179,7 +179,7 @@ def test_qwen_decode_continues_the_unpruned_positions(adapters, clips):
     that continue the UNPRUNED sequence (and differ from positions continuing the pruned length)."""
     adapter, clip = adapters["qwen"], clips["qwen"]
     model = adapter.model
-    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
     kept = tokens.select(torch.arange(0, len(tokens), 2))  # half the video before the LLM
     inputs = adapter.generation_inputs(prompt, kept, positions="original")
@@ -294,7 +294,7 @@ def test_smolvlm_in_llm_pruning_touches_only_visual_rows(adapters, clips):
 def test_smolvlm_tokens_out_of_frame_order_go_to_their_own_frames(adapters, clips):
     """Tokens handed over in any order land in their frame's span; stages see rows and meta aligned."""
     adapter, clip = adapters["smol"], clips["smol"]
-    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
     shuffled = tokens.select(torch.arange(len(tokens)).flip(0)[::3].contiguous())
     inputs = adapter.generation_inputs(prompt, shuffled, positions="original")

@@ -40,6 +40,11 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class DeviceMap(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
 class Attention(str, Enum):
     sdpa = "sdpa"
     eager = "eager"
@@ -78,7 +83,7 @@ def read_question(argument: str | None) -> str:
 from .models import DEFAULT_MODEL  # noqa: E402  (after the app, kept near the options that use it)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")]
-FramesOpt = Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (LLaVA-OneVision was evaluated with 32).")]
+FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames sampled uniformly. Default: the model family's reference sampling (LLaVA-OneVision 32 uniform; Qwen2.5-VL 2 fps, 4-768 frames; SmolVLM2 1 fps, at most 64).", show_default=False)]
 FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --frames.")]
 StartOpt = Annotated[Optional[float], typer.Option("--start", help="Start of the window, seconds.")]
 EndOpt = Annotated[Optional[float], typer.Option("--end", help="End of the window, seconds.")]
@@ -90,6 +95,12 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
 MaxPixelsOpt = Annotated[
     Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
+]
+DeviceMapOpt = Annotated[
+    Optional[DeviceMap], typer.Option("--device-map", help="auto = shard the model over the visible GPUs (CPU, then disk, as a last resort; needs accelerate); none = one device. Default: one device when the weights fit it, else auto.", show_default=False)
+]
+SystemOpt = Annotated[
+    Optional[str], typer.Option("--system", help="System prompt; \"\" for none. Default: the family's (LLaVA-OneVision: the one it was trained with; Qwen2.5-VL: its chat template's).", show_default=False)
 ]
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
@@ -109,7 +120,7 @@ def ask(
     video: Annotated[Path, typer.Argument(help="Video file (mp4, mkv, webm, avi...).", show_default=False)],
     question: Annotated[Optional[str], typer.Argument(help="The question; piped stdin is joined before it.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
-    frames: FramesOpt = 32,
+    frames: FramesOpt = None,
     fps: FpsOpt = None,
     start: StartOpt = None,
     end: EndOpt = None,
@@ -130,13 +141,15 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) on stdout; no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answer only.")] = False,
     max_pixels: MaxPixelsOpt = None,
+    device_map: DeviceMapOpt = None,
+    system: SystemOpt = None,
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 
     Example: vidqa ask clip.mp4 "What happens in this video?"
     """
     from . import engine
-    from .models import load_model
+    from .models import frame_rule_for, load_model
     from .pruning.presets import build_pruner, check_budget, load_preset
 
     try:
@@ -148,14 +161,19 @@ def ask(
         check_budget(keep, flops)  # fail before the model loads
         if not preset.stages:
             build_pruner(preset, None, keep=keep, flops=flops)
-        frame_options = engine.FrameOptions(frames=frames, fps=fps, start=start, end=end)
+        rule = frame_rule_for(model) if frames is None and fps is None else None
+        frame_options = engine.FrameOptions(frames=frames, fps=fps, start=start, end=end, sampling=rule)
         from .stats import Stats, timed
 
         run_stats = Stats()
         with timed(run_stats.time, "video_decode_s"):
             clip = engine.decode_video(str(video), frame_options)
         with err_console.status("loading model…", spinner="dots") if _interactive() else _nothing():
-            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels)
+            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
+                                 device_map=device_map.value if device_map else None, system_prompt=system)
+        if not quiet and not as_json:
+            for note in adapter.placement_notes:
+                err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
         streaming = stream and not as_json
         on_text = _stdout_writer() if streaming else None
@@ -181,11 +199,14 @@ def ask(
         "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
         "keep": keep, "flops": flops, "preset_parameters": preset.parameters(), "positions": preset.positions,
         "max_pixels": max_pixels,
+        "sampling": rule.describe() if rule is not None else None, "system_prompt": adapter.system_prompt,
+        "device_map": _placement(adapter.model), "generation": result.generation,
     }
     if as_json:
         from .report import ask_record
 
         record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
+        record["notes"] = adapter.placement_notes + record["notes"]  # e.g. that the model was sharded
         sys.stdout.write(json.dumps(record) + "\n")
         return
     if streaming:
@@ -201,6 +222,17 @@ def ask(
         from .report import print_stats
 
         print_stats(result.stats, preset.name, err_console)
+
+
+def _placement(model) -> dict | None:
+    """{device: modules placed there} for a sharded model; None on one device."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping or len(set(mapping.values())) < 2:
+        return None
+    counts: dict[str, int] = {}
+    for where in mapping.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return counts
 
 
 def _interactive() -> bool:

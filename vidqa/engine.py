@@ -11,6 +11,8 @@ from transformers import TextStreamer
 
 from . import flops as flops_model
 from .errors import BadInput, RuntimeFailure
+from .frame_rules import FrameRule, UniformFrames
+from .generation_settings import generation_overrides, generation_settings, sampling_note
 from .models import ModelAdapter
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
 from .stats import Stats, peak_memory, synchronize, timed
@@ -19,10 +21,14 @@ from .video import Clip, load_clip
 
 @dataclass
 class FrameOptions:
+    """--frames N or --fps F choose the frames; with neither, `sampling` (the model family's
+    reference rule, `models.frame_rule_for`) does, else 32 uniform frames."""
+
     frames: int | None = 32
     fps: float | None = None
     start: float | None = None
     end: float | None = None
+    sampling: FrameRule | None = None
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Answer:
     stats: Stats
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # the preset's method-specific stats
+    generation: dict = field(default_factory=dict)  # the generation settings in effect (`generation_settings`)
 
 
 class _CallbackStreamer(TextStreamer):
@@ -75,7 +82,8 @@ class _StepClock:
 
 
 def decode_video(path: str, options: FrameOptions) -> Clip:
-    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end)
+    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end,
+                     sampling=options.sampling or UniformFrames(32))
 
 
 def answer(
@@ -104,7 +112,7 @@ def answer(
         torch.cuda.reset_peak_memory_stats(device)
 
     with timed(stats.time, "preprocess_s", device):
-        prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
+        prompt = adapter.prompt_for_clip(clip, question)
     with torch.inference_mode():
         cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
         layer = getattr(pruner, "vision_layer", None)  # the encoder layer whose attention a pre-LLM stage reads
@@ -127,7 +135,8 @@ def answer(
     _fill_flops(stats, adapter, clip)
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
-    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details)
+    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
+                  generation=generation_settings(adapter, generation))
 
 
 def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str:
@@ -141,11 +150,10 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
             on_text(text)
 
     kwargs = dict(inputs.kwargs)
-    kwargs.update(max_new_tokens=generation.max_new_tokens, streamer=_CallbackStreamer(tokenizer, emit))
-    if generation.temperature > 0:
-        kwargs.update(do_sample=True, temperature=generation.temperature, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(generation_overrides(adapter, generation), streamer=_CallbackStreamer(tokenizer, emit))
+    note = sampling_note(adapter, generation)
+    if note:
+        state.notes.append(note)
     if generation.seed is not None:
         torch.manual_seed(generation.seed)
 

@@ -1,8 +1,9 @@
 """Load a video as a clip of sampled RGB frames.
 
-`load_clip` picks frame indices (uniformly, LLaVA-OneVision style, or at a fixed rate) inside an
-optional [start, end) window and decodes them with decord, falling back to OpenCV when decord is
-not installed or fails. Time and frame index are tied by `time = index / fps` everywhere (window
+`load_clip` picks frame indices (uniformly, LLaVA-OneVision style, at a fixed rate, or by a model
+family's reference rule: `UniformFrames`, `QwenVLFrames`, `SmolVLMFrames`) inside an optional
+[start, end) window and decodes them with decord, falling back to OpenCV when decord is not
+installed or fails. Time and frame index are tied by `time = index / fps` everywhere (window
 selection and `Clip.timestamps`), so both decoders give the same indices for the same file.
 
 Anything wrong with the path, the options or the file raises `BadInput` with one line naming the
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 
 from vidqa.errors import BadInput
+from vidqa.frame_rules import FrameRule
 
 _EPS = 1e-6  # slack for float times such as 0.1 * 30 = 3.0000000000000004
 
@@ -37,6 +39,8 @@ class Clip:
     frames: uint8 [T, H, W, 3] RGB. indices: int [T], increasing source frame indices.
     timestamps: float [T], seconds (index / fps). fps, duration (s), total_frames: the whole
     source. decoder: "decord" or "opencv". notes: warnings for the user (clamping, fallbacks).
+    sample_fps: the sampling rate the family's reference pipeline reports for these frames (set by
+    the `sampling` rule that chose them, e.g. qwen-vl-utils' nframes / total * fps), else None.
     """
 
     frames: np.ndarray
@@ -47,6 +51,7 @@ class Clip:
     total_frames: int
     decoder: str
     notes: list[str] = field(default_factory=list)
+    sample_fps: float | None = None
 
     @property
     def num_frames(self) -> int:
@@ -63,19 +68,21 @@ def load_clip(
     fps: float | None = None,
     start: float | None = None,
     end: float | None = None,
+    sampling: FrameRule | None = None,
 ) -> Clip:
     """Sample frames of `path` from the window [start, end) seconds (default: the whole video).
 
     With `fps`: the frames nearest to times start, start + 1/fps, ... < end (every frame if fps
-    is at or above the video's). Otherwise `linspace(first, last, num_frames).round()` over the
-    window's frame indices, with num_frames clamped (and a note) to the frames the window has.
+    is at or above the video's). With `num_frames`: `linspace(first, last, num_frames).round()`
+    over the window's frame indices, clamped (and a note) to the frames the window has. With
+    neither, `sampling` (a model family's reference rule, `vidqa.frame_rules`) chooses.
     """
     video = Path(path)
     if not video.exists():
         raise BadInput(f"video not found: {video}")
     if video.is_dir():
         raise BadInput(f"video path is a directory, not a file: {video}; give a video file")
-    _check_options(num_frames, fps, start, end)
+    _check_options(1 if num_frames is None and sampling is not None else num_frames, fps, start, end)
     if video.stat().st_size == 0:
         raise _unreadable(video, "empty file, 0 bytes")
 
@@ -93,7 +100,9 @@ def load_clip(
         notes.append("the video reports no frame rate; assuming 30 fps for timestamps")
         src_fps = 30.0
 
-    indices = _plan_indices(total, src_fps, num_frames, fps, start, end, notes)
+    rule = sampling if num_frames is None and fps is None else None
+    indices, sample_fps = _plan_indices(total, src_fps, num_frames, fps, start, end, notes, rule)
+    planned = len(indices)
     decoder, frames = "decord", None
     if reader is not None:
         try:
@@ -110,7 +119,8 @@ def load_clip(
             raise _unreadable(video, error) from None
 
     return Clip(frames=frames, indices=indices, timestamps=indices / src_fps, fps=float(src_fps),
-                duration=total / src_fps, total_frames=int(total), decoder=decoder, notes=notes)
+                duration=total / src_fps, total_frames=int(total), decoder=decoder, notes=notes,
+                sample_fps=sample_fps if len(indices) == planned else None)  # a truncated file: no longer the rule's rate
 
 
 def _unreadable(video: Path, reason) -> BadInput:
@@ -131,8 +141,9 @@ def _check_options(num_frames, fps, start, end) -> None:
         raise BadInput(f"--end {_sec(end)}s must be after --start {_sec(start or 0.0)}s")
 
 
-def _plan_indices(total, src_fps, num_frames, fps, start, end, notes) -> np.ndarray:
-    """Frame indices to decode: int [T], increasing, unique, inside the window."""
+def _plan_indices(total, src_fps, num_frames, fps, start, end, notes, rule=None):
+    """(frame indices to decode: int [T], increasing, unique, inside the window; the rule's
+    sampling rate or None)."""
     duration = total / src_fps
     t0 = 0.0 if start is None else float(start)
     if t0 >= duration:
@@ -149,6 +160,17 @@ def _plan_indices(total, src_fps, num_frames, fps, start, end, notes) -> np.ndar
                        f"{src_fps:g} fps); widen --start/--end")
     available = last - first + 1
 
+    if rule is not None:
+        plan = rule.plan(available, src_fps)
+        if plan.note:
+            notes.append(plan.note)
+        return first + plan.offsets, plan.sample_fps
+    return _plan_fixed(first, last, t0, t1, src_fps, num_frames, fps, notes), None
+
+
+def _plan_fixed(first, last, t0, t1, src_fps, num_frames, fps, notes) -> np.ndarray:
+    """--fps or --frames sampling over the window's frames first..last (times t0..t1)."""
+    available = last - first + 1
     if fps is not None and fps >= src_fps:
         if fps > src_fps:
             notes.append(f"--fps {fps:g} is above the video's {src_fps:g} fps; "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import BadInput, RuntimeFailure
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .placement import Placement, plan_placement
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .smolvlm import SmolVLMAdapter
@@ -20,8 +21,11 @@ __all__ = [
     "ModelAdapter",
     "Prompt",
     "VisualTokens",
+    "Placement",
     "adapter_for",
+    "frame_rule_for",
     "load_model",
+    "plan_placement",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -76,15 +80,38 @@ def _read_config(model_id: str):
         raise BadInput(f"cannot read the config of '{model_id}': {str(error).splitlines()[0]}") from None
 
 
+def frame_rule_for(model_id: str):
+    """The family's reference frame rule for a checkpoint (reads its config only, no weights):
+    what `--frames`/`--fps` replace. See `vidqa.frame_rules`."""
+    adapter_class = adapter_for(_read_config(model_id).model_type)
+    return adapter_class.reference_frame_rule(_source(model_id))
+
+
+def _source(model_id: str) -> str:
+    """A local checkpoint's expanded path, else the hub id."""
+    local = Path(model_id).expanduser()
+    return str(local) if local.exists() else model_id
+
+
 def load_model(
-    model_id: str, device: str = "auto", dtype: str = "auto", attn: str = "sdpa", max_pixels: int | None = None
+    model_id: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "sdpa",
+    max_pixels: int | None = None,
+    device_map: str | dict | None = None,
+    system_prompt: str | None = None,
 ) -> ModelAdapter:
     """Load checkpoint + processor and wrap them in the family's adapter.
 
     max_pixels: per-frame pixel budget for families with dynamic resolution (Qwen2.5-VL);
-    None keeps the processor's own.
+    None keeps the family's reference budget.
+    device_map: None = one device when the weights fit it, else "auto"; "auto" = accelerate
+    shards the layers over the visible GPUs (CPU, then disk, as a last resort); "none" = one
+    device whatever the size; a dict = accelerate's module -> device map, as given.
+    system_prompt: None = the family's default, "" = no system turn, else that text.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     # Our own spinner and errors speak for loading; hub downloads keep their progress bars.
@@ -96,20 +123,40 @@ def load_model(
     adapter_class.check_max_pixels(max_pixels)  # before the weights load
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    source = str(Path(model_id).expanduser()) if Path(model_id).expanduser().exists() else model_id
+    source = _source(model_id)
+    processor = _load_processor(source, model_id, adapter_class)
+    placement = plan_placement(config, device, torch_dtype, device_map)
     try:
-        processor = AutoProcessor.from_pretrained(source)
-    except ImportError as error:  # e.g. SmolVLM's processor without the num2words package
-        raise RuntimeFailure(f"cannot load the processor of '{model_id}': {str(error).splitlines()[0]}") from None
-    except (OSError, ValueError) as error:
-        raise RuntimeFailure(f"cannot load model '{model_id}': {str(error).splitlines()[0]}") from None
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn
-        ).to(device)
+        if placement.device_map is None:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=attn
+            ).to(device)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=attn, device_map=placement.device_map,
+                offload_folder=placement.offload_folder,
+            )
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
         raise BadInput(f"--attn {attn} is not available here: {str(error).splitlines()[0]}") from None
     except (OSError, ValueError) as error:
         raise RuntimeFailure(f"cannot load model '{model_id}': {str(error).splitlines()[0]}") from None
     model.eval()
-    return adapter_class(model, processor, max_pixels=max_pixels)
+    adapter = adapter_class(model, processor, max_pixels=max_pixels, system_prompt=system_prompt)
+    adapter.placement_notes = placement.notes
+    return adapter
+
+
+def _load_processor(source: str, model_id: str, adapter_class: type[ModelAdapter]):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except ImportError as error:  # e.g. SmolVLM's processor without the num2words package
+        raise RuntimeFailure(f"cannot load the processor of '{model_id}': {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:
+        message = str(error).splitlines()[0]
+        if "Unrecognized image processor" in message:  # a fork naming a class transformers renamed
+            processor = adapter_class.assemble_processor(source)
+            if processor is not None:
+                return processor
+        raise RuntimeFailure(f"cannot load model '{model_id}': {message}") from None

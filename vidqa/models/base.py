@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..frame_rules import FrameRule, UniformFrames
 
 @dataclass
 class VisualTokens:
@@ -133,11 +134,61 @@ class ModelAdapter:
     checkpoints: ClassVar[tuple[str, ...]] = ()  # hub ids known to work (listed by `vidqa models`)
     # whether `--max-pixels` (a per-frame pixel budget for the processor) means anything here
     supports_max_pixels: ClassVar[bool] = False
+    # the frames the family's reference pipeline feeds the model when --frames/--fps are not given
+    frame_rule: ClassVar[FrameRule] = UniformFrames(32)
+    # the system turn the family was trained with when its checkpoints' chat template adds none
+    default_system_prompt: ClassVar[str | None] = None
+    # tokens that end an answer besides the generation_config's eos ids (when the tokenizer has them)
+    stop_tokens: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model, processor, max_pixels: int | None = None):
+    def __init__(self, model, processor, max_pixels: int | None = None, system_prompt: str | None = None):
+        """system_prompt: None = the family's default (see `resolve_system_prompt`), "" = none."""
         self.model = model
         self.processor = processor
         self.max_pixels = max_pixels
+        self.system_prompt = self.resolve_system_prompt(system_prompt)
+        self.placement_notes: list[str] = []  # e.g. that the model was sharded because it did not fit
+
+    def resolve_system_prompt(self, asked: str | None) -> str | None:
+        """The system text to send: the user's when given ("" = none); else the family default,
+        but only if the tokenizer can spell it: a vocabulary without its words (vidqa's micro and
+        test models) was never trained with it."""
+        if asked is not None:
+            return asked or None
+        default = self.default_system_prompt
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if default is None or tokenizer is None:
+            return default
+        unknown = tokenizer.unk_token_id
+        ids = tokenizer(default, add_special_tokens=False)["input_ids"]
+        return None if unknown is not None and unknown in ids else default
+
+    def conversation(self, user_content: list[dict]) -> list[dict]:
+        """The chat for one question: the system turn (if any), then the user's content."""
+        messages = [{"role": "user", "content": user_content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        return messages
+
+    def stop_token_ids(self) -> list[int]:
+        """Ids of `stop_tokens` that this tokenizer knows (added to generation's eos ids)."""
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is None:
+            return []
+        vocab = tokenizer.get_vocab()
+        return [vocab[token] for token in self.stop_tokens if token in vocab]
+
+    @classmethod
+    def reference_frame_rule(cls, source: str) -> FrameRule:
+        """The frame rule for checkpoint `source` (a path or hub id); families whose processor
+        config carries the sampling settings read them from there."""
+        return cls.frame_rule
+
+    @classmethod
+    def assemble_processor(cls, source: str):
+        """A processor built from its parts when AutoProcessor cannot load the checkpoint's
+        (e.g. a fork naming a class transformers renamed); None = no way to, let the error stand."""
+        return None
 
     @classmethod
     def check_max_pixels(cls, max_pixels: int | None) -> None:
@@ -150,6 +201,11 @@ class ModelAdapter:
             )
 
     # --- prompt and vision -------------------------------------------------------------
+    def prompt_for_clip(self, clip, question: str) -> Prompt:
+        """The prompt for a decoded `vidqa.video.Clip`; families that use more of the clip than
+        frames and timestamps (its sampling rate, its duration) override this."""
+        return self.build_prompt(clip.frames, clip.timestamps, question)
+
     def build_prompt(self, frames, timestamps, question: str) -> Prompt:
         raise NotImplementedError
 

@@ -12,6 +12,7 @@ import math
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..frame_rules import UniformFrames
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .vision_attention import VisionProbe, bilinear_pool, read_siglip_attention, resolve_vision_layer
 
@@ -30,11 +31,15 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
 
+    frame_rule = UniformFrames(32)  # the frame count LLaVA-OneVision's video results use
+    # LLaVA-NeXT's `qwen_1_5` conversation (llava/conversation.py), which OneVision was trained and
+    # evaluated with; the llava-hf chat template adds no system turn of its own.
+    default_system_prompt = "You are a helpful assistant."
+    stop_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2 chat markup
+
     def build_prompt(self, frames, timestamps, question: str) -> Prompt:
         # LLaVA-OneVision's processor takes no timestamps: the model was trained without them.
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = self.processor(text=text, videos=[frames], return_tensors="pt")
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()

@@ -1,8 +1,11 @@
 """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): dynamic-resolution ViT + Qwen2, 3-D M-RoPE.
 
-Tokens. The video processor resizes every frame to multiples of 28 px within its pixel budget
-(`--max-pixels` replaces the budget), pairs consecutive frames into temporal patches (when T is
-odd the last frame is repeated), and cuts 14 px patches; the vision tower merges 2x2 patches.
+Tokens. Frames are first resized as the reference pipeline (qwen-vl-utils) does: multiples of
+28 px inside 100,352..602,112 pixels per frame, lowered by a total budget across frames
+(`qwen_vl_sizing`; `--max-pixels` replaces the per-frame cap). The checkpoint's processor then
+applies its own budget (a no-op for the official checkpoints), pairs consecutive frames into
+temporal patches (when T is odd the last frame is repeated), and cuts 14 px patches; the vision
+tower merges 2x2 patches.
 So a temporal patch of two frames gives (H/28) x (W/28) tokens, ordered temporal patch first,
 then row-major over that merged grid. `VisualTokens.frame` is the TEMPORAL-PATCH index: token
 frame f covers sampled frames 2f and 2f+1 (grid = (ceil(T/2), H/28, W/28)). There is no
@@ -22,17 +25,22 @@ model's cached `rope_deltas` is reset for every request to the delta of the prun
 M-RoPE a position is a (time, row, col) coordinate, not a count of tokens, so pruning leaves no
 gap to close.
 
-Timing. The sampled frames' own timestamps give the sampling rate handed to the processor as
-video metadata: fps = (T - 1) / (t_last - t_first), so second_per_grid_ts = 2 / fps is the real
-time between temporal patches (for `--fps F` sampling it is 2/F).
+Timing. The sampling rate handed to the processor as video metadata sets second_per_grid_ts =
+2 / fps, the M-RoPE time step between temporal patches. With the reference frame rule
+(`QwenVLFrames`, the default) it is the rate qwen-vl-utils reports, T / total * video_fps; with
+`--frames`/`--fps` it is the frames' own, (T - 1) / (t_last - t_first) (2/F for `--fps F`).
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import BadInput, RuntimeFailure
+from ..frame_rules import QwenVLFrames
+from . import qwen_vl_sizing
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
 
@@ -53,6 +61,34 @@ class Qwen2_5_VLAdapter(ModelAdapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     checkpoints = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
     supports_max_pixels = True
+    stop_tokens = ("<|im_end|>", "<|endoftext|>")  # its generation_config lists both; forks often only one
+
+    # image processor names in forks' preprocessor_config.json that transformers 5 does not know
+    # (written by the pre-release transformers some forks were saved with) -> the class to read it
+    image_processor_aliases = {"Qwen2_5_VLImageProcessor": "Qwen2VLImageProcessor"}
+
+    @classmethod
+    def assemble_processor(cls, source: str):
+        """Build the processor from its parts when AutoProcessor cannot resolve the fork's
+        image processor name: same config files, the current class for that name."""
+        import transformers
+        from transformers.utils import cached_file
+
+        config_file = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        name = None
+        if config_file is not None:
+            with open(config_file, encoding="utf-8") as handle:
+                name = json.load(handle).get("image_processor_type")
+        if name not in cls.image_processor_aliases:
+            return None
+        image_processor = getattr(transformers, cls.image_processor_aliases[name]).from_pretrained(source)
+        video_processor = transformers.AutoVideoProcessor.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        processor_class = transformers.Qwen2_5_VLProcessor
+        settings, _ = processor_class.get_processor_dict(source)
+        chat_template = settings.get("chat_template") or tokenizer.chat_template
+        return processor_class(image_processor=image_processor, video_processor=video_processor,
+                               tokenizer=tokenizer, chat_template=chat_template)
 
     @property
     def video_token_id(self) -> int:
@@ -68,24 +104,32 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             raise BadInput(f"--max-pixels must be at least {MIN_PIXELS} (one 28x28 token per frame pair), got {max_pixels}")
 
     # --- prompt and vision -------------------------------------------------------------
-    def video_kwargs(self, timestamps, num_frames: int) -> dict:
-        """Processor kwargs for our already sampled frames: their timing, and the pixel budget."""
-        metadata = {"total_num_frames": num_frames, "fps": sampled_fps(timestamps),
-                    "frames_indices": list(range(num_frames))}
+    frame_rule = QwenVLFrames()  # qwen-vl-utils: fps 2, 4..768 frames, an even count
+
+    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None) -> dict:
+        """Processor kwargs for our already sampled (and reference-resized) frames: their timing,
+        and the checkpoint's own pixel budget unless `--max-pixels` replaces it."""
+        fps = sample_fps if sample_fps is not None else sampled_fps(timestamps)
+        metadata = {"total_num_frames": num_frames, "fps": fps, "frames_indices": list(range(num_frames))}
         kwargs = {"video_metadata": [metadata], "do_sample_frames": False}
+        if hasattr(self.processor.video_processor, "cap_pixels_per_frame"):
+            kwargs["cap_pixels_per_frame"] = False  # the total budget is applied in resize_frames
         if self.max_pixels is not None:
             self.check_max_pixels(self.max_pixels)
             shortest = self.processor.video_processor.size.shortest_edge or MIN_PIXELS
             kwargs["size"] = {"shortest_edge": min(shortest, self.max_pixels), "longest_edge": self.max_pixels}
         return kwargs
 
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+    def prompt_for_clip(self, clip, question: str) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, sample_fps=clip.sample_fps)
+
+    def build_prompt(self, frames, timestamps, question: str, sample_fps: float | None = None) -> Prompt:
+        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        video = qwen_vl_sizing.resize_frames(frames, self.max_pixels)
         inputs = self.processor(
-            text=text, videos=[frames], return_tensors="pt", **self.video_kwargs(timestamps, len(frames))
+            text=text, videos=[video], return_tensors="pt",
+            **self.video_kwargs(timestamps, len(frames), sample_fps),
         )
         inputs = {key: value for key, value in inputs.items() if key != "video_metadata"}
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()

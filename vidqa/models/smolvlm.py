@@ -15,8 +15,9 @@ token: (S/p/scale)^2 tokens per frame (512/16/4 = 8x8 = 64), row-major in the fr
 `frame` = sampled-frame index, `row`/`col` = position in that 8x8 grid.
 
 Timestamps. The processor writes each frame's timestamp from our sampler's timestamps (passed as
-video metadata); the intro's duration is the last timestamp, as the processor does when the
-source duration is unknown. Positions are 1-D: a kept token keeps its original position.
+video metadata) and the intro's duration from the video's length, as it does when it reads the
+file itself. Frames: by default the processor's own rule (`SmolVLMFrames`: 1 fps, at most 64).
+Positions are 1-D: a kept token keeps its original position.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import RuntimeFailure
+from ..frame_rules import SmolVLMFrames
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .vision_attention import VisionProbe, block_mean, read_siglip_attention, resolve_vision_layer
 
@@ -56,15 +58,35 @@ class SmolVLMAdapter(ModelAdapter):
         return self.model.model.text_model
 
     # --- prompt and vision -------------------------------------------------------------
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+    frame_rule = SmolVLMFrames()  # its processor's sampling: 1 fps, at most 64 frames
+    stop_tokens = ("<end_of_utterance>",)
+
+    @classmethod
+    def reference_frame_rule(cls, source: str) -> SmolVLMFrames:
+        """fps and frame cap from the checkpoint's `video_sampling` (1 and 64 in the SmolVLM2
+        checkpoints); the class defaults when its video processor config has none or cannot load."""
+        try:
+            from transformers import AutoVideoProcessor
+
+            video_processor = AutoVideoProcessor.from_pretrained(source)
+        except Exception:  # noqa: BLE001 - any failure here resurfaces when the model loads
+            return cls.frame_rule
+        fps = getattr(video_processor, "fps", None) or cls.frame_rule.fps
+        max_frames = getattr(video_processor, "num_frames", None) or cls.frame_rule.max_frames
+        return SmolVLMFrames(fps=float(fps), max_frames=int(max_frames))
+
+    def prompt_for_clip(self, clip, question: str) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, duration=clip.duration)
+
+    def build_prompt(self, frames, timestamps, question: str, duration: float | None = None) -> Prompt:
+        """duration: the video's length in seconds for the intro line, as the processor writes it
+        when it reads the file itself; None = the last timestamp (its fallback)."""
+        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
         # with a video entry the processor picks its own video chat template
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         # the processor writes timestamps as frames_indices / fps: give it seconds at fps 1
         metadata = {"total_num_frames": len(frames), "fps": 1.0,
-                    "frames_indices": [float(t) for t in timestamps]}
+                    "frames_indices": [float(t) for t in timestamps], "duration": duration}
         inputs = self.processor(
             text=text, videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
         )

@@ -36,6 +36,7 @@ def attention_rows(
     Returns (heads, r, n) float32 probabilities, causal (row i sees keys 0..i).
     """
     head_dim = attention.head_dim
+    query_rows = query_rows.to(normed_hidden.device)  # the layer's device, on a sharded model too
     rows = normed_hidden[:, query_rows]  # (1, r, hidden)
     queries = attention.q_proj(rows).view(1, rows.shape[1], -1, head_dim)  # (1, r, heads, d)
     if getattr(attention, "q_norm", None) is not None:

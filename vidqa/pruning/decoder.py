@@ -74,6 +74,23 @@ class _Prefill:
     embeddings: torch.Tensor | None = None
     attention_inputs: dict[int, tuple] = field(default_factory=dict)
 
+    def follow(self, device: torch.device) -> None:
+        """Move the per-row tables to `device`: on a model sharded over devices (accelerate's
+        device_map) the hidden states reach a stage on the device of the layer before it."""
+        if self.row_source.device == device:
+            return
+        self.row_source, self.is_visual = self.row_source.to(device), self.is_visual.to(device)
+        self.visual_meta = {name: values.to(device) for name, values in self.visual_meta.items()}
+        if self.embeddings is not None:
+            self.embeddings = self.embeddings.to(device)
+        for name in ("full_position_embeddings", "position_embeddings"):
+            table = getattr(self, name)
+            if table is not None:
+                setattr(self, name, tuple(part.to(device) for part in table))
+        for name in ("full_position_ids", "position_ids"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+
 
 class DecoderPruning:
     """Context manager: attach in-LLM stages to a model for one `generate` call."""
@@ -197,6 +214,7 @@ class DecoderPruning:
         prefill, device = self._prefill, hidden.device
         synchronize(device)
         started = time.perf_counter()
+        prefill.follow(device)
         visual_rows = prefill.is_visual.nonzero().flatten()
         text_rows = (prefill.row_source >= self.inputs.text_start).nonzero().flatten()
         context = LayerContext(
@@ -231,7 +249,7 @@ class DecoderPruning:
         kept_visual_rows = visual_rows[selection.keep.to(device)]
         keep_rows[kept_visual_rows] = True
         order = keep_rows.nonzero().flatten()  # current rows that survive, in order
-        meta = {name: values[selection.keep] for name, values in prefill.visual_meta.items()}
+        meta = {name: values[selection.keep.to(device)] for name, values in prefill.visual_meta.items()}
         row_source = prefill.row_source[order]
         is_visual = prefill.is_visual[order]
         new_hidden = hidden[:, order]
@@ -242,7 +260,8 @@ class DecoderPruning:
             new_hidden = torch.cat([new_hidden[:, :at], selection.inserted[None].to(hidden), new_hidden[:, at:]], dim=1)
             row_source = torch.cat([row_source[:at], sources, row_source[at:]])
             is_visual = torch.cat([is_visual[:at], torch.ones(len(sources), dtype=torch.bool, device=device), is_visual[at:]])
-            meta = {name: torch.cat([meta[name], values[selection.inserted_from]]) for name, values in prefill.visual_meta.items()}
+            meta = {name: torch.cat([meta[name], values[selection.inserted_from.to(device)]])
+                    for name, values in prefill.visual_meta.items()}
         prefill.row_source, prefill.is_visual, prefill.visual_meta = row_source, is_visual, meta
         cos, sin = prefill.full_position_embeddings
         prefill.position_embeddings = (cos[:, row_source], sin[:, row_source])
@@ -257,8 +276,9 @@ class DecoderPruning:
         rows = self._prefill.row_source
         for layer_index in range(self.stages[0].layer):
             layer = cache.layers[layer_index]
-            layer.keys = layer.keys[:, :, rows]
-            layer.values = layer.values[:, :, rows]
+            layer_rows = rows.to(layer.keys.device)  # a sharded model keeps each layer's cache on its device
+            layer.keys = layer.keys[:, :, layer_rows]
+            layer.values = layer.values[:, :, layer_rows]
 
 
 def _cache_argument(kwargs: dict):
