@@ -1,7 +1,7 @@
 """The committed micro checkpoint answers the held-out questions, and the benchmark is sensitive to
 which frames' tokens are kept (benchmarks/micro/heldout.py, benchmarks/micro/accuracy.py).
 
-The behaviour tests run on the committed checkpoint at benchmarks/micro/checkpoint (a missing
+The behaviour tests run on the committed checkpoint at vidqa/micro/checkpoint (a missing
 checkpoint is a failure, not a skip); VIDQA_MICRO_CHECKPOINT=/path points them at another
 checkpoint (e.g. a second seed).
 The held-out subsets are generated from the seed in tmp_path (cheap), never committed.
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from vidqa.micro import CHECKPOINT as MICRO_CHECKPOINT
 from vidqa.micro import world
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or ROOT / "benchmarks" / "micro" / "checkpoint")
+CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or MICRO_CHECKPOINT)
 ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
 START_TYPES = ("square_start", "background_start")
 END_TYPES = ("square_end", "background_end")
@@ -43,7 +44,7 @@ def checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").is_file():
         pytest.fail(
             f"the trained micro checkpoint is missing: {CHECKPOINT}/config.json not found. Train it with the "
-            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out benchmarks/micro/checkpoint "
+            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out vidqa/micro/checkpoint "
             "--seed 0 ...), or set VIDQA_MICRO_CHECKPOINT to a checkpoint directory."
         )
     return CHECKPOINT

@@ -1,4 +1,4 @@
-"""`vidqa batch` and `vidqa summarize`: registered on the app in vidqa/cli.py (imported at its end)."""
+"""`vidqa batch` and `vidqa summarize`: plain functions that vidqa/cli.py registers on the app."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import (
+from .cli_common import (
     DEFAULT_MODEL,
-    AttnOpt,
     Attention,
+    AttnOpt,
     Device,
     DeviceOpt,
     DType,
@@ -27,24 +27,28 @@ from .cli import (
     SeedOpt,
     StartOpt,
     TemperatureOpt,
-    _check_generation,
-    app,
+    check_generation,
     err_console,
     fail,
+    file_error,
+    frames_for_model,
+    interactive,
+    nothing,
 )
 from .errors import BadInput, VidqaError
 
 BATCH_EXIT_CODES = (
     "Exit codes: 0 every record succeeded · 1 some record has an error, or a runtime failure "
-    "(model load) · 2 bad input (the CSV, an option) · 130 interrupted (rerun to resume)."
+    "(model load, hub unreachable, disk full) · 2 bad input (the CSV, an option) · 130 interrupted (rerun to resume)."
 )
+SUMMARIZE_EXIT_CODES = "Exit codes: 0 ok · 2 bad input (missing or unreadable results file, no records)."
 
 OutputOpt = Annotated[
     Optional[Path],
     typer.Option("--output", "-o", help="Results file: .jsonl (full records) or .csv (main stats flattened).",
                  show_default=False),
 ]
-PruneListOpt = Annotated[str, typer.Option("--prune", help="Comma-separated presets to sweep, e.g. none,fastv,prunevid.")]
+PruneListOpt = Annotated[str, typer.Option("--prune", "-p", help="Comma-separated presets to sweep, e.g. none,fastv,prunevid.")]
 KeepListOpt = Annotated[
     Optional[str],
     typer.Option("--keep", help="Comma-separated fractions of visual tokens to keep, e.g. 0.1,0.3 "
@@ -57,7 +61,6 @@ PlotOpt = Annotated[
 ]
 
 
-@app.command(epilog=BATCH_EXIT_CODES)
 def batch(
     questions: Annotated[Path, typer.Argument(help="CSV with columns video, question (optional: id, answer, options, prune, keep).",
                                               show_default=False)],
@@ -101,7 +104,8 @@ def batch(
         if output is None:
             raise BadInput("--output/-o is required: where to write the records, e.g. -o results.jsonl")
         output_format(output)
-        _check_generation(max_new_tokens, temperature)
+        check_generation(max_new_tokens, temperature)
+        frames = frames_for_model(model, frames)
         _check_options(None if fps is not None else frames, fps, start, end)
         presets = batching.parse_prune_list(prune)
         keeps = batching.parse_keep_list(keep)
@@ -151,7 +155,7 @@ def batch(
         fail(error)
         return
     except OSError as error:
-        fail(_file_error(error))
+        fail(file_error(error, resumable=True))
         return
     except KeyboardInterrupt:
         err_console.print(f"interrupted; the records done are in {output}: run the same command again to resume",
@@ -167,7 +171,7 @@ def batch(
     except VidqaError as error:
         plot_error = error
     except OSError as error:
-        plot_error = _file_error(error)
+        plot_error = file_error(error)
     else:
         plot_error = None
     if failed:
@@ -177,16 +181,6 @@ def batch(
         fail(plot_error)
     if failed:
         raise typer.Exit(1)
-
-
-def _file_error(error: OSError) -> VidqaError:
-    """A file that cannot be read or written: the user's to fix (exit 2) unless the disk failed."""
-    from .errors import RuntimeFailure
-
-    what = f"{error.filename}: {error.strerror or error}" if error.filename else str(error)
-    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):
-        return BadInput(f"cannot use {what}")
-    return RuntimeFailure(f"file error: {what}")
 
 
 def _first_per_key(records: list[dict], record_key) -> list[dict]:
@@ -204,16 +198,15 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
 
     from . import batch as batching
     from .batch_store import RecordWriter
-    from .cli import _interactive, _nothing
     from .models import load_model
 
-    interactive = _interactive()
-    with err_console.status("loading model…", spinner="dots") if interactive and not quiet else _nothing():
+    on_terminal = interactive()
+    with err_console.status("loading model…", spinner="dots") if on_terminal and not quiet else nothing():
         adapter = load_model(settings.model, device=device.value, dtype=dtype.value, attn=attn.value,
                              max_pixels=max_pixels)
     runner = batching.Runner(adapter, settings, batching.ClipCache(cache_mb * 2**20))
     already = total - len(todo)
-    progress = _progress() if interactive and not quiet else None
+    progress = _progress() if on_terminal and not quiet else None
     counter = {"done": already}
 
     def on_start(task):
@@ -272,7 +265,6 @@ def _report(records: list[dict], plot: Path | None, quiet: bool, title: str, con
     return rows
 
 
-@app.command(epilog="Exit codes: 0 ok · 2 bad input (missing or unreadable results file, no records).")
 def summarize(
     results: Annotated[Path, typer.Argument(help="Output of vidqa batch (.jsonl or .csv).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
@@ -323,4 +315,4 @@ def summarize(
     except VidqaError as error:
         fail(error)
     except OSError as error:
-        fail(_file_error(error))
+        fail(file_error(error))

@@ -47,7 +47,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DEFAULT_MODEL = HERE / "checkpoint"
+DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
 DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 FRAMES = 8

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadInput, RuntimeFailure
+from ..hub import DEFAULT_MODEL, config_error, resolve_model
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)
-DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 __all__ = [
     "ADAPTERS",
@@ -67,11 +67,7 @@ def _read_config(model_id: str):
     try:
         return AutoConfig.from_pretrained(str(local) if looks_local else model_id)
     except OSError as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInput(
-            f"cannot load model '{model_id}': {message}. Check the hub id, or, offline, "
-            "download it where the hub is reachable and pass --model /path/to/checkpoint"
-        ) from None
+        raise config_error(model_id, error) from None
     except ValueError as error:
         raise BadInput(f"cannot read the config of '{model_id}': {str(error).splitlines()[0]}") from None
 
@@ -91,6 +87,7 @@ def load_model(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    model_id = resolve_model(model_id)  # bundled name, hub id or cached snapshot; fails fast offline
     config = _read_config(model_id)
     adapter_class = adapter_for(config.model_type)
     adapter_class.check_max_pixels(max_pixels)  # before the weights load
