@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .cli_common import (
     DEFAULT_MODEL,
@@ -62,7 +63,7 @@ PlotOpt = Annotated[
 
 
 def batch(
-    questions: Annotated[Path, typer.Argument(help="CSV with columns video, question (optional: id, answer, options, prune, keep).",
+    questions: Annotated[Path, typer.Argument(help="CSV with columns video, question (optional: id, expected, options, prune, keep).",
                                               show_default=False)],
     output: OutputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
@@ -114,7 +115,10 @@ def batch(
             raise BadInput(f"--cache-mb must be 0 or more, got {cache_mb}")
         if plot is not None:
             check_matplotlib()
-        rows = batching.read_questions(questions)
+        csv_notes: list[str] = []
+        rows = batching.read_questions(questions, csv_notes)
+        for note in csv_notes if not quiet else []:
+            err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         batching.check_presets(rows, presets, overrides, questions)
         if output.exists() and output.resolve() == questions.resolve():
             raise BadInput(f"--output {output} is the questions file; write the results to another file")
@@ -137,6 +141,8 @@ def batch(
                                   f"interrupted write); it will be redone", soft_wrap=True)
             existing = found.records
             batching.check_same_settings(existing, settings, output)
+            if found.upgraded:  # schema-1 records: rewrite them in today's layout before appending
+                rewrite_records(output, existing)
             if retry_errors and any(r.get("error") for r in existing):
                 existing = [r for r in existing if not r.get("error")]
                 rewrite_records(output, existing)
@@ -194,8 +200,6 @@ def _first_per_key(records: list[dict], record_key) -> list[dict]:
 
 
 def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None) -> list[dict]:
-    from rich.markup import escape
-
     from . import batch as batching
     from .batch_store import RecordWriter
     from .models import load_model
@@ -222,7 +226,7 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
             if record["error"]:
                 outcome = f"[red]error:[/] {escape(record['error'])}"
             else:
-                outcome = f"{escape(repr(record['prediction']))} ({record['stats']['time']['total_s']:.2f} s)"
+                outcome = f"{escape(repr(record['answer']))} ({record['stats']['time']['total_s']:.2f} s)"
             (progress.console if progress is not None else err_console).print(
                 f"\\[{counter['done']}/{total}] {escape(record['id'])} · {escape(record['preset'])}{keep} · {outcome}",
                 soft_wrap=True, highlight=False,
