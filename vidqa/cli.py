@@ -66,11 +66,26 @@ class VidqaGroup(typer.core.TyperGroup):
         except click.exceptions.UsageError as error:
             where = error.ctx.command_path if error.ctx is not None else "vidqa"
             message = " ".join(error.format_message().split()).rstrip(".")
+            value = _raw_value(error, sys.argv[1:] if args is None else list(args))
+            if value is not None and value not in message:
+                message += f" (got '{value}')"
             err_console.print(f"[bold red]error:[/] {escape(message)}; see '{escape(where)} --help'", soft_wrap=True)
             sys.exit(2)
         except typer.Abort:  # end of input at a prompt (Click's own Ctrl-D / Ctrl-C path)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _raw_value(error, args: list[str]) -> str | None:
+    """The value given on the command line for the option a BadParameter is about, if any."""
+    opts = getattr(getattr(error, "param", None), "opts", None) or []
+    for index, arg in enumerate(args):
+        for opt in opts:
+            if arg == opt and index + 1 < len(args):
+                return args[index + 1]
+            if opt.startswith("--") and arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
 
 
 app = typer.Typer(
