@@ -263,3 +263,22 @@ def test_expected_and_answer_columns_together_are_refused(run_cli, tmp_path):
     both.write_text("video,question,expected,answer\nx.mp4,q,a,b\n")
     assert_one_line_error(run_cli(["batch", both, "-o", tmp_path / "r.jsonl", "--model", "micro"]),
                           "'expected'", "'answer'")
+
+
+def test_summary_shows_the_retention_a_preset_reached():
+    from rich.console import Console
+
+    from vidqa.batch_summary import summarize, summary_table
+
+    def record(preset, keep, retention):
+        return {"id": "1", "preset": preset, "keep": keep, "answer": "a", "expected": "a", "correct": True,
+                "error": None, "options": None,
+                "stats": {"tokens": {"visual_tokens_after": 10, "layer_avg_retention": retention},
+                          "flops": {"paper_fraction": retention}, "time": {"prefill_s": 0.1, "total_s": 0.2}}}
+
+    rows = summarize([record("none", None, 1.0), record("adatp", 0.5, 0.189), record("fastv", 0.3, 0.3)])
+    assert [row["keep_reached"] for row in rows] == [None, False, True]
+    console = Console(width=200, record=True)
+    console.print(summary_table(rows))
+    text = console.export_text()
+    assert "0.5→0.19" in text and "0.3→" not in text
