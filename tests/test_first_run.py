@@ -21,7 +21,7 @@ from conftest import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
-FIRST_QUESTION = "which way does the square move ?"  # the README's first command asks this of square.mp4
+FIRST_QUESTION = "Which way does the square move?"  # the README's first command asks this of square.mp4
 
 
 def vidqa_process(*args, env_extra=None, drop=(), **popen):
