@@ -126,7 +126,7 @@ def test_heldout_set_is_regenerable_and_ids_name_the_type(acc, tmp_path):
         assert (tmp_path / "a" / row["video"]).stat().st_size > 0
     parsed = batch_read(a)  # what vidqa batch sees: unknown columns ignored, videos resolved
     assert [r.id for r in parsed] == [r["id"] for r in rows_a]
-    assert all(r.video_path.exists() and r.answer for r in parsed)
+    assert all(r.video_path.exists() and r.expected for r in parsed)
     manifest = acc.heldout.read_manifest(tmp_path / "a")
     assert manifest["seed"] == world.HELDOUT_SEED and sorted(manifest["clips"]) == [0, 1, 2]
     assert manifest["clips"][1]["square_boxes"] == world.heldout_clip(1).square_boxes.tolist()
