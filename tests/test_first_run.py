@@ -282,3 +282,42 @@ def test_summary_shows_the_retention_a_preset_reached():
     console.print(summary_table(rows))
     text = console.export_text()
     assert "0.5→0.19" in text and "0.3→" not in text
+
+
+def test_a_model_the_hub_does_not_have_is_bad_input(tmp_path):
+    """The hub says "no such repository" (401 + X-Error-Code RepoNotFound, as huggingface.co does):
+    exit 2 (an unknown model), one line."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoSuchRepository(BaseHTTPRequestHandler):
+        def _answer(self):
+            body = b'{"error": "Repository not found"}'
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepository)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path / "hf")}
+    try:  # a subprocess: transformers reads HF_HUB_OFFLINE once, at import
+        process = vidqa_process("ask", SAMPLES / "square.mp4", FIRST_QUESTION, "--model", "nobody/no-such-model",
+                                env_extra=env, drop=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        _, err = process.communicate(timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "nobody/no-such-model" in lines[0], err
+    assert "not found on the Hugging Face hub" in lines[0] and "--model micro" in lines[0] and ".." not in lines[0]
