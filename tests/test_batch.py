@@ -30,7 +30,7 @@ from vidqa.synthetic import three_scene_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "4", "--max-new-tokens", "2"]
-DETERMINISTIC = ("id", "video", "question", "answer", "options", "prediction", "correct", "preset", "keep", "error")
+DETERMINISTIC = ("id", "video", "question", "expected", "options", "answer", "correct", "preset", "keep", "error")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def write_csv(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-SIX = """id,video,question,answer,options
+SIX = """id,video,question,expected,options
 dir,square.mp4,Which way does the square move?,B,A. left|B. right|C. up|D. down
 colour,square.mp4,What colour is the square?,red,
 end,square.mp4,What colour is it at the end?,C,A. red|B. green|C. blue|D. yellow
@@ -133,8 +133,8 @@ def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monk
     assert first["stats"]["tokens"]["visual_tokens_before"] == 4 * 16
     assert len(encoded) == 2  # and encoded once each, for their three questions
     free = next(r for r in records if r["id"] == "free")
-    assert free["answer"] is None and free["correct"] is None
-    assert all(isinstance(r["correct"], bool) for r in records if r["answer"])
+    assert free["expected"] is None and free["correct"] is None and free["answer"]
+    assert all(isinstance(r["correct"], bool) for r in records if r["expected"])
 
     summary = json.loads(run_cli(["summarize", output, "--json"]).stdout)
     assert summary["records"] == 6 and summary["errors"] == 0
@@ -173,8 +173,8 @@ def test_real_presets_sweep(run_cli, tiny_llava, videos):
     # row 2's `none` reuses the encoding fastv ran on for row 1: it must be unchanged by it
     alone = videos / "none-only.jsonl"
     assert batch(run_cli, tiny_llava, questions, alone, "--overwrite").exit_code == 0
-    assert {r["id"]: r["prediction"] for r in read_jsonl(alone)} == {
-        r["id"]: r["prediction"] for r in records if r["preset"] == "none"}
+    assert {r["id"]: r["answer"] for r in read_jsonl(alone)} == {
+        r["id"]: r["answer"] for r in records if r["preset"] == "none"}
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_truncated_last_line_is_dropped_and_redone(run_cli, tiny_llava, videos, 
     assert "dropped a damaged record (line 3" in result.stderr
     records = read_jsonl(output)  # every line parses again
     assert sorted(key(r) for r in records) == sorted(key(r) for r in complete)
-    assert [r["prediction"] for r in records] == [r["prediction"] for r in complete]
+    assert [r["answer"] for r in records] == [r["answer"] for r in complete]
 
 
 def test_damage_before_the_last_line_is_refused(run_cli, tiny_llava, videos, tmp_path):
@@ -270,7 +270,7 @@ def test_csv_output_flattens_stats_and_resumes(run_cli, tiny_llava, videos, tmp_
     assert resumed.exit_code == 0, resumed.stderr
     assert "dropped a damaged record" in resumed.stderr and "5 of 6 records already" in resumed.stderr
     again = list(csv.DictReader(output.open(newline="")))
-    assert sorted((r["id"], r["prediction"]) for r in again) == sorted((r["id"], r["prediction"]) for r in rows)
+    assert sorted((r["id"], r["answer"]) for r in again) == sorted((r["id"], r["answer"]) for r in rows)
     summary = json.loads(run_cli(["summarize", output, "--json"]).stdout)
     assert summary["records"] == 6 and summary["groups"][0]["visual_tokens_before"] == 64
 
@@ -304,7 +304,7 @@ def test_missing_video_and_empty_question_are_row_errors(run_cli, tiny_llava, vi
     assert "[3/4] gone · none · error: video not found" in result.stderr  # --verbose: a line per record
     records = {r["id"]: r for r in read_jsonl(output)}
     assert records["ok"]["error"] is None and records["ok2"]["error"] is None
-    assert "nowhere.mp4" in records["gone"]["error"] and records["gone"]["prediction"] is None
+    assert "nowhere.mp4" in records["gone"]["error"] and records["gone"]["answer"] is None
     assert records["gone"]["stats"] is None
     assert "question cell is empty" in records["blank"]["error"]
     assert "\n" not in records["gone"]["error"]
@@ -316,7 +316,7 @@ def test_missing_video_and_empty_question_are_row_errors(run_cli, tiny_llava, vi
         retried = batch(run_cli, tiny_llava, questions, output, "--retry-errors")
         assert retried.exit_code == 1 and "1 of 4 records failed" in retried.stderr
         records = {r["id"]: r for r in read_jsonl(output)}
-        assert len(records) == 4 and records["gone"]["error"] is None and records["gone"]["prediction"]
+        assert len(records) == 4 and records["gone"]["error"] is None and records["gone"]["answer"]
     finally:
         (videos / "nowhere.mp4").unlink()
 
@@ -374,7 +374,7 @@ def test_out_of_memory_is_a_row_error_and_frees_the_cache(monkeypatch, tmp_path)
     cache = batching.ClipCache(2**20)
     cache.encoded[123] = "stale"
     record = batching.Runner(None, settings, cache).run(batching.Task(row, "none", None))
-    assert record["error"].startswith("out of GPU memory") and record["prediction"] is None
+    assert record["error"].startswith("out of GPU memory") and record["answer"] is None
     assert emptied == [1] and cache.encoded == {}
 
 
@@ -515,8 +515,8 @@ def test_summary_agreement_without_ground_truth():
     def record(id_, preset, keep, prediction, error=None):
         stats = None if error else {"tokens": {"visual_tokens_after": 10, "layer_avg_retention": 0.5},
                                     "flops": {"paper_fraction": 0.4}, "time": {"prefill_s": 1.0, "total_s": 2.0}}
-        return {"id": id_, "preset": preset, "keep": keep, "prediction": prediction, "error": error,
-                "correct": None, "answer": None, "options": None, "stats": stats}
+        return {"id": id_, "preset": preset, "keep": keep, "answer": prediction, "error": error,
+                "correct": None, "expected": None, "options": None, "stats": stats}
 
     rows = summarize([
         record("1", "none", None, "a red square"), record("2", "none", None, "blue"),

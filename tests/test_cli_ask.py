@@ -142,8 +142,9 @@ def test_start_past_the_end(run_cli, tiny_llava, square_video):
 
 
 def test_unknown_model_id_offline(run_cli, square_video):
+    # HF_HUB_OFFLINE is set (conftest) and nothing is cached: the model cannot load (exit 1)
     result = ask(run_cli, "nobody/no-such-model", square_video)
-    assert_one_line_error(result, "nobody/no-such-model", "--model")
+    assert_one_line_error(result, "nobody/no-such-model", "HF_HUB_OFFLINE", "--model micro", exit_code=1)
 
 
 def test_directory_that_is_not_a_checkpoint(run_cli, square_video, tmp_path):

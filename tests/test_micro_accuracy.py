@@ -1,7 +1,7 @@
 """The committed micro checkpoint answers the held-out questions, and the benchmark is sensitive to
 which frames' tokens are kept (benchmarks/micro/heldout.py, benchmarks/micro/accuracy.py).
 
-The behaviour tests run on the committed checkpoint at benchmarks/micro/checkpoint (a missing
+The behaviour tests run on the committed checkpoint at vidqa/micro/checkpoint (a missing
 checkpoint is a failure, not a skip); VIDQA_MICRO_CHECKPOINT=/path points them at another
 checkpoint (e.g. a second seed).
 The held-out subsets are generated from the seed in tmp_path (cheap), never committed.
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from vidqa.micro import CHECKPOINT as MICRO_CHECKPOINT
 from vidqa.micro import world
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or ROOT / "benchmarks" / "micro" / "checkpoint")
+CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or MICRO_CHECKPOINT)
 ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
 START_TYPES = ("square_start", "background_start")
 END_TYPES = ("square_end", "background_end")
@@ -43,7 +44,7 @@ def checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").is_file():
         pytest.fail(
             f"the trained micro checkpoint is missing: {CHECKPOINT}/config.json not found. Train it with the "
-            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out benchmarks/micro/checkpoint "
+            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out vidqa/micro/checkpoint "
             "--seed 0 ...), or set VIDQA_MICRO_CHECKPOINT to a checkpoint directory."
         )
     return CHECKPOINT
@@ -73,9 +74,9 @@ def test_checkpoint_answers_heldout_questions_through_vidqa_batch(acc, run_cli, 
     table = acc.accuracy_table(records, world.QUESTION_TYPES)
     assert len(table) == 1 and table[0]["preset"] == "none"
     overall = table[0]["overall"]
-    wrong = [(r["id"], r["answer"], r["prediction"]) for r in records if not r["correct"]]
+    wrong = [(r["id"], r["expected"], r["answer"]) for r in records if not r["correct"]]
     per_type = {t: table[0][t]["accuracy"] for t in world.QUESTION_TYPES}
-    assert overall["accuracy"] >= 0.95, f"accuracy {overall['accuracy']:.3f} < 0.95; per type {per_type}; wrong (id, answer, prediction) {wrong[:12]}"
+    assert overall["accuracy"] >= 0.95, f"accuracy {overall['accuracy']:.3f} < 0.95; per type {per_type}; wrong (id, expected, answer) {wrong[:12]}"
 
 
 def test_keeping_only_one_half_of_the_clip_loses_the_other_halfs_questions(acc, tmp_path):
@@ -121,11 +122,11 @@ def test_heldout_set_is_regenerable_and_ids_name_the_type(acc, tmp_path):
     for row in rows_a:
         assert acc.heldout.type_of_id(row["id"]) == row["type"]
         assert acc.heldout.clip_of_id(row["id"]) == int(row["clip"])
-        assert row["answer"] == world.heldout_clip(int(row["clip"])).answers[row["type"]]
+        assert row["expected"] == world.heldout_clip(int(row["clip"])).answers[row["type"]]
         assert (tmp_path / "a" / row["video"]).stat().st_size > 0
     parsed = batch_read(a)  # what vidqa batch sees: unknown columns ignored, videos resolved
     assert [r.id for r in parsed] == [r["id"] for r in rows_a]
-    assert all(r.video_path.exists() and r.answer for r in parsed)
+    assert all(r.video_path.exists() and r.expected for r in parsed)
     manifest = acc.heldout.read_manifest(tmp_path / "a")
     assert manifest["seed"] == world.HELDOUT_SEED and sorted(manifest["clips"]) == [0, 1, 2]
     assert manifest["clips"][1]["square_boxes"] == world.heldout_clip(1).square_boxes.tolist()
@@ -170,7 +171,7 @@ def _record(id, preset, keep, correct=None, error=None, fraction=0.5):
     stats = None if error else {"flops": {"paper_fraction": fraction},
                                 "tokens": {"visual_tokens_after": 10, "layer_avg_retention": fraction}}
     return {"id": id, "preset": preset, "keep": keep, "correct": correct, "error": error, "stats": stats,
-            "prediction": None if error else "x"}
+            "answer": None if error else "x"}
 
 
 def test_table_joins_types_by_id_and_shows_unreachable_cells(acc):

@@ -18,14 +18,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batch_store import RECORD_SCHEMA
 from .batch_summary import build_prompt, format_options, normalize_keep, parse_options, score
 from .errors import BadInput, RuntimeFailure, VidqaError
 
 REQUIRED_COLUMNS = ("video", "question")
-OPTIONAL_COLUMNS = ("id", "answer", "options", "prune", "keep")
-RECORD_SCHEMA = 1
+OPTIONAL_COLUMNS = ("id", "expected", "options", "prune", "keep")
+LEGACY_EXPECTED = "answer"  # the ground-truth column's old name, still read as `expected`
 # parameters that change the answers: a resumed run must use the same ones as the records it joins
-SETTINGS_THAT_MATTER = ("frames", "fps", "start", "end", "max_new_tokens", "temperature", "seed", "overrides")
+SETTINGS_THAT_MATTER = ("frames", "fps", "start", "end", "sampling", "max_new_tokens", "temperature", "seed", "overrides")
 
 
 # --- input -----------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class Row:
     video: str  # the cell as written
     video_path: Path | None  # resolved against the CSV's folder
     question: str
-    answer: str | None = None
+    expected: str | None = None  # the ground truth
     options: list[tuple[str, str]] = field(default_factory=list)
     presets: list[str] | None = None  # the row's own `prune` cell, replacing --prune
     keeps: list[float] | None = None  # the row's own `keep` cell, replacing --keep
@@ -85,10 +86,11 @@ def parse_overrides(items: Sequence[str] | None) -> list[str]:
     return overrides
 
 
-def read_questions(path: Path) -> list[Row]:
+def read_questions(path: Path, notes: list[str] | None = None) -> list[Row]:
     """Parse the questions CSV. BadInput (one line, with the line number) when the file as a whole
     is unusable: missing, not UTF-8, empty, no header columns video/question, duplicate ids, a bad
-    prune/keep cell. An empty video or question cell is that row's `error` instead."""
+    prune/keep cell. An empty video or question cell is that row's `error` instead. `notes` gets
+    a line when the ground truth is in the old `answer` column."""
     name = str(path)
     if not path.exists():
         raise BadInput(f"{name}: file not found")
@@ -115,6 +117,9 @@ def read_questions(path: Path) -> list[Row]:
                 continue
             if header is None:
                 header, header_line = _check_header(name, line, cells), line
+                if LEGACY_EXPECTED in header and notes is not None:
+                    notes.append(f"{name}: reading the column '{LEGACY_EXPECTED}' as the ground truth; its name "
+                                 f"is now 'expected' ('answer' in the results is the model's answer)")
                 continue
             row = _parse_row(path, line, len(rows) + 1, dict(zip(header, (c.strip() for c in cells))))
             if row.id in seen:
@@ -140,6 +145,9 @@ def _check_header(name: str, line: int, cells: list[str]) -> list[str]:
     for column in header:
         if column and header.count(column) > 1:
             raise BadInput(f"{name}: line {line}: column '{column}' appears twice (found: {found})")
+    if "expected" in header and LEGACY_EXPECTED in header:
+        raise BadInput(f"{name}: line {line}: both 'expected' and '{LEGACY_EXPECTED}' columns; '{LEGACY_EXPECTED}' is "
+                       f"the old name of 'expected' (the ground truth): keep one")
     return header
 
 
@@ -154,7 +162,8 @@ def _parse_row(path: Path, line: int, number: int, cells: dict[str, str]) -> Row
             video_path = path.parent / video_path
     row = Row(
         number=number, line=line, id=cells.get("id") or str(number), video=video, video_path=video_path,
-        question=question, answer=cells.get("answer") or None, options=parse_options(cells.get("options")),
+        question=question, expected=cells.get("expected") or cells.get(LEGACY_EXPECTED) or None,
+        options=parse_options(cells.get("options")),
     )
     if cells.get("prune"):
         row.presets = parse_prune_list(cells["prune"], f"{where}: prune")
@@ -254,7 +263,8 @@ class ClipCache:
     def get(self, path: Path, frame_options) -> object:
         from . import engine
 
-        key = (str(path), frame_options.frames, frame_options.fps, frame_options.start, frame_options.end)
+        key = (str(path), frame_options.frames, frame_options.fps, frame_options.start, frame_options.end,
+               frame_options.sampling)
         if key in self.failures:
             raise self.failures[key]
         if key in self.clips:
@@ -298,6 +308,7 @@ class Settings:
             dtype = str(adapter.model.dtype).removeprefix("torch.")
         return {
             "frames": frames.frames, "fps": frames.fps, "start": frames.start, "end": frames.end,
+            "sampling": frames.sampling.describe() if frames.sampling is not None else None,
             "device": device, "dtype": dtype, "attn": self.attn,
             "max_new_tokens": self.generation.max_new_tokens, "temperature": self.generation.temperature,
             "seed": self.generation.seed, "overrides": list(self.overrides),
@@ -329,8 +340,8 @@ def new_record(task: Task, settings: Settings, adapter=None) -> dict:
         "video": row.video,
         "question": row.question,
         "options": format_options(row.options) or None,
-        "answer": row.answer,
-        "prediction": None,
+        "expected": row.expected,
+        "answer": None,
         "correct": None,
         "preset": task.preset,
         "keep": task.keep,
@@ -406,8 +417,8 @@ class Runner:
         built = ask_record(result, model=self.settings.model, preset=task.preset,
                            parameters=record["parameters"], details=getattr(result, "details", None))
         record.update(
-            prediction=result.text,
-            correct=score(result.text, row.answer, row.options),
+            answer=result.text,
+            correct=score(result.text, row.expected, row.options),
             stats=built["stats"],
             pruning=built["pruning"],
             notes=built["notes"],

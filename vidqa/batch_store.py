@@ -19,10 +19,11 @@ from .batch_summary import normalize_keep
 from .errors import BadInput
 
 FORMATS = (".jsonl", ".csv")
+RECORD_SCHEMA = 2  # 2: `answer` is the model's answer and `expected` the ground truth (1: `answer`, `prediction`)
 
 # CSV output: the record's fields, then the main stats flattened (docs/batch.md).
 CSV_FIELDS = [
-    "id", "video", "question", "options", "answer", "prediction", "correct", "preset", "keep",
+    "id", "video", "question", "options", "expected", "answer", "correct", "preset", "keep",
     "error", "model", "frames", "visual_tokens_before", "visual_tokens_after", "layer_avg_retention",
     "paper_flops_fraction", "prompt_tokens", "llm_prompt_tokens", "generated_tokens",
     "video_decode_s", "vision_encoder_s", "prefill_s", "total_s", "peak_memory_bytes",
@@ -58,6 +59,19 @@ def output_format(path: Path) -> str:
 class Existing:
     records: list[dict] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # why each dropped line was dropped
+    upgraded: int = 0  # records read in the schema-1 layout (see upgrade_record)
+
+
+def upgrade_record(record: dict) -> bool:
+    """Bring a schema-1 record (ground truth in `answer`, the model's answer in `prediction`) to
+    the current layout (`expected` = ground truth, `answer` = the model's answer, as in `ask
+    --json`), in place. -> whether it was a schema-1 record."""
+    if "prediction" not in record:
+        return False
+    record["expected"] = record.pop("answer", None)
+    record["answer"] = record.pop("prediction")
+    record["schema"] = RECORD_SCHEMA
+    return True
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -89,6 +103,7 @@ def _read_jsonl(path: Path, data: bytes) -> tuple[Existing, bytes]:
             continue
         record, problem = _parse_json_record(raw)
         if problem is None:
+            existing.upgraded += upgrade_record(record)
             existing.records.append(record)
             kept.append(raw + b"\n")
             continue
@@ -152,8 +167,13 @@ def _read_csv(path: Path, data: bytes) -> tuple[Existing, bytes]:
                 break
             raise BadInput(f"{path}: line {line}: short row ({len(row)} of {len(header)} fields), "
                            f"not the last one: fix or delete it, or start over with --overwrite")
+    legacy = "prediction" in header  # schema 1: answer = ground truth, prediction = the model's
     for _, row in body:
-        existing.records.append(_record_from_csv(dict(zip(header, row))))
+        cells = dict(zip(header, row))
+        if legacy:
+            cells["expected"], cells["answer"] = cells.get("answer", ""), cells.get("prediction", "")
+            existing.upgraded += 1
+        existing.records.append(_record_from_csv(cells))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -256,9 +276,14 @@ class RecordWriter:
         self._write(encode_record(record, self.format))
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:  # e.g. a full disk: name the file (write() errors carry no name)
+            if error.filename is None:
+                error.filename = str(self.path)
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -266,8 +291,12 @@ class RecordWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise  # a failed final flush; otherwise the first error is the one to report
         return False
 
 

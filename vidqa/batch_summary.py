@@ -228,7 +228,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
 
     rows: records; errors: records with an error; scored: successful records with a ground
     truth; accuracy: correct / scored (None when nothing is scored); agreement: share of the
-    rows (both successful) where the prediction agrees with the `none` preset's on the same id
+    rows (both successful) where the model's answer agrees with the `none` preset's on the same id
     (None without `none` records); the means are over successful records.
     """
     groups: dict[tuple[str, float | None], list[dict]] = {}
@@ -236,7 +236,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         groups.setdefault((str(record.get("preset")), normalize_keep(record.get("keep"))), []).append(record)
     baseline = {
         str(r.get("id")): r for r in records
-        if r.get("preset") == "none" and not r.get("error") and r.get("prediction") is not None
+        if r.get("preset") == "none" and not r.get("error") and r.get("answer") is not None
     }
     order = sorted(groups, key=lambda k: (k[0] != "none",))  # stable: `none` first
     rows = []
@@ -247,11 +247,11 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         correct = sum(1 for r in scored if r.get("correct") is True)
         compared = [
             r for r in ok
-            if str(r.get("id")) in baseline and r.get("prediction") is not None
+            if str(r.get("id")) in baseline and r.get("answer") is not None
         ]
         agreeing = sum(
             1 for r in compared
-            if agree(r.get("prediction"), baseline[str(r.get("id"))].get("prediction"), _record_options(r))
+            if agree(r.get("answer"), baseline[str(r.get("id"))].get("answer"), _record_options(r))
         )
         fractions = [_get(r, "flops", "paper_fraction") for r in ok]
         rows.append({
@@ -270,7 +270,26 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             "prefill_s": _mean(_get(r, "time", "prefill_s") for r in ok),
             "total_s": _mean(_get(r, "time", "total_s") for r in ok),
         })
+        rows[-1]["keep_reached"] = None if keep is None or not ok else not missed_keep(rows[-1])
     return rows
+
+
+KEEP_TOLERANCE = 0.02  # retention this far from the requested keep counts as "not reached"
+
+
+def missed_keep(row: dict) -> bool:
+    """Did the group's mean retention miss its requested keep (a preset that cannot reach it)?"""
+    keep, reached = row.get("keep"), row.get("layer_avg_retention")
+    return keep is not None and reached is not None and abs(reached - keep) > KEEP_TOLERANCE
+
+
+def keep_label(row: dict) -> str:
+    """'0.3', or '0.5→0.19' when the preset reached another retention than the keep asked for."""
+    if row.get("keep") is None:
+        return "-"
+    if missed_keep(row):
+        return f"{row['keep']:g}→{row['layer_avg_retention']:.2f}"
+    return f"{row['keep']:g}"
 
 
 def summary_table(rows: Sequence[dict], title: str = "vidqa batch"):
@@ -299,7 +318,7 @@ def summary_table(rows: Sequence[dict], title: str = "vidqa batch"):
 
     for row in rows:
         table.add_row(
-            row["preset"], "-" if row["keep"] is None else f"{row['keep']:g}", str(row["rows"]),
+            row["preset"], keep_label(row), str(row["rows"]),
             str(row["errors"]), pct(row["accuracy"] if with_truth else row["agreement"]),
             num(row["visual_tokens_after"], ".0f"), pct(row["layer_avg_retention"]),
             num(row["flops_percent"], ".1f"), secs(row["prefill_s"]), secs(row["total_s"]),
@@ -307,6 +326,7 @@ def summary_table(rows: Sequence[dict], title: str = "vidqa batch"):
     table.caption = (
         ("acc: accuracy over the records with a ground-truth answer and no error" if with_truth
          else "agree: same answer as preset none on the same row (there is no ground truth)")
+        + ("; keep a→r: asked for keep a, the preset reached retention r" if any(missed_keep(r) for r in rows) else "")
         + "; tokens: mean visual tokens entering the last layer; retain: layer-averaged retention; "
         "FLOPs%: visual prefill vs none (paper convention); prefill, total: mean times"
     )
@@ -351,6 +371,9 @@ def plot_summary(rows: Sequence[dict], path: str | Path) -> str:
         xs = [r["flops_percent"] for r in mine]
         ys = [r[quantity] * 100 for r in mine]
         axes.plot(xs, ys, "-", color=color, label=preset, alpha=0.8)
+        for r, x, y in zip(mine, xs, ys):
+            if missed_keep(r):  # say where the preset fell short of the keep asked for
+                axes.annotate(keep_label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         for r, x, y in zip(mine, xs, ys):
             axes.plot(x, y, marker="*" if r["keep"] is None else marker_of[r["keep"]], color=color,
                       markersize=11 if r["keep"] is None else 7, linestyle="none")

@@ -5,114 +5,119 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from . import cli_batch
+from .cli_common import (
+    DEFAULT_MODEL,
+    EXIT_CODES,
+    Attention,
+    AttnOpt,
+    Device,
+    DeviceMapOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    EndOpt,
+    FlopsOpt,
+    FpsOpt,
+    FramesOpt,
+    KeepOpt,
+    MaxNewOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    ParamOpt,
+    PruneOpt,
+    SeedOpt,
+    StartOpt,
+    SystemOpt,
+    TemperatureOpt,
+    check_generation,
+    click_module,
+    err_console,
+    fail,
+    file_error,
+    frames_for_model,
+    interactive,
+    nothing,
+    placement,
+    read_question,
+    stream_name,
+)
 from .errors import BadInput, VidqaError
 
-EXIT_CODES = "Exit codes: 0 ok · 1 runtime failure (model load, out of memory) · 2 bad input · 130 interrupted."
+
+class VidqaGroup(typer.core.TyperGroup):
+    """The root command: Click's own usage errors (a bad option value, a missing argument) become
+    one `error:` line and exit 2, like every other vidqa error, instead of a boxed usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        click = click_module()
+        no_args_is_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # Click >= 8.2
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except no_args_is_help as error:  # bare `vidqa`: the help, as Click does
+            typer.echo(error.ctx.get_help())
+            sys.exit(0)
+        except click.exceptions.UsageError as error:
+            where = error.ctx.command_path if error.ctx is not None else "vidqa"
+            message = " ".join(error.format_message().split()).rstrip(".")
+            value = _raw_value(error, sys.argv[1:] if args is None else list(args))
+            if value is not None and value not in message:
+                message += f" (got '{value}')"
+            err_console.print(f"[bold red]error:[/] {escape(message)}; see '{escape(where)} --help'", soft_wrap=True)
+            sys.exit(2)
+        except typer.Abort:  # end of input at a prompt (Click's own Ctrl-D / Ctrl-C path)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _raw_value(error, args: list[str]) -> str | None:
+    """The value given on the command line for the option a BadParameter is about, if any."""
+    opts = getattr(getattr(error, "param", None), "opts", None) or []
+    for index, arg in enumerate(args):
+        for opt in opts:
+            if arg == opt and index + 1 < len(args):
+                return args[index + 1]
+            if opt.startswith("--") and arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
+
 
 app = typer.Typer(
     name="vidqa",
+    cls=VidqaGroup,
     help="Ask a local video LLM about your videos, fast: training-free visual-token pruning with honest stats.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain Click help: no "<bool>" column on flags, ids never cut mid-word
 )
-err_console = Console(stderr=True, highlight=False)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class DeviceMap(str, Enum):
-    auto = "auto"
-    none = "none"
-
-
-class Attention(str, Enum):
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
         typer.echo(f"vidqa {__version__}")
         raise typer.Exit(0)
 
 
-def fail(error: VidqaError) -> None:
-    err_console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
-    raise typer.Exit(error.exit_code)
-
-
-def read_question(argument: str | None) -> str:
-    """The argument, with piped stdin joined before it (as `llm` does)."""
-    piped = ""
-    if not sys.stdin.isatty():
-        try:
-            piped = sys.stdin.read()
-        except (OSError, ValueError):
-            piped = ""
-    parts = [part.strip() for part in (piped, argument or "") if part and part.strip()]
-    return "\n".join(parts)
-
-
-# Options shared by `ask` and `batch` ------------------------------------------------------
-from .models import DEFAULT_MODEL  # noqa: E402  (after the app, kept near the options that use it)
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")]
-FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames sampled uniformly. Default: the model family's reference sampling (LLaVA-OneVision 32 uniform; Qwen2.5-VL 2 fps, 4-768 frames; SmolVLM2 1 fps, at most 64).", show_default=False)]
-FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --frames.")]
-StartOpt = Annotated[Optional[float], typer.Option("--start", help="Start of the window, seconds.")]
-EndOpt = Annotated[Optional[float], typer.Option("--end", help="End of the window, seconds.")]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda when available.")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on GPUs that support it (else fp16), fp32 on CPU.")]
-AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; pruning never needs eager.")]
-MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
-MaxPixelsOpt = Annotated[
-    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
-]
-DeviceMapOpt = Annotated[
-    Optional[DeviceMap], typer.Option("--device-map", help="auto = shard the model over the visible GPUs (CPU, then disk, as a last resort; needs accelerate); none = one device. Default: one device when the weights fit it, else auto.", show_default=False)
-]
-SystemOpt = Annotated[
-    Optional[str], typer.Option("--system", help="System prompt; \"\" for none. Default: the family's (LLaVA-OneVision: the one it was trained with; Qwen2.5-VL: its chat template's).", show_default=False)
-]
-PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
-KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
-FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
-
-
-def _check_generation(max_new_tokens: int, temperature: float) -> None:
-    if max_new_tokens < 1:
-        raise BadInput(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise BadInput(f"--temperature must be 0 (greedy) or more, got {temperature}")
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = None,
+) -> None:
+    """Ask a local video LLM about your videos, fast: training-free visual-token pruning with honest stats."""
 
 
 @app.command(epilog=EXIT_CODES)
@@ -136,7 +141,7 @@ def ask(
     param: ParamOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer token by token.")] = True,
     stats: Annotated[
-        Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr \\[default: on when stderr is a terminal].", show_default=False)
+        Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr [default: on when stderr is a terminal].", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) on stdout; no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answer only.")] = False,
@@ -156,7 +161,8 @@ def ask(
         text = read_question(question)
         if not text:
             raise BadInput("the question is empty; pass it as an argument or pipe it on stdin")
-        _check_generation(max_new_tokens, temperature)
+        check_generation(max_new_tokens, temperature)
+        frames = frames_for_model(model, frames)
         preset = load_preset(prune, param or [])
         check_budget(keep, flops)  # fail before the model loads
         if not preset.stages:
@@ -168,7 +174,7 @@ def ask(
         run_stats = Stats()
         with timed(run_stats.time, "video_decode_s"):
             clip = engine.decode_video(str(video), frame_options)
-        with err_console.status("loading model…", spinner="dots") if _interactive() else _nothing():
+        with err_console.status("loading model…", spinner="dots") if interactive() else nothing():
             adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
                                  device_map=device_map.value if device_map else None, system_prompt=system)
         if not quiet and not as_json:
@@ -189,8 +195,10 @@ def ask(
     except VidqaError as error:
         fail(error)
         return
+    except OSError as error:
+        fail(file_error(error))
+        return
     except KeyboardInterrupt:
-        err_console.print("interrupted")
         raise typer.Exit(130)
 
     parameters = {
@@ -200,21 +208,21 @@ def ask(
         "keep": keep, "flops": flops, "preset_parameters": preset.parameters(), "positions": preset.positions,
         "max_pixels": max_pixels,
         "sampling": rule.describe() if rule is not None else None, "system_prompt": adapter.system_prompt,
-        "device_map": _placement(adapter.model), "generation": result.generation,
+        "device_map": placement(adapter.model), "generation": result.generation,
     }
-    if as_json:
-        from .report import ask_record
+    try:
+        if as_json:
+            from .report import ask_record
 
-        record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
-        record["notes"] = adapter.placement_notes + record["notes"]  # e.g. that the model was sharded
-        sys.stdout.write(json.dumps(record) + "\n")
-        return
-    if streaming:
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(result.text + "\n")
-    sys.stdout.flush()
-    if quiet:
+            record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
+            record["notes"] = adapter.placement_notes + record["notes"]  # e.g. that the model was sharded
+            sys.stdout.write(json.dumps(record) + "\n")
+        else:
+            sys.stdout.write("\n" if streaming else result.text + "\n")
+        sys.stdout.flush()  # here, not at exit: a full disk is reported, not ignored
+    except OSError as error:
+        fail(file_error(_named(error, sys.stdout)))
+    if as_json or quiet:
         return
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
@@ -224,39 +232,27 @@ def ask(
         print_stats(result.stats, preset.name, err_console)
 
 
-def _placement(model) -> dict | None:
-    """{device: modules placed there} for a sharded model; None on one device."""
-    mapping = getattr(model, "hf_device_map", None)
-    if not mapping or len(set(mapping.values())) < 2:
-        return None
-    counts: dict[str, int] = {}
-    for where in mapping.values():
-        counts[str(where)] = counts.get(str(where), 0) + 1
-    return counts
-
-
-def _interactive() -> bool:
-    return sys.stderr.isatty()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _named(error: OSError, stream) -> OSError:
+    """The error with the file behind `stream` as its filename (writes to stdout carry none)."""
+    if error.filename is None:
+        error.filename = stream_name(stream)
+    return error
 
 
 def _stdout_writer():
     def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as error:
+            raise _named(error, sys.stdout) from None
 
     return write
 
 
 def main() -> None:
-    """Console entry point: one line per error, never a traceback (VIDQA_DEBUG=1 shows it)."""
+    """Run the app: one line per error, never a traceback (VIDQA_DEBUG=1 shows it). The console
+    entry point is vidqa.entry.main, which also turns Ctrl-C during these imports into exit 130."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
@@ -264,14 +260,16 @@ def main() -> None:
         if os.environ.get("VIDQA_DEBUG"):
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {error} (set VIDQA_DEBUG=1 for the traceback)",
+            f"[bold red]internal error:[/] {escape(type(error).__name__)}: {escape(str(error))} "
+            "(set VIDQA_DEBUG=1 for the traceback)",
             soft_wrap=True,
         )
         sys.exit(1)
 
 
 # `vidqa presets` ---------------------------------------------------------------------------
-presets_app = typer.Typer(help="List pruning presets, or show one's resolved parameters.", invoke_without_command=True)
+presets_app = typer.Typer(help="List pruning presets, or show one's resolved parameters.", invoke_without_command=True,
+                          rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
 
 
@@ -348,27 +346,34 @@ def presets_show(
 # `vidqa models` ----------------------------------------------------------------------------
 @app.command("models")
 def models_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a list.")] = False,
 ) -> None:
-    """List the supported model families: family, model_type, class, example checkpoints."""
+    """List the supported model families (model_type, class, example checkpoints) and the bundled models."""
+    from .hub import bundled_models
     from .models import ADAPTERS
 
+    shipped = bundled_models()
     rows = [
         {"family": a.family, "model_types": list(a.model_types), "class": a.model_class,
-         "checkpoints": list(a.checkpoints), "max_pixels": a.supports_max_pixels}
+         "checkpoints": list(a.checkpoints), "max_pixels": a.supports_max_pixels,
+         "bundled": [name for name, b in shipped.items() if b.family == a.family]}
         for a in ADAPTERS
     ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
-
-    table = Table(title="supported models (--model HUB_ID or a local checkpoint of these classes)", title_justify="left")
-    for column in ("family", "model_type", "class", "example checkpoints"):
-        table.add_column(column, overflow="fold")
+    # A plain list, one checkpoint id per line: ids are never cut mid-word on a narrow terminal.
+    typer.echo("Supported families (--model HUB_ID, or a local checkpoint directory of these classes):")
     for row in rows:
-        table.add_row(row["family"], ", ".join(row["model_types"]), row["class"], "\n".join(row["checkpoints"]))
-    Console().print(table)
+        typer.echo(f"\n{row['family']}  (model_type {', '.join(row['model_types'])}; {row['class']})")
+        for checkpoint in row["checkpoints"]:
+            default = "  (default)" if checkpoint == DEFAULT_MODEL else ""
+            typer.echo(f"  {checkpoint}{default}")
+    typer.echo("\nBundled (no download, works offline):")
+    for name, item in shipped.items():
+        typer.echo(f"  --model {name}  {item.description} ({item.family}, {item.frames} frames)")
 
 
-from . import cli_batch  # noqa: E402,F401  (registers batch/summarize)
+# `vidqa batch`, `vidqa summarize` (vidqa/cli_batch.py) ---------------------------------------
+app.command(epilog=cli_batch.BATCH_EXIT_CODES)(cli_batch.batch)
+app.command(epilog=cli_batch.SUMMARIZE_EXIT_CODES)(cli_batch.summarize)

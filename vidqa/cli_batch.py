@@ -1,4 +1,4 @@
-"""`vidqa batch` and `vidqa summarize`: registered on the app in vidqa/cli.py (imported at its end)."""
+"""`vidqa batch` and `vidqa summarize`: plain functions that vidqa/cli.py registers on the app."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from .cli import (
+from .cli_common import (
     DEFAULT_MODEL,
-    AttnOpt,
     Attention,
+    AttnOpt,
     Device,
+    DeviceMapOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
@@ -26,25 +28,30 @@ from .cli import (
     ParamOpt,
     SeedOpt,
     StartOpt,
+    SystemOpt,
     TemperatureOpt,
-    _check_generation,
-    app,
+    check_generation,
     err_console,
     fail,
+    file_error,
+    frames_for_model,
+    interactive,
+    nothing,
 )
 from .errors import BadInput, VidqaError
 
 BATCH_EXIT_CODES = (
     "Exit codes: 0 every record succeeded · 1 some record has an error, or a runtime failure "
-    "(model load) · 2 bad input (the CSV, an option) · 130 interrupted (rerun to resume)."
+    "(model load, hub unreachable, disk full) · 2 bad input (the CSV, an option) · 130 interrupted (rerun to resume)."
 )
+SUMMARIZE_EXIT_CODES = "Exit codes: 0 ok · 2 bad input (missing or unreadable results file, no records)."
 
 OutputOpt = Annotated[
     Optional[Path],
     typer.Option("--output", "-o", help="Results file: .jsonl (full records) or .csv (main stats flattened).",
                  show_default=False),
 ]
-PruneListOpt = Annotated[str, typer.Option("--prune", help="Comma-separated presets to sweep, e.g. none,fastv,prunevid.")]
+PruneListOpt = Annotated[str, typer.Option("--prune", "-p", help="Comma-separated presets to sweep, e.g. none,fastv,prunevid.")]
 KeepListOpt = Annotated[
     Optional[str],
     typer.Option("--keep", help="Comma-separated fractions of visual tokens to keep, e.g. 0.1,0.3 "
@@ -57,13 +64,12 @@ PlotOpt = Annotated[
 ]
 
 
-@app.command(epilog=BATCH_EXIT_CODES)
 def batch(
-    questions: Annotated[Path, typer.Argument(help="CSV with columns video, question (optional: id, answer, options, prune, keep).",
+    questions: Annotated[Path, typer.Argument(help="CSV with columns video, question (optional: id, expected, options, prune, keep).",
                                               show_default=False)],
     output: OutputOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
-    frames: FramesOpt = 32,
+    frames: FramesOpt = None,
     fps: FpsOpt = None,
     start: StartOpt = None,
     end: EndOpt = None,
@@ -71,6 +77,8 @@ def batch(
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attention.sdpa,
     max_pixels: MaxPixelsOpt = None,
+    device_map: DeviceMapOpt = None,
+    system: SystemOpt = None,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -101,8 +109,10 @@ def batch(
         if output is None:
             raise BadInput("--output/-o is required: where to write the records, e.g. -o results.jsonl")
         output_format(output)
-        _check_generation(max_new_tokens, temperature)
-        _check_options(None if fps is not None else frames, fps, start, end)
+        check_generation(max_new_tokens, temperature)
+        frames = frames_for_model(model, frames)
+        # frames None and no --fps: the family's reference sampling, chosen once the inputs are checked
+        _check_options(None if fps is not None else (frames if frames is not None else 1), fps, start, end)
         presets = batching.parse_prune_list(prune)
         keeps = batching.parse_keep_list(keep)
         overrides = batching.parse_overrides(param)
@@ -110,15 +120,21 @@ def batch(
             raise BadInput(f"--cache-mb must be 0 or more, got {cache_mb}")
         if plot is not None:
             check_matplotlib()
-        rows = batching.read_questions(questions)
+        csv_notes: list[str] = []
+        rows = batching.read_questions(questions, csv_notes)
+        for note in csv_notes if not quiet else []:
+            err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         batching.check_presets(rows, presets, overrides, questions)
         if output.exists() and output.resolve() == questions.resolve():
             raise BadInput(f"--output {output} is the questions file; write the results to another file")
         if output.is_dir():
             raise BadInput(f"--output {output} is a directory; give a .jsonl or .csv file name")
+        from .models import frame_rule_for
+
+        rule = frame_rule_for(model) if frames is None and fps is None else None
         settings = batching.Settings(
             model=model,
-            frame_options=engine.FrameOptions(frames=frames, fps=fps, start=start, end=end),
+            frame_options=engine.FrameOptions(frames=frames, fps=fps, start=start, end=end, sampling=rule),
             generation=engine.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
             overrides=overrides,
             attn=attn.value,
@@ -133,6 +149,8 @@ def batch(
                                   f"interrupted write); it will be redone", soft_wrap=True)
             existing = found.records
             batching.check_same_settings(existing, settings, output)
+            if found.upgraded:  # schema-1 records: rewrite them in today's layout before appending
+                rewrite_records(output, existing)
             if retry_errors and any(r.get("error") for r in existing):
                 existing = [r for r in existing if not r.get("error")]
                 rewrite_records(output, existing)
@@ -146,12 +164,13 @@ def batch(
         new: list[dict] = []
         if todo:
             new = _run(todo, len(tasks), settings, output, device, dtype, attn, cache_mb, overwrite=not resume,
-                       quiet=quiet, verbose=verbose, max_pixels=max_pixels)
+                       quiet=quiet, verbose=verbose, max_pixels=max_pixels,
+                       device_map=device_map, system=system)
     except VidqaError as error:
         fail(error)
         return
     except OSError as error:
-        fail(_file_error(error))
+        fail(file_error(error, resumable=True))
         return
     except KeyboardInterrupt:
         err_console.print(f"interrupted; the records done are in {output}: run the same command again to resume",
@@ -167,7 +186,7 @@ def batch(
     except VidqaError as error:
         plot_error = error
     except OSError as error:
-        plot_error = _file_error(error)
+        plot_error = file_error(error)
     else:
         plot_error = None
     if failed:
@@ -177,16 +196,6 @@ def batch(
         fail(plot_error)
     if failed:
         raise typer.Exit(1)
-
-
-def _file_error(error: OSError) -> VidqaError:
-    """A file that cannot be read or written: the user's to fix (exit 2) unless the disk failed."""
-    from .errors import RuntimeFailure
-
-    what = f"{error.filename}: {error.strerror or error}" if error.filename else str(error)
-    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):
-        return BadInput(f"cannot use {what}")
-    return RuntimeFailure(f"file error: {what}")
 
 
 def _first_per_key(records: list[dict], record_key) -> list[dict]:
@@ -199,21 +208,22 @@ def _first_per_key(records: list[dict], record_key) -> list[dict]:
     return unique
 
 
-def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None) -> list[dict]:
-    from rich.markup import escape
-
+def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None,
+         device_map=None, system=None) -> list[dict]:
     from . import batch as batching
     from .batch_store import RecordWriter
-    from .cli import _interactive, _nothing
     from .models import load_model
 
-    interactive = _interactive()
-    with err_console.status("loading model…", spinner="dots") if interactive and not quiet else _nothing():
+    on_terminal = interactive()
+    with err_console.status("loading model…", spinner="dots") if on_terminal and not quiet else nothing():
         adapter = load_model(settings.model, device=device.value, dtype=dtype.value, attn=attn.value,
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, device_map=device_map.value if device_map else None,
+                             system_prompt=system)
+    for note in adapter.placement_notes if not quiet else []:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     runner = batching.Runner(adapter, settings, batching.ClipCache(cache_mb * 2**20))
     already = total - len(todo)
-    progress = _progress() if interactive and not quiet else None
+    progress = _progress() if on_terminal and not quiet else None
     counter = {"done": already}
 
     def on_start(task):
@@ -229,7 +239,7 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
             if record["error"]:
                 outcome = f"[red]error:[/] {escape(record['error'])}"
             else:
-                outcome = f"{escape(repr(record['prediction']))} ({record['stats']['time']['total_s']:.2f} s)"
+                outcome = f"{escape(repr(record['answer']))} ({record['stats']['time']['total_s']:.2f} s)"
             (progress.console if progress is not None else err_console).print(
                 f"\\[{counter['done']}/{total}] {escape(record['id'])} · {escape(record['preset'])}{keep} · {outcome}",
                 soft_wrap=True, highlight=False,
@@ -272,7 +282,6 @@ def _report(records: list[dict], plot: Path | None, quiet: bool, title: str, con
     return rows
 
 
-@app.command(epilog="Exit codes: 0 ok · 2 bad input (missing or unreadable results file, no records).")
 def summarize(
     results: Annotated[Path, typer.Argument(help="Output of vidqa batch (.jsonl or .csv).", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
@@ -323,4 +332,4 @@ def summarize(
     except VidqaError as error:
         fail(error)
     except OSError as error:
-        fail(_file_error(error))
+        fail(file_error(error))

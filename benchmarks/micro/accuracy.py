@@ -47,7 +47,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DEFAULT_MODEL = HERE / "checkpoint"
+DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
 DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 FRAMES = 8
@@ -240,7 +240,7 @@ def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
                    tasks: Sequence[tuple[str, int, float]], frames: int = FRAMES, done: Iterable = (),
                    write=None) -> list[dict]:
     """Answer every row under every (selection, budget) through vidqa.engine.answer -> records
-    shaped like `vidqa batch`'s (id, preset = selection, keep, prediction, correct, stats...)."""
+    shaped like `vidqa batch`'s (id, preset = selection, keep, answer, expected, correct, stats...)."""
     from vidqa import engine
     from vidqa.batch_summary import normalize_keep, score
     from vidqa.report import ask_record
@@ -261,8 +261,9 @@ def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
         for row, (name, budget, keep) in todo:
             index = int(row["clip"])
             pruner = SubsetPruner(name, budget, manifest["clips"][index], seed=index)
-            record = {"schema": 1, "id": row["id"], "video": video, "question": row["question"], "options": None,
-                      "answer": row["answer"], "prediction": None, "correct": None, "preset": name, "keep": keep,
+            expected = row.get("expected", row.get("answer"))  # `answer`: a folder made before the rename
+            record = {"schema": 2, "id": row["id"], "video": video, "question": row["question"], "options": None,
+                      "expected": expected, "answer": None, "correct": None, "preset": name, "keep": keep,
                       "error": None, "model": None, "parameters": {"frames": frames, "tokens_kept": budget},
                       "stats": None, "pruning": {}, "notes": []}
             try:
@@ -271,7 +272,7 @@ def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
                 record["error"] = f"{type(error).__name__}: {error}"
             else:
                 built = ask_record(result, model="", preset=name, parameters={})
-                record.update(prediction=result.text, correct=score(result.text, row["answer"], []),
+                record.update(answer=result.text, correct=score(result.text, expected, []),
                               stats=built["stats"])
             records.append(record)
             if write is not None:

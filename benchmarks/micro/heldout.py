@@ -8,10 +8,10 @@ Clip i is `vidqa.micro.world.heldout_clip(i, seed)` (8 frames, 112 px), written 
 would be). Every clip is asked every question type of `world.QUESTIONS` (7 per clip), so the
 set is regenerable from (seed, clips) and nothing here needs to be committed.
 
-questions.csv columns: id, video, question, answer, type, clip.
+questions.csv columns: id, video, question, expected (the ground truth), type, clip.
 - id = `c{clip:04d}-{type}`, e.g. `c0042-square_start`: the type can be read back from the id
   (`type_of_id`), because `vidqa batch` ignores columns it does not know (`type`, `clip`) and
-  its records carry only id/video/question/answer.
+  its records carry only id/video/question/expected.
 - video is relative to the CSV's folder (`clips/c0042.mp4`), as `vidqa batch` resolves it.
 
 `manifest.json` records the seed, clip count, frames, fps and, per clip, the ground truth that
@@ -35,7 +35,7 @@ DEFAULT_CLIPS = 300
 FPS = 4.0
 CSV_NAME = "questions.csv"
 MANIFEST_NAME = "manifest.json"
-COLUMNS = ("id", "video", "question", "answer", "type", "clip")
+COLUMNS = ("id", "video", "question", "expected", "type", "clip")
 
 
 def clip_id(index: int, kind: str) -> str:
@@ -116,7 +116,7 @@ def generate(
                 continue
             rows.append({
                 "id": clip_id(index, kind), "video": f"clips/c{index:04d}.mp4", "question": world.QUESTIONS[kind],
-                "answer": answer, "type": kind, "clip": index,
+                "expected": answer, "type": kind, "clip": index,
             })
     manifest = dict(settings, clips={str(i): truth[i] for i in indices}, types=list(types), questions=len(rows))
     manifest_path.write_text(json.dumps(manifest) + "\n")

@@ -41,7 +41,12 @@ MICRO_SIZE = LlavaOnevisionSize(
 
 
 def build_processor(size: LlavaOnevisionSize = MICRO_SIZE):
-    return llava_onevision_processor(size, build_word_tokenizer(list(VOCABULARY)))
+    from tokenizers import normalizers
+
+    tokenizer = build_word_tokenizer(list(VOCABULARY))
+    # The vocabulary is lowercase: "Which way does the square move?" reads as the world's question.
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return llava_onevision_processor(size, tokenizer)
 
 
 def build_micro_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadInput, RuntimeFailure
+from ..hub import DEFAULT_MODEL, config_error, resolve_model
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .placement import Placement, plan_placement
 from .llava_onevision import LlavaOnevisionAdapter
@@ -12,7 +13,6 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)
-DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 __all__ = [
     "ADAPTERS",
@@ -71,11 +71,7 @@ def _read_config(model_id: str):
     try:
         return AutoConfig.from_pretrained(str(local) if looks_local else model_id)
     except OSError as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInput(
-            f"cannot load model '{model_id}': {message}. Check the hub id, or, offline, "
-            "download it where the hub is reachable and pass --model /path/to/checkpoint"
-        ) from None
+        raise config_error(model_id, error) from None
     except ValueError as error:
         raise BadInput(f"cannot read the config of '{model_id}': {str(error).splitlines()[0]}") from None
 
@@ -83,6 +79,7 @@ def _read_config(model_id: str):
 def frame_rule_for(model_id: str):
     """The family's reference frame rule for a checkpoint (reads its config only, no weights):
     what `--frames`/`--fps` replace. See `vidqa.frame_rules`."""
+    model_id = resolve_model(model_id)  # fast, one-line failure without the hub (vidqa.hub)
     adapter_class = adapter_for(_read_config(model_id).model_type)
     return adapter_class.reference_frame_rule(_source(model_id))
 
@@ -118,6 +115,7 @@ def load_model(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    model_id = resolve_model(model_id)  # bundled name, hub id or cached snapshot; fails fast offline
     config = _read_config(model_id)
     adapter_class = adapter_for(config.model_type)
     adapter_class.check_max_pixels(max_pixels)  # before the weights load
