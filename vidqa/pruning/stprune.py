@@ -113,7 +113,7 @@ def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
     sums = torch.zeros_like(centres).index_add_(0, assign, pool)
     mean = sums / counts.clamp(min=1)
     weight = (1 / (counts + 1)).clamp(min=beta)
-    return weight * centres + (1 - weight) * mean
+    return centres + (1 - weight) * (mean - centres)  # = w*centre + (1-w)*mean; exact when mean == centre
 
 
 @dataclass(frozen=True)

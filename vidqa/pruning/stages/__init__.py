@@ -5,6 +5,7 @@ from __future__ import annotations
 from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
 from .fastv import LastTokenAttention
+from .fastvid import DySegStage, STPruneStage
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
 
@@ -13,6 +14,7 @@ STAGES: dict[str, type[Stage]] = {
         LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect,
         SegmentDedup, DebiasedSegmentSelect,
         RaterAttentionPrune,
+        DySegStage, STPruneStage,
     )
 }
 
