@@ -3,8 +3,7 @@ the decoder hooks for the in-LLM stages."""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .. import flops as flops_model
 from ..errors import BadInput
@@ -47,9 +46,7 @@ class PresetPruner(Pruner):
         layers = [layer for layer, _ in self.bound]
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
-        # pre-LLM-only presets: --keep/--flops set the `ratio` of the before-LLM stages that have one
-        self.before_ratio = not self.bound and any("ratio" in s.parameter_specs() for _, s in preset.before_llm)
-        if (keep is not None or flops is not None) and not self.bound and not self.before_ratio:
+        if (keep is not None or flops is not None) and not self.bound:
             raise BadInput(f"preset '{preset.name}' has no in-LLM budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
             reason = getattr(stage, "unsolvable", None)
@@ -63,10 +60,7 @@ class PresetPruner(Pruner):
     # -- before the LLM ----------------------------------------------------------------------
     def before_llm(self, tokens, state: RequestState):
         with stage_threads(state.device):
-            ratio = self._solve_before(len(tokens), state)
             for name, stage in self.preset.before_llm:
-                if ratio is not None and "ratio" in stage.parameter_specs():
-                    stage = replace(stage, ratio=ratio)
                 tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens))
         synchronize(state.device)
@@ -75,8 +69,6 @@ class PresetPruner(Pruner):
 
     # -- inside the LLM ----------------------------------------------------------------------
     def inside_llm(self, inputs, state: RequestState):
-        if not self.bound:  # a pre-LLM-only preset: nothing to attach
-            return contextlib.nullcontext()
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]
@@ -92,25 +84,6 @@ class PresetPruner(Pruner):
         if prune_cache and len(self.bound) > 1:
             raise BadInput("prune_cache works with a single in-LLM stage")
         return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache)
-
-    def _solve_before(self, num_tokens: int, state) -> float | None:
-        """The pre-LLM retention `ratio` for --keep (itself) or --flops (solved for round(ratio * n)
-        tokens in every layer); None = the stages' own defaults."""
-        if not self.before_ratio or (self.keep is None and self.flops is None):
-            return None
-        if self.keep is not None:
-            ratio = self.keep
-        else:
-            llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
-            vanilla = flops_model.visual_prefill_macs(llm, [num_tokens] * self.num_layers)
-            low, high = 0.0, 1.0
-            for _ in range(40):
-                middle = (low + high) / 2
-                macs = flops_model.visual_prefill_macs(llm, [round(middle * num_tokens)] * self.num_layers)
-                low, high = (middle, high) if macs / vanilla <= self.flops else (low, middle)
-            ratio = low
-        state.details["budget"] = {"ratio": round(ratio, 6), "where": "before LLM"}
-        return ratio
 
     def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
         """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""
