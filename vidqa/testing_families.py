@@ -67,8 +67,12 @@ def build_tiny_qwen2_5_vl(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     weight_scale: float = 15.0,
+    window_size: int = 112,
 ) -> Path:
     """Save a random Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor under `path`.
+
+    window_size: the vision tower's attention window in px (112 = one window per frame); every
+    block but the last attends within windows.
 
     The video processor's pixel budget is exactly one `frame_size` x `frame_size` frame, so a
     112 px clip stays 112 px: 8x8 patches of 14 px, 2x2 merged to 4x4 tokens per temporal patch.
@@ -112,7 +116,7 @@ def build_tiny_qwen2_5_vl(
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
         "tokens_per_second": tokens_per_second,
-        "window_size": 112,
+        "window_size": window_size,
         "out_hidden_size": text_hidden,
         "fullatt_block_indexes": [vision_layers - 1],
     }

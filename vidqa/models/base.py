@@ -33,8 +33,11 @@ class VisualTokens:
     seq_index: torch.Tensor
     grid: tuple[int, int, int]  # (frames, rows, cols) of the unpruned video
     fixed_features: torch.Tensor | None = None
-    # per-token annotations added by stages (e.g. PruneVid's segment id and static flag), each (num_tokens,)
+    # per-token annotations added by stages (e.g. PruneVid's segment id and static flag), each (num_tokens, ...);
+    # "vision_attention" (num_tokens,) and "vision_keys" (num_tokens, head_dim) when a stage asked for
+    # vision-encoder attention (models/vision_attention.py)
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    vision_layer: int | None = None  # absolute encoder layer the vision_* meta came from
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -75,6 +78,7 @@ class VisualTokens:
             grid=self.grid,
             fixed_features=self.fixed_features,
             meta={name: values[index] for name, values in self.meta.items()},
+            vision_layer=self.vision_layer,
         )
 
     def replace(self, **changes) -> "VisualTokens":
@@ -159,6 +163,44 @@ class ModelAdapter:
         the video keeps its positions too); "compact" renumbers the shortened prompt 0..n-1.
         """
         raise NotImplementedError
+
+    # --- vision-encoder attention (pre-LLM saliency, models/vision_attention.py) ---------
+    def observe_vision_layer(self, prompt: Prompt, layer: int):
+        """A `VisionProbe` on encoder layer `layer` (negative: back from the feature layer) that,
+        entered around `encode_video(prompt)`, yields that layer's attention per LLM token.
+        The one method a family implements to support vision-attention stages."""
+        from ..errors import BadInput
+
+        raise BadInput(f"{self.family} cannot report vision-encoder attention yet; pick another preset")
+
+    def encode_video_for(self, prompt: Prompt, vision_layer: int | None = None) -> VisualTokens:
+        """`encode_video`, with `encode_video_with_attention` when a stage asked for a vision layer."""
+        if vision_layer is None:
+            return self.encode_video(prompt)
+        return self.encode_video_with_attention(prompt, vision_layer)
+
+    def vision_layer_index(self, prompt: Prompt, layer: int) -> int:
+        """The absolute encoder layer `layer` names (negative: back from the feature layer)."""
+        return self.observe_vision_layer(prompt, layer).layer
+
+    def encode_video_with_attention(self, prompt: Prompt, layer: int) -> VisualTokens:
+        """`encode_video` plus meta["vision_attention"] (num_tokens,) and meta["vision_keys"]
+        (num_tokens, head_dim) from encoder layer `layer`, aligned with the tokens."""
+        probe = self.observe_vision_layer(prompt, layer)
+        with probe:
+            tokens = self.encode_video(prompt)
+        observed = probe.result()
+        if observed.received.shape[0] != len(tokens):
+            from ..errors import RuntimeFailure
+
+            raise RuntimeFailure(
+                f"{self.family}: vision attention for {observed.received.shape[0]} tokens, but {len(tokens)} visual tokens"
+            )
+        device = tokens.features.device
+        tokens.meta["vision_attention"] = observed.received.to(device)
+        tokens.meta["vision_keys"] = observed.keys.to(device)
+        tokens.vision_layer = observed.layer
+        return tokens
 
     # --- decoder internals the in-LLM stages need ----------------------------------------
     @property

@@ -13,6 +13,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .vision_attention import VisionProbe, bilinear_pool, read_siglip_attention, resolve_vision_layer
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
@@ -85,3 +86,22 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return GenerationInputs(
             kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=start + num_video_rows
         )
+
+    # --- vision-encoder attention ----------------------------------------------------------
+    def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:
+        """SigLIP layer `layer` (-1: the layer `vision_feature_layer` reads); its 27x27 patch
+        values are resized to 14x14 exactly as `apply_pooling` resizes the features."""
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest vision_model
+        feature = self.model.config.vision_feature_layer
+        hidden_index = max(feature) if isinstance(feature, (list, tuple)) else feature
+        if hidden_index < 0:  # hidden_states[i] is the output of layer i - 1
+            hidden_index += len(layers) + 1
+        index = resolve_vision_layer(layer, len(layers), feature_layer=hidden_index - 1)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+
+        def to_tokens(received, keys):
+            return bilinear_pool(received, side), bilinear_pool(keys, side)
+
+        return VisionProbe(layers[index].self_attn, index, read_siglip_attention, to_tokens)

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import BadInput, RuntimeFailure
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
 
 MIN_PIXELS = 28 * 28  # one merged token
 
@@ -159,3 +160,31 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         visual_rows = torch.arange(start, start + len(tokens))
         return GenerationInputs(kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows,
                                 text_start=start + len(tokens))
+
+    # --- vision-encoder attention ----------------------------------------------------------
+    def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:
+        """Vision block `layer` (-1: the last, which the merger reads). Windowed blocks attend
+        within windows, full-attention blocks within one temporal patch (two frames, one token
+        each already); values are un-permuted from window order and averaged over each 2x2 unit."""
+        visual = self.model.model.visual
+        index = resolve_vision_layer(layer, len(visual.blocks))
+        window_index = qwen_window_index(visual, prompt.inputs["video_grid_thw"])
+        unit = self.spatial_merge_size ** 2
+
+        def to_tokens(received, keys):
+            return merge_unit_mean(received, window_index, unit), merge_unit_mean(keys, window_index, unit)
+
+        return VisionProbe(visual.blocks[index].attn, index, read_qwen_vision_attention, to_tokens)
+
+
+def qwen_window_index(visual, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(merge units,) the order the vision tower permutes merge units into for window attention."""
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # transformers before the vision_utils module: the tower's own method
+        return visual.get_window_index(grid_thw)[0]
+    window_index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    return window_index

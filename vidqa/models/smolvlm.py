@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import RuntimeFailure
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .vision_attention import VisionProbe, block_mean, read_siglip_attention, resolve_vision_layer
 
 
 def span_starts(rows: torch.Tensor) -> torch.Tensor:
@@ -133,3 +134,18 @@ class SmolVLMAdapter(ModelAdapter):
         last_visual = int(visual.max()) if len(visual) else -1
         text_start = int((seq_index <= last_visual).sum())
         return GenerationInputs(kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=text_start)
+
+    # --- vision-encoder attention ----------------------------------------------------------
+    def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:
+        """SigLIP layer `layer` (-1: the last, which the connector reads after post_layernorm);
+        each scale x scale block of patches that the pixel shuffle folds into one token is averaged."""
+        layers = self.model.model.vision_model.encoder.layers
+        index = resolve_vision_layer(layer, len(layers))
+        patch = self.model.config.vision_config.patch_size
+        scale = self.model.config.scale_factor
+        side = prompt.inputs["pixel_values"].shape[-1] // patch
+
+        def to_tokens(received, keys):
+            return block_mean(received, side, scale), block_mean(keys, side, scale)
+
+        return VisionProbe(layers[index].self_attn, index, read_siglip_attention, to_tokens)

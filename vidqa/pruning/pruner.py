@@ -3,7 +3,8 @@ the decoder hooks for the in-LLM stages."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 
 from .. import flops as flops_model
 from ..errors import BadInput
@@ -37,16 +38,36 @@ def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: i
     return counts
 
 
+def pre_llm_budget_stage(preset) -> tuple[str, object] | None:
+    """The pre-LLM stage whose `ratio` --keep/--flops solve when the preset has no in-LLM stage:
+    the one before-LLM stage with a `ratio` parameter and `kept_count(num_in, grid, ratio)`."""
+    if preset.inside_llm:
+        return None
+    candidates = [(name, stage) for name, stage in preset.before_llm
+                  if "ratio" in stage.parameter_specs() and hasattr(stage, "kept_count")]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def requested_vision_layer(preset) -> int | None:
+    """The encoder layer the preset's stages read vision attention from (`vision_layer`), or None."""
+    layers = {stage.vision_layer for _, stage in preset.stages if getattr(stage, "vision_layer", None) is not None}
+    if len(layers) > 1:
+        raise BadInput(f"preset '{preset.name}': its stages ask for different vision layers {sorted(layers)}; use one")
+    return layers.pop() if layers else None
+
+
 class PresetPruner(Pruner):
     def __init__(self, preset, adapter, keep=None, flops=None):
         self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
         self.positions = preset.positions
+        self.vision_layer = requested_vision_layer(preset)
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
         layers = [layer for layer, _ in self.bound]
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
-        if (keep is not None or flops is not None) and not self.bound:
+        self.budget_stage = pre_llm_budget_stage(preset)
+        if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
             raise BadInput(f"preset '{preset.name}' has no in-LLM budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
             reason = getattr(stage, "unsolvable", None)
@@ -59,16 +80,57 @@ class PresetPruner(Pruner):
 
     # -- before the LLM ----------------------------------------------------------------------
     def before_llm(self, tokens, state: RequestState):
+        solved = self._solve_before(tokens, state) if self.budget_stage else None
         with stage_threads(state.device):
             for name, stage in self.preset.before_llm:
+                if solved is not None and name == self.budget_stage[0]:
+                    stage = replace(stage, ratio=solved)  # a fresh stage for this request
                 tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens))
         synchronize(state.device)
         state.llm_tokens = tokens
         return tokens
 
+    def _solve_before(self, tokens, state) -> float | None:
+        """The pre-LLM stage's `ratio` meeting --keep (retention = kept/total, the same in every
+        layer) or --flops, from its kept_count(num_in, grid, ratio)."""
+        if self.keep is None and self.flops is None:
+            return None
+        name, stage = self.budget_stage
+        total = len(tokens)
+        llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
+        vanilla = flops_model.visual_prefill_macs(llm, [total] * self.num_layers)
+
+        def measure(ratio: float) -> float:
+            kept = stage.kept_count(total, tokens.grid, ratio)
+            if self.keep is not None:
+                return kept / total
+            return flops_model.visual_prefill_macs(llm, [kept] * self.num_layers) / vanilla
+
+        target = self.keep if self.keep is not None else self.flops
+        option = "--keep" if self.keep is not None else "--flops"
+        lowest = measure(0.0)
+        if target < lowest - 1e-9:
+            raise BadInput(f"{option} {target} is below what '{self.preset.name}' can reach on this clip (at least {lowest:.3f})")
+        low, high = 0.0, 1.0  # largest ratio whose measure does not exceed the target
+        if measure(high) <= target + 1e-12:
+            low = high
+        for _ in range(40):
+            if low == high:
+                break
+            middle = (low + high) / 2
+            if measure(middle) <= target + 1e-12:
+                low = middle
+            else:
+                high = middle
+        ratio = low if abs(measure(low) - target) <= abs(measure(high) - target) else high
+        state.details["budget"] = {"ratio": round(ratio, 6), "stage": name}
+        return ratio
+
     # -- inside the LLM ----------------------------------------------------------------------
     def inside_llm(self, inputs, state: RequestState):
+        if not self.bound:  # pre-LLM stages only: nothing to attach to the decoder
+            return contextlib.nullcontext()
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]

@@ -72,6 +72,8 @@ class Pruner:
     """What the engine calls. The default does nothing: that is the `none` preset."""
 
     positions = "original"
+    # vision-encoder layer whose attention a stage reads (models/vision_attention.py); None = none
+    vision_layer: int | None = None
 
     def before_llm(self, tokens, state: RequestState):
         """Prune/merge the video's tokens before the LLM; returns VisualTokens."""

@@ -8,12 +8,14 @@ from .fastv import LastTokenAttention
 from .fastvid import DySegStage, STPruneStage
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
+from .visionzip import VisionZip
 
 STAGES: dict[str, type[Stage]] = {
     stage.kind: stage for stage in (
         LastTokenAttention, SpatioTemporalMerge, QuestionAttentionSelect,
         SegmentDedup, DebiasedSegmentSelect,
         RaterAttentionPrune,
+        VisionZip,
         DySegStage, STPruneStage,
     )
 }
