@@ -3,6 +3,7 @@ changes and attention hot spots, budgets, and the preset's --keep/--flops mappin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,8 @@ from vidqa.pruning.presets import load_preset
 from vidqa.pruning.segments import similarity_segments
 from vidqa.pruning.stages.fastvid import DySegStage, STPruneStage
 from vidqa.pruning.stprune import merge_into_centres, stprune, stprune_plan
+from vidqa.testing import build_tiny_llava_onevision
+from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fastvid"
 
@@ -193,3 +196,58 @@ def test_preset_defaults_are_the_authors_llava_ov_script():
     assert params["dyseg"] == {"min_segments": 8, "tau": 0.9}
     assert params["stprune"] == {"ratio": 0.1, "context_share": 0.4, "anchor_every": 4, "beta": 0.6, "vision_layer": -1}
     assert preset.positions == "original" and preset.where == "before LLM"
+
+
+# --- every family, end to end -----------------------------------------------------------------
+
+QUESTION = "what happens in this video ?"
+BUILDERS = {"llava": build_tiny_llava_onevision, "qwen": build_tiny_qwen2_5_vl, "smol": build_tiny_smolvlm}
+UNITS = {"llava": 8, "qwen": 4, "smol": 8}  # frame units at --frames 8 (Qwen: 2-frame temporal patches), 16 tokens each
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {name: build(tmp_path_factory.mktemp(f"fastvid-{name}")) for name, build in BUILDERS.items()}
+
+
+def ask_json(run_cli, checkpoint, video, *extra):
+    result = run_cli(["ask", video, QUESTION, "--model", checkpoint, "--frames", "8", "--max-new-tokens", "6",
+                      "--json", *extra])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_keep_one_matches_none(run_cli, checkpoints, square_video, family):
+    reference = ask_json(run_cli, checkpoints[family], square_video)
+    pruned = ask_json(run_cli, checkpoints[family], square_video, "--prune", "fastvid", "--keep", "1")
+    assert pruned["stats"]["tokens"]["layer_avg_retention"] == 1.0
+    assert pruned["answer"] == reference["answer"]
+    assert pruned["stats"]["tokens"]["generated_tokens"] == reference["stats"]["tokens"]["generated_tokens"]
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_keep_flops_and_defaults_on_every_family(run_cli, checkpoints, square_video, family):
+    units = UNITS[family]
+    record = ask_json(run_cli, checkpoints[family], square_video, "--prune", "fastvid", "--keep", "0.25")
+    tokens = record["stats"]["tokens"]
+    assert tokens["visual_tokens_per_stage"] == {"vision encoder": units * 16, "dyseg": units * 16, "stprune": units * 4}
+    assert tokens["layer_avg_retention"] == 0.25  # 4 of 16 per frame unit; every unit its own segment here
+    assert record["pruning"]["dyseg"]["segments"] == [[t, t + 1] for t in range(units)]  # min_segments 8 >= units
+    # one segment: anchors every 4th unit from the end hold the merged tokens; the total is the same
+    record = ask_json(run_cli, checkpoints[family], square_video, "--prune", "fastvid", "--keep", "0.25",
+                      "-P", "min_segments=1", "-P", "tau=0")
+    assert record["pruning"]["dyseg"]["segments"] == [[0, units]]
+    assert record["pruning"]["stprune"] == {"segments": [[0, units]], "salient": units * 3, "context": units}
+    record = ask_json(run_cli, checkpoints[family], square_video, "--prune", "fastvid", "--flops", "0.3")
+    flops = record["stats"]["flops"]
+    one_token_per_unit = flops["paper_vanilla_macs"] / 16 * 1.2  # a step of the per-unit count, with slack for n^2
+    assert abs(flops["paper_fraction"] - 0.3) * flops["paper_vanilla_macs"] <= one_token_per_unit
+    record = ask_json(run_cli, checkpoints[family], square_video, "--prune", "fastvid")
+    assert record["stats"]["tokens"]["visual_tokens_after"] == units  # int(16 * 0.10) = 1 salient token per unit
+
+
+def test_listed_with_its_reference(run_cli):
+    result = run_cli(["presets", "show", "fastvid"])
+    assert result.exit_code == 0 and "LunarShen/FastVID" in result.stdout
+    assert "fastvid" in run_cli(["presets"]).stdout

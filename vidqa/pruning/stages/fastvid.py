@@ -67,7 +67,14 @@ class STPruneStage(BeforeLLM):
     context_share: float = param(0.4, 0.0, 1.0, "d: share of the retained tokens that are density-peak (merged) tokens")
     anchor_every: int = param(4, 1, 1024, "p: every p-th frame of a segment, counted from its last, is an anchor")
     beta: float = param(0.6, 0.0, 1.0, "lowest weight of the density-peak token itself in its merged average")
-    vision_layer: int = param(-1, -64, 64, "vision-encoder layer whose attention ranks tokens (< 0: from the feature layer)")
+    vision_layer: int = param(-1, -64, 63, "vision-encoder layer whose attention ranks tokens (< 0: from the feature layer)")
+
+    def kept_count(self, num_in: int, grid: tuple[int, int, int], ratio: float) -> int:
+        """Tokens kept at `ratio` (for --keep/--flops): max(1, int(P * ratio)) per frame. The
+        segments are not known yet; a segment of L frames may keep up to ceil(L/p) - 1 fewer
+        (anchors get (c * L) // ceil(L / p) each)."""
+        num_frames, rows, cols = grid
+        return num_frames * max(1, int(rows * cols * ratio))
 
     def apply(self, tokens, state):
         num_frames, rows, cols = tokens.grid
