@@ -107,7 +107,7 @@ def answer(
         prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
     with torch.inference_mode():
         cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
-        layer = pruner.vision_layer  # None, or the encoder layer whose attention a pre-LLM stage reads
+        layer = getattr(pruner, "vision_layer", None)  # the encoder layer whose attention a pre-LLM stage reads
         if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
             cached = None  # encoded without that layer's attention
         with timed(stats.time, "vision_encoder_s", device):
