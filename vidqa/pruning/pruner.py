@@ -112,18 +112,21 @@ class PresetPruner(Pruner):
         lowest = measure(0.0)
         if target < lowest - 1e-9:
             raise BadInput(f"{option} {target} is below what '{self.preset.name}' can reach on this clip (at least {lowest:.3f})")
-        low, high = 0.0, 1.0  # largest ratio whose measure does not exceed the target
-        if measure(high) <= target + 1e-12:
-            low = high
-        for _ in range(40):
-            if low == high:
-                break
-            middle = (low + high) / 2
-            if measure(middle) <= target + 1e-12:
-                low = middle
-            else:
-                high = middle
-        ratio = low if abs(measure(low) - target) <= abs(measure(high) - target) else high
+        if self.keep is not None:
+            ratio = self.keep  # retention is the retained fraction itself (up to the stage's rounding)
+        else:
+            low, high = 0.0, 1.0  # measure(low) <= target < measure(high), unless all of it fits
+            if measure(high) <= target + 1e-12:
+                low = high
+            for _ in range(40):
+                if low == high:
+                    break
+                middle = (low + high) / 2
+                if measure(middle) <= target + 1e-12:
+                    low = middle
+                else:
+                    high = middle
+            ratio = low if abs(measure(low) - target) <= abs(measure(high) - target) else high
         state.details["budget"] = {"ratio": round(ratio, 6), "stage": name}
         return ratio
 
