@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import assert_one_line_error
 from vidqa.errors import BadInput
 from vidqa.models.base import VisualTokens
 from vidqa.pruning.dyseg import dyseg_cuts, dyseg_segments
@@ -251,3 +252,9 @@ def test_listed_with_its_reference(run_cli):
     result = run_cli(["presets", "show", "fastvid"])
     assert result.exit_code == 0 and "LunarShen/FastVID" in result.stdout
     assert "fastvid" in run_cli(["presets"]).stdout
+
+
+def test_keep_below_one_token_per_frame_is_refused(run_cli, checkpoints, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints["llava"], "--frames", "8",
+                      "--prune", "fastvid", "--keep", "0.01"])
+    assert_one_line_error(result, "--keep 0.01", "at least 0.062")
