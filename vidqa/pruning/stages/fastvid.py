@@ -63,6 +63,7 @@ class STPruneStage(BeforeLLM):
     Tokens keep their own positions."""
 
     kind: ClassVar[str] = "stprune"
+    budget_param: ClassVar[str] = "ratio"  # --keep/--flops set the retained fraction per frame
     ratio: float = param(0.10, 0.0, 1.0, "retained fraction of each frame's tokens, int(P * ratio) (--keep sets it)")
     context_share: float = param(0.4, 0.0, 1.0, "d: share of the retained tokens that are density-peak (merged) tokens")
     anchor_every: int = param(4, 1, 1024, "p: every p-th frame of a segment, counted from its last, is an anchor")
