@@ -6,6 +6,7 @@ from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
 from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
+from .fastvid import DySegStage, STPruneStage
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
 from .vidcom2 import FrameUniquenessSelect
@@ -19,6 +20,7 @@ STAGES: dict[str, type[Stage]] = {
         TemporalChangeSelect,
         FrameUniquenessSelect,
         VisionZip,
+        DySegStage, STPruneStage,
     )
 }
 
