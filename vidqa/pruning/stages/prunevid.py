@@ -8,7 +8,6 @@ from typing import ClassVar
 
 import torch
 
-from ..cluster import first_member
 from ..decoder import Selection
 from ..merging import prunevid_merge_segment
 from ..segments import prunevid_segments, static_mask
@@ -38,11 +37,10 @@ class SpatioTemporalMerge(BeforeLLM):
             static = static_mask(segment, self.tau)
             merged = prunevid_merge_segment(segment, static, cluster_ratio=self.cluster_ratio, k=self.k)
             # earliest member of each output row gives its position and grid coordinates
-            earliest = first_member(merged.assignment.flatten(), merged.num_rows) + start * per_frame
-            chosen = tokens.select(earliest)
+            members = tokens.select(torch.arange(start * per_frame, end * per_frame, device=grid.device))
+            chosen = members.merge(merged.assignment.flatten(), merged.num_rows, features=merged.features)
             pieces.append(
                 chosen.replace(
-                    features=merged.features,
                     meta={
                         "segment": torch.full((merged.num_rows,), segment_id, device=grid.device),
                         "static": merged.is_static,
@@ -57,14 +55,7 @@ class SpatioTemporalMerge(BeforeLLM):
 
 
 def _concatenate(pieces, like):
-    return like.replace(
-        features=torch.cat([p.features for p in pieces]),
-        frame=torch.cat([p.frame for p in pieces]),
-        row=torch.cat([p.row for p in pieces]),
-        col=torch.cat([p.col for p in pieces]),
-        seq_index=torch.cat([p.seq_index for p in pieces]),
-        meta={name: torch.cat([p.meta[name] for p in pieces]) for name in pieces[0].meta},
-    )
+    return type(like).concatenate(pieces)
 
 
 def _groups(meta: dict, count: int, device) -> torch.Tensor:
