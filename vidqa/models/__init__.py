@@ -8,9 +8,10 @@ from ..errors import BadInput, RuntimeFailure
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter)
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 __all__ = [
