@@ -89,7 +89,7 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
 MaxPixelsOpt = Annotated[
-    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
+    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL and Qwen3-VL: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget (Qwen3-VL: qwen-vl-utils' budget).", show_default=False)
 ]
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
