@@ -163,7 +163,7 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
 MaxPixelsOpt = Annotated[
-    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL only: most pixels per frame, e.g. 200704 (= 448x448); default: the processor's own budget.", show_default=False)
+    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL and Qwen3-VL: most pixels per frame, e.g. 200704 (= 448x448); default: qwen-vl-utils' budget.", show_default=False)
 ]
 DeviceMapOpt = Annotated[
     Optional[DeviceMap], typer.Option("--device-map", help="auto = shard the model over the visible GPUs (CPU, then disk, as a last resort; needs accelerate); none = one device. Default: one device when the weights fit it, else auto.", show_default=False)

@@ -58,6 +58,14 @@ class LLMShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int = 0
+    # FFN width per layer when layers differ (a MoE with some dense layers); None: `intermediate` in all
+    layer_intermediate: tuple[int, ...] | None = None
+
+    def intermediate_at(self, layer: int | None) -> int:
+        """FFN width of `layer` (None: the model-wide `intermediate`)."""
+        if layer is None or self.layer_intermediate is None:
+            return self.intermediate
+        return self.layer_intermediate[layer]
 
     @property
     def q_width(self) -> int:
@@ -75,20 +83,42 @@ class LLMShape:
 
         ``head_dim`` may be missing or None (then hidden // num_heads);
         ``num_key_value_heads`` may be missing or None (then no GQA).
+        Mixture-of-experts configs (``num_experts``, ``num_experts_per_tok``,
+        ``moe_intermediate_size``; Qwen3-VL-MoE) count ACTIVE parameters: a sparse layer's
+        FFN width is ``num_experts_per_tok * moe_intermediate_size``; dense layers
+        (``mlp_only_layers``, or off ``decoder_sparse_step``) keep ``intermediate_size``.
+        The router (``D * num_experts`` per token, ~0.5% of a Qwen3-VL-30B-A3B layer) is
+        not counted, like the norms.
         """
         hidden = int(text_config.hidden_size)
         num_heads = int(text_config.num_attention_heads)
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // num_heads
+        widths = _active_ffn_widths(text_config)
+        uniform = len(set(widths)) == 1
         return cls(
             num_layers=int(text_config.num_hidden_layers),
             hidden=hidden,
-            intermediate=int(text_config.intermediate_size),
+            intermediate=widths[0] if uniform else int(text_config.intermediate_size),
+            layer_intermediate=None if uniform else tuple(widths),
             num_heads=num_heads,
             num_kv_heads=int(num_kv_heads),
             head_dim=int(head_dim),
             vocab_size=int(getattr(text_config, "vocab_size", 0) or 0),
         )
+
+
+def _active_ffn_widths(text_config: Any) -> list[int]:
+    """Per-layer FFN width a token passes through (MoE: its active experts only)."""
+    num_layers = int(text_config.num_hidden_layers)
+    dense = int(text_config.intermediate_size)
+    experts = int(getattr(text_config, "num_experts", 0) or 0)
+    if experts <= 0 or getattr(text_config, "moe_intermediate_size", None) is None:
+        return [dense] * num_layers
+    sparse = int(text_config.num_experts_per_tok) * int(text_config.moe_intermediate_size)
+    step = int(getattr(text_config, "decoder_sparse_step", 1) or 1)
+    dense_layers = set(getattr(text_config, "mlp_only_layers", None) or [])
+    return [sparse if layer not in dense_layers and (layer + 1) % step == 0 else dense for layer in range(num_layers)]
 
 
 @dataclass(frozen=True)
@@ -163,12 +193,13 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def layer_macs(shape: LLMShape, n_query: int, n_kv: int | None = None) -> int:
+def layer_macs(shape: LLMShape, n_query: int, n_kv: int | None = None, layer: int | None = None) -> int:
     """MACs of one decoder layer: ``n_query`` new tokens attending to ``n_kv`` keys.
 
     q/o projections ``2 n_q D (h_q d_h)``, k/v projections ``2 n_q D (h_kv d_h)``
     (only the new tokens are projected), attention ``2 n_q n_kv (h_q d_h)``
-    (QK^T and AV) and SwiGLU MLP ``3 n_q D D'``. ``n_kv`` defaults to ``n_query``.
+    (QK^T and AV) and SwiGLU MLP ``3 n_q D D'``. ``n_kv`` defaults to ``n_query``;
+    ``layer`` picks that layer's FFN width when layers differ (``LLMShape.layer_intermediate``).
     """
     if n_kv is None:
         n_kv = n_query
@@ -178,7 +209,7 @@ def layer_macs(shape: LLMShape, n_query: int, n_kv: int | None = None) -> int:
     qo_proj = 2 * n_query * D * shape.q_width
     kv_proj = 2 * n_query * D * shape.kv_width
     attention = 2 * n_query * n_kv * shape.q_width
-    mlp = 3 * n_query * D * shape.intermediate
+    mlp = 3 * n_query * D * shape.intermediate_at(layer)
     return qo_proj + kv_proj + attention + mlp
 
 
@@ -200,7 +231,7 @@ def visual_prefill_macs(shape: LLMShape, tokens_per_layer: Sequence[int]) -> int
     counted. Returns ``sum_l f(n_l)`` in MACs.
     """
     counts = _per_layer(shape, tokens_per_layer, "tokens_per_layer")
-    return sum(layer_macs(shape, n) for n in counts)
+    return sum(layer_macs(shape, n, layer=layer) for layer, n in enumerate(counts))
 
 
 def prompt_prefill_macs(
@@ -218,7 +249,7 @@ def prompt_prefill_macs(
     embedding lookup.
     """
     counts = _per_layer(shape, seq_len_per_layer, "seq_len_per_layer")
-    total = sum(layer_macs(shape, n) for n in counts)
+    total = sum(layer_macs(shape, n, layer=layer) for layer, n in enumerate(counts))
     if include_lm_head:
         total += shape.hidden * shape.vocab_size
     return total

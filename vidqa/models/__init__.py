@@ -10,9 +10,10 @@ from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .placement import Placement, plan_placement
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter)
 
 __all__ = [
     "ADAPTERS",

@@ -8,7 +8,7 @@ The engine and the pruning stages only talk to this interface, so a new family i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,11 @@ class VisualTokens:
     seq_index: (num_tokens,) index of each token in the full (unpruned) prompt.
     fixed_features: (num_fixed, hidden) visual-span rows that are never pruned (LLaVA-OneVision's
         image_newline after the video), fed back unchanged.
+    deepstack: (layers, num_tokens, hidden) or None: features of the SAME tokens that the LLM
+        receives elsewhere (Qwen3-VL's DeepStack features, added to the first layers' hidden
+        states at the visual rows). Row i belongs to token i; `select`, `merge` and `concatenate`
+        apply every row operation to them exactly as to `features`, so a stage that changes rows
+        only through those methods keeps them aligned without knowing they exist.
     """
 
     features: torch.Tensor
@@ -39,6 +44,7 @@ class VisualTokens:
     # vision-encoder attention (models/vision_attention.py)
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
     vision_layer: int | None = None  # absolute encoder layer the vision_* meta came from
+    deepstack: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -50,6 +56,7 @@ class VisualTokens:
         grid: tuple[int, int, int],
         seq_index: torch.Tensor,
         fixed_features: torch.Tensor | None = None,
+        deepstack: torch.Tensor | None = None,
     ) -> "VisualTokens":
         """Tokens laid out frame-major then row-major over `grid` = (frames, rows, cols), the
         order every supported family's encoder emits them in."""
@@ -66,6 +73,7 @@ class VisualTokens:
             seq_index=seq_index.to(features.device),
             grid=grid,
             fixed_features=fixed_features,
+            deepstack=deepstack,
         )
 
     def select(self, index: torch.Tensor) -> "VisualTokens":
@@ -80,13 +88,88 @@ class VisualTokens:
             fixed_features=self.fixed_features,
             meta={name: values[index] for name, values in self.meta.items()},
             vision_layer=self.vision_layer,
+            deepstack=None if self.deepstack is None else self.deepstack[:, index.to(self.deepstack.device)],
+        )
+
+    def merge(
+        self,
+        rows: torch.Tensor,
+        num_rows: int,
+        features: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> "VisualTokens":
+        """Merge tokens into `num_rows` new rows.
+
+        rows: (num_tokens,) long, the output row of each token in [0, num_rows), or -1 for a
+            token that is dropped. Every output row must have at least one member.
+        weights: (num_tokens,) float or None (plain means): row m is
+            sum_i w_i x_i / sum_i w_i over its members i.
+        features: (num_rows, hidden) the merged features when the stage computed them itself
+            (e.g. a mean of means, to keep its exact arithmetic); None computes them here.
+        Every other per-token feature (`deepstack`) is merged here with the same weights. Each
+        row takes the grid coordinates, sequence index (hence position) and meta of its
+        EARLIEST member (smallest token index); stages add their own meta afterwards.
+        """
+        rows = rows.to(self.features.device)
+        token = torch.arange(len(self), device=rows.device)
+        member = rows >= 0
+        earliest = torch.full((num_rows,), len(self), dtype=torch.long, device=rows.device)
+        earliest.scatter_reduce_(0, rows[member], token[member], reduce="amin")
+        if num_rows and int(earliest.max()) >= len(self):
+            raise ValueError("VisualTokens.merge: every output row needs at least one member")
+        merged = self.select(earliest)
+        if features is None:
+            features = weighted_row_means(self.features, rows, num_rows, weights)
+        deepstack = None
+        if self.deepstack is not None:
+            deepstack = torch.stack([weighted_row_means(layer, rows, num_rows, weights) for layer in self.deepstack])
+        return merged.replace(features=features, deepstack=deepstack)
+
+    @staticmethod
+    def concatenate(pieces: list["VisualTokens"]) -> "VisualTokens":
+        """The rows of `pieces` one after another (same video: grid and fixed rows of the first)."""
+        first = pieces[0]
+        deepstack = None if first.deepstack is None else torch.cat([p.deepstack for p in pieces], dim=1)
+        return replace(
+            first,
+            features=torch.cat([p.features for p in pieces]),
+            frame=torch.cat([p.frame for p in pieces]),
+            row=torch.cat([p.row for p in pieces]),
+            col=torch.cat([p.col for p in pieces]),
+            seq_index=torch.cat([p.seq_index for p in pieces]),
+            meta={name: torch.cat([p.meta[name] for p in pieces]) for name in first.meta},
+            deepstack=deepstack,
         )
 
     def replace(self, **changes) -> "VisualTokens":
-        """A copy with some fields replaced (e.g. merged features with new coordinates)."""
-        from dataclasses import replace
+        """A copy with some fields replaced (new coordinates, meta...).
 
+        Replacing `features` on tokens that carry DeepStack rows without replacing those too is
+        refused: it is how a merge would leave them describing other tokens. Merge with `merge`.
+        """
+        if "features" in changes and self.deepstack is not None and "deepstack" not in changes:
+            raise ValueError(
+                "VisualTokens.replace(features=...) on tokens with DeepStack features would leave them "
+                "misaligned; merge rows with VisualTokens.merge (or pass deepstack= as well)"
+            )
         return replace(self, **changes)
+
+
+def weighted_row_means(
+    x: torch.Tensor, rows: torch.Tensor, num_rows: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(num_rows, C) weighted mean of the rows of x (N, C) assigned to each output row.
+
+    rows: (N,) long in [0, num_rows) or -1 (ignored); weights: (N,) or None (plain means).
+    Accumulated in float32, returned in x.dtype.
+    """
+    member = rows >= 0
+    values = x[member].float()
+    weight = torch.ones(values.shape[0], device=x.device) if weights is None else weights[member].float().to(x.device)
+    sums = torch.zeros(num_rows, x.shape[1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, rows[member], values * weight[:, None])
+    totals = torch.zeros(num_rows, dtype=torch.float32, device=x.device).index_add_(0, rows[member], weight)
+    return (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(x.dtype)
 
 
 @dataclass

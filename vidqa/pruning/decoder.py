@@ -22,6 +22,7 @@ import torch
 
 from ..stats import synchronize
 from .attention import attention_rows, project_keys
+from .deepstack import DeepStackRows
 from .runtime import stage_threads
 
 
@@ -73,6 +74,7 @@ class _Prefill:
     position_ids: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     attention_inputs: dict[int, tuple] = field(default_factory=dict)
+    deepstack: DeepStackRows = field(default_factory=DeepStackRows)  # Qwen3-VL only (pruning/deepstack.py)
 
     def follow(self, device: torch.device) -> None:
         """Move the per-row tables to `device`: on a model sharded over devices (accelerate's
@@ -120,6 +122,8 @@ class DecoderPruning:
         for index in range(first, len(layers)):
             handle = layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True)
             self._handles.append(handle)
+        for index in range(getattr(self.adapter, "deepstack_layers", 0)):  # Qwen3-VL's DeepStack
+            self._handles.append(layers[index].register_forward_hook(self._add_deepstack(index)))
         return self
 
     def __exit__(self, *exc):
@@ -145,6 +149,9 @@ class DecoderPruning:
                              for name, values in self.visual_meta.items()},
                 embeddings=self._layer0_input(module, args, kwargs),
             )
+            if self._prefill.deepstack.take(kwargs, self.inputs.visual_rows):  # added by _add_deepstack instead
+                return args, kwargs
+        return None
 
     @staticmethod
     def _layer0_input(language_model, args, kwargs) -> torch.Tensor:
@@ -263,11 +270,21 @@ class DecoderPruning:
             meta = {name: torch.cat([meta[name], values[selection.inserted_from.to(device)]])
                     for name, values in prefill.visual_meta.items()}
         prefill.row_source, prefill.is_visual, prefill.visual_meta = row_source, is_visual, meta
+        inserted = selection.inserted is not None and len(selection.inserted)
+        prefill.deepstack.follow(selection.keep.to(device), selection.inserted_from if inserted else None)
         cos, sin = prefill.full_position_embeddings
         prefill.position_embeddings = (cos[:, row_source], sin[:, row_source])
         if prefill.full_position_ids is not None:
             prefill.position_ids = prefill.full_position_ids[..., row_source]
         return new_hidden
+
+    def _add_deepstack(self, layer_index: int):
+        """Forward hook on a DeepStack layer: its feature added to the visual rows still present."""
+        def hook(module, args, output):
+            if self._forward_calls != 1:
+                return None
+            return self._prefill.deepstack.add(layer_index, output, self._prefill.is_visual.nonzero().flatten())
+        return hook
 
     def _slice_early_caches(self, cache) -> None:
         """PruneVid's option: layers before the (single) stage keep only the surviving rows."""

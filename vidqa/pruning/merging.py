@@ -149,11 +149,14 @@ class DedupResult:
             hold the original token.
         run_length: `[T, P]` long, number of tokens a kept token represents (>= 1); 0 where
             dropped.
+        anchor: `[T, P]` long, flat index `t * P + p` of the kept token each token's run merged
+            into (a kept token is its own anchor).
     """
 
     keep: Tensor
     features: Tensor
     run_length: Tensor
+    anchor: Tensor
 
 
 def _check_segments(segments: list[Segment], num_frames: int) -> None:
@@ -213,4 +216,5 @@ def local_dedup(tokens: Tensor, segments: list[Segment], tau: float = 0.9) -> De
         keep=keep,
         features=features.reshape(num_frames, num_locations, channels),
         run_length=counts.reshape(num_frames, num_locations),
+        anchor=anchor.reshape(num_frames, num_locations),
     )

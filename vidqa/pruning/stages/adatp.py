@@ -65,11 +65,10 @@ class SegmentDedup(BeforeLLM):
         for segment_id, (start, end) in enumerate(segments):
             segment_of_frame[start:end] = segment_id
         segment = segment_of_frame.repeat_interleave(per_frame)[kept_index]
-        out = tokens.select(kept_index)  # the run's anchor = its earliest member: position kept
-        out = out.replace(
-            features=dedup.features.reshape(num_frames * per_frame, -1)[kept_index],
-            meta={**out.meta, "segment": segment},
-        )
+        run_row = (keep.cumsum(0) - 1)[dedup.anchor.flatten()]  # output row of every token's run
+        # the run's anchor = its earliest member: position kept
+        out = tokens.merge(run_row, len(kept_index), features=dedup.features.reshape(num_frames * per_frame, -1)[kept_index])
+        out = out.replace(meta={**out.meta, "segment": segment})
         state.details["adatp"] = {
             "segments": [[int(s), int(e)] for s, e in segments],
             "dedup_removed": int(len(tokens) - len(kept_index)),

@@ -9,7 +9,6 @@ from typing import ClassVar
 import torch
 
 from ...errors import BadInput
-from ..cluster import first_member
 from ..decoder import Selection
 from ..merging import prunevid_merge_segment
 from ..segments import prunevid_segments, static_mask
@@ -55,11 +54,10 @@ class SpatioTemporalMerge(BeforeLLM):
                 segment, static, cluster_ratio=self.cluster_ratio, k=self.k, row_order=self.row_order
             )
             # earliest member of each output row gives its position and grid coordinates
-            earliest = first_member(merged.assignment.flatten(), merged.num_rows) + start * per_frame
-            chosen = tokens.select(earliest)
+            members = tokens.select(torch.arange(start * per_frame, end * per_frame, device=grid.device))
+            chosen = members.merge(merged.assignment.flatten(), merged.num_rows, features=merged.features)
             pieces.append(
                 chosen.replace(
-                    features=merged.features,
                     meta={
                         "segment": torch.full((merged.num_rows,), segment_id, device=grid.device),
                         "static": merged.is_static,
@@ -74,14 +72,7 @@ class SpatioTemporalMerge(BeforeLLM):
 
 
 def _concatenate(pieces, like):
-    return like.replace(
-        features=torch.cat([p.features for p in pieces]),
-        frame=torch.cat([p.frame for p in pieces]),
-        row=torch.cat([p.row for p in pieces]),
-        col=torch.cat([p.col for p in pieces]),
-        seq_index=torch.cat([p.seq_index for p in pieces]),
-        meta={name: torch.cat([p.meta[name] for p in pieces]) for name in pieces[0].meta},
-    )
+    return type(like).concatenate(pieces)
 
 
 def _groups(meta: dict, count: int, device) -> torch.Tensor:
