@@ -15,7 +15,6 @@ import os
 import string
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -179,6 +178,13 @@ def test_local_task_through_lmms_eval_matches_vidqa_batch(local_task, tmp_path, 
     assert run["avg_vidqa_layer_avg_retention"] == pytest.approx(mean_retention)
     assert 0 < run["avg_vidqa_flops_percent"] < 100 and run["avg_vidqa_prefill_s"] > 0
 
+    from vidqa.eval.summary import collect
+
+    (row,) = collect([tmp_path / "results"])
+    assert (row["task"], row["preset"], row["keep"], row["samples"]) == ("vidqa_micro_mc", PRESET, str(KEEP), count)
+    assert row["scores"] == {"accuracy": pytest.approx(accuracy)}
+    assert row["layer_avg_retention"] == pytest.approx(mean_retention)
+
 
 # --- the model's arguments, without running a task ---------------------------------------------------
 
@@ -210,3 +216,45 @@ def test_loglikelihood_is_refused_with_the_reason():
     model = VidqaLMM(model=str(micro_checkpoint()), device="cpu", frames=8)
     with pytest.raises(NotImplementedError, match="generation only.*generate_until"):
         model.loglikelihood([])
+
+
+# --- the summary, on files shaped like lmms-eval's (no lmms-eval needed) --------------------------
+
+
+def _write_run(folder: Path, preset: str, retentions: dict[str, list[float]], score: float) -> None:
+    folder.mkdir(parents=True)
+    keep = "" if preset == "none" else ",keep=0.25"
+    results = {
+        "results": {"group": {"alias": "group", "acc,none": score, "acc_stderr,none": 0.01},
+                    "sub_a": {"alias": " - sub_a", "acc,none": score}, "sub_b": {"alias": " - sub_b", "acc,none": score}},
+        "group_subtasks": {"group": ["sub_a", "sub_b"]},
+        "config": {"model_args": f"model=some/model,frames=32,prune={preset}{keep}"},
+    }
+    (folder / "20260101_000000_results.json").write_text(json.dumps(results))
+    for task, values in retentions.items():
+        lines = [json.dumps({"doc_id": i, "token_counts": [{"input_tokens": 9, "vidqa": {
+            "error": None, "layer_avg_retention": r, "flops_percent": 100 * r, "prefill_s": r, "visual_tokens_after": 10}}]})
+            for i, r in enumerate(values)]
+        (folder / f"20260101_000000_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_summary_puts_score_next_to_cost_per_task_and_preset(tmp_path, capsys):
+    from vidqa.eval import summary
+
+    _write_run(tmp_path / "none", "none", {"sub_a": [1.0, 1.0], "sub_b": [1.0]}, 0.6)
+    _write_run(tmp_path / "adatp", "adatp", {"sub_a": [0.2, 0.3], "sub_b": [0.25]}, 0.55)
+    rows = {(r["task"], r["preset"]): r for r in summary.collect([tmp_path])}
+    assert set(rows) == {(t, p) for t in ("group", "sub_a", "sub_b") for p in ("none", "adatp")}
+    pooled = rows[("group", "adatp")]
+    assert pooled["samples"] == 3 and pooled["keep"] == "0.25" and pooled["scores"] == {"acc": 0.55}
+    assert pooled["layer_avg_retention"] == pytest.approx(0.25) and pooled["flops_percent"] == pytest.approx(25)
+    assert rows[("sub_a", "adatp")]["layer_avg_retention"] == pytest.approx(0.25)
+    assert rows[("sub_b", "none")]["keep"] is None and rows[("sub_b", "none")]["samples"] == 1
+    assert summary.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["task", "preset", "keep"]
+    assert table[1].split()[:5] == ["group", "none", "-", "acc", "0.6"]  # `none` first within a task
+    assert summary.main([str(tmp_path / "empty")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert summary.main([str(tmp_path / "empty")]) == 2
+    assert "no *_results.json" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from lmms_eval.api.model import lmms
 
 from .. import batch as batching
 from .. import engine
-from ..errors import BadInput, VidqaError
+from ..errors import BadInput
 from ..models import DEFAULT_MODEL, load_model
 from ..pruning.presets import build_pruner, check_budget, load_preset
 
