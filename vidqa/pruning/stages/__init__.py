@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
+from .dycoke import DecodeAttentionKV, WindowTemporalMerge
 from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
@@ -19,6 +20,7 @@ STAGES: dict[str, type[Stage]] = {
         TemporalChangeSelect,
         FrameUniquenessSelect,
         VisionZip,
+        WindowTemporalMerge, DecodeAttentionKV,
     )
 }
 
