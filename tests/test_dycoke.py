@@ -247,3 +247,12 @@ def test_preset_is_listed_with_its_reference(run_cli):
     assert "during decode" in listing["dycoke"]["where"]
     shown = json.loads(run_cli(["presets", "show", "dycoke", "-P", "decode_keep=0.3", "--json"]).stdout)
     assert shown["stages"][1]["decode_keep"] == 0.3 and "decode_keep" in shown["keep"]
+
+
+def test_decode_stage_with_an_in_llm_stage_is_refused(adapters, tmp_path):
+    from vidqa.errors import BadInput
+
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("name: mixed\nstages:\n  - type: last_token_attention\n  - type: decode_attention_kv\n")
+    with pytest.raises(BadInput, match="decode-time stage cannot be combined"):
+        build_pruner(load_preset(str(mixed)), adapters["llava"])

@@ -59,6 +59,8 @@ class PresetPruner(Pruner):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         self.budget_stage = self._pre_llm_budget_stage()
         self.decode_stage = next((s for _, s in preset.stages if s.where == "during decode"), None)
+        if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
+            raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
         if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
             raise BadInput(f"preset '{preset.name}' has no budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
