@@ -57,7 +57,7 @@ SENSITIVITY = ("start-only", "end-only", "even-frames", "checkerboard", "per-fra
 REFERENCES = ("random", "oracle")  # per sweep budget
 DOC_BEGIN = "<!-- accuracy.py:begin -->"
 DOC_END = "<!-- accuracy.py:end -->"
-UNREACHABLE = re.compile(r"below what '[^']+' can reach on this (?:[0-9]+-layer model|clip) \(at least ([0-9.]+)\)")
+UNREACHABLE = re.compile(r"below what '[^']+' can reach on this (?:[0-9]+-layer model|clip) \((?:a retention of )?at least ([0-9.]+)\)")
 
 
 def _load_heldout():
