@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .. import flops as flops_model
 from ..errors import BadInput
 from ..stats import synchronize
+from .decode_kv import DecodeKVSelection
 from .decoder import DecoderPruning
 from .runtime import Pruner, RequestState, stage_threads
 
@@ -57,6 +58,9 @@ class PresetPruner(Pruner):
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         self.budget_stage = self._pre_llm_budget_stage()
+        self.decode_stage = next((s for _, s in preset.stages if s.where == "during decode"), None)
+        if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
+            raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
         if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
             raise BadInput(f"preset '{preset.name}' has no budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
@@ -130,7 +134,7 @@ class PresetPruner(Pruner):
         return tokens
 
     # -- inside the LLM ----------------------------------------------------------------------
-    def inside_llm(self, inputs, state: RequestState):
+    def _prefill_hooks(self, inputs, state: RequestState):
         if not self.bound:  # pre-LLM stages only: nothing to attach to the decoder
             return contextlib.nullcontext()
         tokens = state.llm_tokens
@@ -149,6 +153,18 @@ class PresetPruner(Pruner):
         if prune_cache and len(self.bound) > 1:
             raise BadInput("prune_cache works with a single in-LLM stage")
         return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache)
+
+    # -- during decode (DyCoke) --------------------------------------------------------------
+    def inside_llm(self, inputs, state: RequestState):
+        """The prefill hooks, plus the decode-time KV selection when the preset has one."""
+        prefill = self._prefill_hooks(inputs, state)
+        if self.decode_stage is None:
+            return prefill
+        stack = contextlib.ExitStack()
+        stack.enter_context(prefill)
+        layer = self.decode_stage.resolved_layer(self.num_layers)
+        stack.enter_context(DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state))
+        return stack
 
     def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
         """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .adatp import DebiasedSegmentSelect, SegmentDedup
 from .base import BeforeLLM, InsideLLM, Stage, scaled_layer
+from .dycoke import DecodeAttentionKV, WindowTemporalMerge
 from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
 from .fastvid import DySegStage, STPruneStage
@@ -21,6 +22,7 @@ STAGES: dict[str, type[Stage]] = {
         FrameUniquenessSelect,
         VisionZip,
         DySegStage, STPruneStage,
+        WindowTemporalMerge, DecodeAttentionKV,
     )
 }
 

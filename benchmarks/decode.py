@@ -1,0 +1,145 @@
+"""Does decode-time KV selection (DyCoke) turn fewer attended entries into more tokens/s?
+
+For one model and one clip, generates exactly --decode-tokens tokens (greedy) with `none` and
+with DyCoke split into its two parts, through the real request path (`vidqa.engine.answer`),
+after warm-up and with repetitions interleaved across configurations:
+
+- none: every visual token, every decode step attends to all of them;
+- dycoke: the preset's defaults (merge before the LLM + decode KV selection);
+- dycoke merge only (-P decode_keep=1): the merge's shorter cache, full attention at decode;
+- dycoke decode only (--keep 1): the full cache, each step attends to decode_keep of it.
+
+Per configuration: decode tokens/s (engine: decoding steps / time from the end of the prefill
+to the last forward; median, min, max), prefill seconds, visual tokens in the cache, visual KV
+entries attended per decode step in the restricted layers. Without --model it uses the CPU bench
+model and clip of benchmarks/prefill.py (llava-onevision-qwen2-0.5b text dimensions, 196 tokens
+per frame).
+
+    python benchmarks/decode.py --threads 2                           # CPU bench model, 32 frames
+    python benchmarks/decode.py --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf --device cuda
+
+Writes results.json and table.md to --out and prints the table. Measures, never asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for path in (HERE, HERE.parent):  # prefill.py beside us; vidqa from a checkout without installing
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+from prefill import QUESTION, bench_clip_path, bench_model_dir, machine  # noqa: E402
+
+CONFIGS = (  # (label, preset, -P overrides, keep)
+    ("none", "none", (), None),
+    ("dycoke", "dycoke", (), None),
+    ("dycoke merge only", "dycoke", ("decode_keep=1",), None),
+    ("dycoke decode only", "dycoke", (), 1.0),
+)
+
+
+def run_once(adapter, clip, question, preset, overrides, keep, tokens):
+    from vidqa import engine
+    from vidqa.pruning.presets import build_pruner, load_preset
+
+    pruner = build_pruner(load_preset(preset, list(overrides)), adapter, keep=keep)
+    generation = engine.GenerationOptions(max_new_tokens=tokens)
+    return engine.answer(adapter, clip, question, generation, pruner=pruner)
+
+
+def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]:
+    samples = {label: [] for label, *_ in CONFIGS}
+    info = {}
+    for round_index in range(warmup + repeats):
+        for label, preset, overrides, keep in CONFIGS:
+            result = run_once(adapter, clip, question, preset, overrides, keep, tokens)
+            decode = result.details.get("dycoke", {}).get("decode")
+            info[label] = {
+                "visual_tokens_in_cache": result.stats.tokens.visual_tokens_after,
+                "attended_per_step": decode["attended_per_step"] if decode else result.stats.tokens.visual_tokens_after,
+                "from_layer": decode["from_layer"] if decode else None,
+                "generated": result.stats.tokens.generated_tokens,
+            }
+            if round_index >= warmup:
+                samples[label].append((result.stats.time.decode_tokens_per_s, result.stats.time.prefill_s))
+        log(f"round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}")
+    rows = []
+    for label, *_ in CONFIGS:
+        rates = [rate for rate, _ in samples[label]]
+        rows.append({
+            "config": label, **info[label],
+            "decode_tokens_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "prefill_s": statistics.median(prefill for _, prefill in samples[label]),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| config | visual tokens in cache | attended per decode step | from layer | decode tok/s (median) | min | max | prefill s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['config']} | {row['visual_tokens_in_cache']} | {row['attended_per_step']} | "
+                     f"{row['from_layer'] if row['from_layer'] is not None else '-'} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row['min']:.1f} | {row['max']:.1f} | {row['prefill_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="hub id or checkpoint directory (default: build the CPU bench model)")
+    parser.add_argument("--video", help="video file (default: the generated bench clip)")
+    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--workdir", default="~/.cache/vidqa-bench", help="where the bench model and clip are cached")
+    parser.add_argument("--out", default="bench-decode", help="directory for results.json and table.md")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    from vidqa.models import load_model
+    from vidqa.video import load_clip
+
+    workdir = Path(args.workdir).expanduser()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_id = args.model or str(bench_model_dir(workdir))
+    adapter = load_model(model_id, device=args.device, dtype=args.dtype)
+    adapter.model.generation_config.min_new_tokens = args.decode_tokens  # a random model may stop at once
+    size = getattr(getattr(adapter.model.config, "vision_config", None), "image_size", None) or 384
+    clip = load_clip(args.video or str(bench_clip_path(workdir, size)), num_frames=args.frames)
+    log(f"model {model_id} on {adapter.model.device}, {clip.num_frames} frames, {args.decode_tokens} tokens, "
+        f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} timed rounds")
+    rows = measure(adapter, clip, args.question, args.decode_tokens, args.repeats, args.warmup, log)
+    table = markdown_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"model": model_id, "frames": clip.num_frames, "decode_tokens": args.decode_tokens,
+               "threads": torch.get_num_threads(), "machine": machine(), "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
