@@ -36,6 +36,7 @@ IDENTITY = {
     "adatp": (["tau_l=1.01"], 1.0),
     "evs": (["pruning_rate=0"], None),
     "vidcom2": (["ratio=1"], None),
+    "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
 }
 LAST_DEEPSTACK = 2  # layers 0, 1, 2 receive DeepStack features
 
