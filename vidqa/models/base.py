@@ -146,8 +146,35 @@ class ModelAdapter:
             )
 
     # --- prompt and vision -------------------------------------------------------------
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+        """The processed prompt: the video, then `question`. history: earlier (question,
+        answer) turns of a conversation about the same video (`vidqa chat --history`); the
+        video goes in the first turn (`conversation` builds the messages)."""
         raise NotImplementedError
+
+    @staticmethod
+    def conversation(question: str, history: tuple = ()) -> list[dict]:
+        """Chat messages: the video in the first user turn, earlier turns, then `question`."""
+        turns = [*history, (question, None)]
+        messages = []
+        for index, (asked, answered) in enumerate(turns):
+            content = [{"type": "video"}] if index == 0 else []
+            messages.append({"role": "user", "content": [*content, {"type": "text", "text": asked}]})
+            if answered is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+        return messages
+
+    def prefix_length(self, inputs: GenerationInputs) -> int:
+        """Rows of `inputs` that do not depend on the question: the KV cache of
+        input_ids[:, :prefix_length] is computed once per video and reused for every question
+        (vidqa/session.py). The default is the first row after the last visual span
+        (`text_start`); the text between the video and the question (template markup) goes to
+        the question's side, which is always correct, only a few rows less reused. A family
+        whose prompt puts anything question-dependent BEFORE the video must return a smaller
+        number; the session also checks at run time that the prefix rows (ids and positions)
+        of every question's prompt equal the cached ones and falls back to a full prefill if not.
+        """
+        return inputs.text_start
 
     def encode_video(self, prompt: Prompt) -> VisualTokens:
         raise NotImplementedError

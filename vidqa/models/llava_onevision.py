@@ -29,11 +29,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
 
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
         # LLaVA-OneVision's processor takes no timestamps: the model was trained without them.
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+        conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = self.processor(text=text, videos=[frames], return_tensors="pt")
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()

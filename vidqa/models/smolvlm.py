@@ -55,10 +55,8 @@ class SmolVLMAdapter(ModelAdapter):
         return self.model.model.text_model
 
     # --- prompt and vision -------------------------------------------------------------
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+        conversation = self.conversation(question, history)
         # with a video entry the processor picks its own video chat template
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         # the processor writes timestamps as frames_indices / fps: give it seconds at fps 1

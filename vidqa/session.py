@@ -1,0 +1,183 @@
+"""Many questions about one video: the video's prefill is paid once.
+
+The prompt is [system + video tokens] + [question + chat template]. With causal attention the
+KV cache of the first part does not depend on the question, so for `none` and for every preset
+that acts only before the LLM (question-agnostic) a `VideoSession` encodes, prunes and
+prefills the video prefix once, keeps its DynamicCache, and answers each question by
+generating from that cache with only the question's rows. Presets with in-LLM stages read the
+question inside the decoder, so their prefix is not reusable: the session then runs every
+question the ordinary way (`engine.answer`, the clip encoded once).
+
+Positions: each question's rows take their positions from the adapter's `generation_inputs`
+on the full (pruned) prompt, exactly as without reuse: 1-D families (`original` or `compact`)
+and Qwen2.5-VL's M-RoPE alike; `generate` slices the rows after the cache. Every question's
+prefix rows (ids and positions) are compared with the cached ones, so a prompt whose prefix
+differs is never answered from a wrong cache (it falls back to a full prefill, with a note).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from . import engine
+from .errors import BadInput
+from .models import GenerationInputs, ModelAdapter
+from .pruning.runtime import NO_PRUNING, Pruner, RequestState
+from .stats import Stats, peak_memory, synchronize, timed
+from .video import Clip
+
+
+def prefix_reusable(pruner: Pruner) -> bool:
+    """True when the pruner never acts inside the LLM: `none` and pre-LLM-only presets."""
+    preset = getattr(pruner, "preset", None)
+    return preset is None or not preset.inside_llm
+
+
+@dataclass
+class _Prefix:
+    """The video prefix, computed once: the pruned tokens, its rows, and their KV cache."""
+
+    tokens: object  # VisualTokens after the pre-LLM stages
+    state: RequestState  # the first request's state: stage counts, notes, budget details
+    encoder_s: float
+    pruning_s: float
+    ids: torch.Tensor | None = None  # (1, s) input_ids of the prefix
+    positions: torch.Tensor | None = None  # (..., s) position ids of the prefix
+    cache: DynamicCache | None = None
+    prefill_s: float = 0.0
+
+
+class VideoSession:
+    """One decoded clip, asked many questions. Not thread-safe; batch size 1.
+
+    history=True keeps the conversation: each question's prompt holds the earlier turns
+    (question, answer) after the video, re-read as text; the video prefix is still reused.
+    """
+
+    def __init__(self, adapter: ModelAdapter, clip: Clip, pruner: Pruner = NO_PRUNING,
+                 generation: engine.GenerationOptions | None = None, reuse: bool = True, history: bool = False):
+        self.adapter, self.clip, self.pruner = adapter, clip, pruner
+        self.generation = generation or engine.GenerationOptions()
+        self.reuse = reuse and prefix_reusable(pruner)
+        self.history = history
+        self.turns: list[tuple[str, str]] = []
+        self._prefix: _Prefix | None = None
+        self._encoded: dict = {}  # engine.answer's encoder cache when the prefix is not reusable
+
+    @property
+    def prefix_prefill_s(self) -> float:
+        """Seconds the video prefix's prefill took (0 until it has run, or without reuse)."""
+        return self._prefix.prefill_s if self._prefix is not None and self._prefix.cache is not None else 0.0
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None, stats: Stats | None = None) -> engine.Answer:
+        """Answer one question (streamed to `on_text`); with history, remember the turn."""
+        if not question.strip():
+            raise BadInput("the question is empty")
+        history = tuple(self.turns) if self.history else ()
+        if self.reuse:
+            result = self._ask_reusing(question, history, on_text, stats or Stats())
+        else:
+            result = engine.answer(self.adapter, self.clip, question, self.generation, pruner=self.pruner,
+                                   on_text=on_text, stats=stats, encoded_cache=self._encoded, history=history)
+        if self.history:
+            self.turns.append((question, result.text))
+        return result
+
+    # -- the reuse path ------------------------------------------------------------------------
+    def _ask_reusing(self, question, history, on_text, stats: Stats) -> engine.Answer:
+        adapter, device = self.adapter, self.adapter.model.device
+        total_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with timed(stats.time, "preprocess_s", device):
+            prompt = adapter.build_prompt(self.clip.frames, self.clip.timestamps, question, history=history)
+        with torch.inference_mode():
+            prefix = self._prefix or self._encode_and_prune(prompt, question)
+            first = self._prefix is None
+            self._prefix = prefix
+            if first:
+                stats.time.vision_encoder_s += prefix.encoder_s
+                stats.time.pruning_s += prefix.pruning_s
+            state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
+                                 stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
+                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens)
+            inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
+            suffix_inputs = self._from_cache(inputs, stats, state)
+            text = engine._generate(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text)
+        engine._fill_counts(stats, adapter, self.clip, prompt, state, inputs)
+        engine._fill_flops(stats, adapter, self.clip)
+        stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
+        stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
+        notes = (list(self.clip.notes) if first else []) + state.notes
+        return engine.Answer(text=text.strip(), stats=stats, notes=notes, details=state.details)
+
+    def _encode_and_prune(self, prompt, question) -> _Prefix:
+        adapter, device = self.adapter, self.adapter.model.device
+        state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device)
+        synchronize(device)
+        started = time.perf_counter()
+        tokens = adapter.encode_video(prompt)
+        synchronize(device)
+        encoded = time.perf_counter()
+        state.record_stage("vision encoder", len(tokens))
+        tokens = self.pruner.before_llm(tokens, state)
+        synchronize(device)
+        return _Prefix(tokens=tokens, state=state, encoder_s=encoded - started, pruning_s=time.perf_counter() - encoded)
+
+    def _from_cache(self, inputs: GenerationInputs, stats: Stats, state: RequestState) -> GenerationInputs | None:
+        """Generation inputs that start from the cached video prefix (computing it on first use),
+        or None when this prompt's prefix differs from the cached one (then: a full prefill)."""
+        prefix = self._prefix
+        length = self.adapter.prefix_length(inputs)
+        ids, positions = inputs.kwargs["input_ids"], inputs.kwargs["position_ids"]
+        if prefix.cache is None:
+            prefix.ids, prefix.positions = ids[:, :length], positions[..., :length]
+            prefix.cache = self._prefill(inputs, length)
+            if prefix.cache is None:
+                self.reuse = False
+                state.notes.append("this model's KV cache cannot be cropped; the video prefix is not reused")
+                return None
+            stats.time.video_prefill_s = prefix.prefill_s
+        else:
+            same = ids.shape[1] > length == prefix.ids.shape[1] and torch.equal(ids[:, :length], prefix.ids) \
+                and torch.equal(positions[..., :length], prefix.positions)
+            if not same:
+                state.notes.append("this prompt's video prefix differs from the cached one; prefilled in full")
+                return None
+            stats.prefix_reused = True
+            stats.time.prefill_saved_s = prefix.prefill_s
+        cache = prefix.cache
+        extra = cache.get_seq_length() - length
+        if extra:
+            cache.crop(-extra)  # drop the previous question's rows; the prefix tensors are never written
+        kwargs = {key: value for key, value in inputs.kwargs.items() if key != "mm_encoder_outputs"}
+        kwargs["cache"] = cache
+        return replace(inputs, kwargs=kwargs)
+
+    def _prefill(self, inputs: GenerationInputs, length: int) -> DynamicCache | None:
+        """Run the LLM over the first `length` rows once; their KV cache (None if not croppable)."""
+        model, device = self.adapter.model, self.adapter.model.device
+        kwargs = inputs.kwargs
+        cache = DynamicCache(config=model.config)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None  # sliding-window or recurrent layers: crop() cannot restore the prefix
+        prefix_kwargs = {
+            "input_ids": kwargs["input_ids"][:, :length],
+            "attention_mask": kwargs["attention_mask"][:, :length],
+            "position_ids": kwargs["position_ids"][..., :length],
+            "mm_encoder_outputs": kwargs["mm_encoder_outputs"],
+        }
+        if "mm_token_type_ids" in kwargs:
+            prefix_kwargs["mm_token_type_ids"] = kwargs["mm_token_type_ids"][:, :length]
+        synchronize(device)
+        started = time.perf_counter()
+        model(**prefix_kwargs, cache=cache, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        self._prefix.prefill_s = time.perf_counter() - started
+        return cache
