@@ -45,12 +45,13 @@ class _Prefix:
 
     tokens: object  # VisualTokens after the pre-LLM stages
     state: RequestState  # the first request's state: stage counts, notes, budget details
-    encoder_s: float
-    pruning_s: float
     ids: torch.Tensor | None = None  # (1, s) input_ids of the prefix
     positions: torch.Tensor | None = None  # (..., s) position ids of the prefix
-    cache: DynamicCache | None = None
+    cache: DynamicCache | None | bool = None  # None: not yet prefilled; False: not reusable
     prefill_s: float = 0.0
+
+
+PLACEHOLDER_QUESTION = "?"  # what prepare() builds the prompt with: only its video prefix is kept
 
 
 class VideoSession:
@@ -58,22 +59,44 @@ class VideoSession:
 
     history=True keeps the conversation: each question's prompt holds the earlier turns
     (question, answer) after the video, re-read as text; the video prefix is still reused.
+    encoded_cache: optional mapping shared with engine.answer (vision-encoder output under
+    id(clip)), so a batch that asks one clip under several presets encodes it once.
     """
 
     def __init__(self, adapter: ModelAdapter, clip: Clip, pruner: Pruner = NO_PRUNING,
-                 generation: engine.GenerationOptions | None = None, reuse: bool = True, history: bool = False):
+                 generation: engine.GenerationOptions | None = None, reuse: bool = True, history: bool = False,
+                 encoded_cache: dict | None = None):
         self.adapter, self.clip, self.pruner = adapter, clip, pruner
         self.generation = generation or engine.GenerationOptions()
         self.reuse = reuse and prefix_reusable(pruner)
         self.history = history
         self.turns: list[tuple[str, str]] = []
         self._prefix: _Prefix | None = None
-        self._encoded: dict = {}  # engine.answer's encoder cache when the prefix is not reusable
+        self._encoded = encoded_cache if encoded_cache is not None else {}
 
     @property
-    def prefix_prefill_s(self) -> float:
-        """Seconds the video prefix's prefill took (0 until it has run, or without reuse)."""
-        return self._prefix.prefill_s if self._prefix is not None and self._prefix.cache is not None else 0.0
+    def prefix(self) -> _Prefix | None:
+        """The computed video prefix (tokens, timings), or None before the first question/prepare()."""
+        return self._prefix
+
+    def prepare(self, stats: Stats | None = None) -> Stats:
+        """Encode, prune and (when reusable) prefill the video now, before any question.
+        Returns what that cost (vision_encoder_s, pruning_s, video_prefill_s, token counts)."""
+        stats = stats or Stats()
+        device = self.adapter.model.device
+        with timed(stats.time, "preprocess_s", device):
+            prompt = self.adapter.build_prompt(self.clip.frames, self.clip.timestamps, PLACEHOLDER_QUESTION)
+        with torch.inference_mode():
+            prefix = self._encode_and_prune(prompt, PLACEHOLDER_QUESTION, stats)
+            if self.reuse:
+                inputs = self.adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
+                self._prefill(inputs, stats)
+        counts = stats.tokens
+        counts.frames = self.clip.num_frames
+        counts.visual_tokens_before = len(prompt.visual_index)
+        counts.visual_tokens_per_stage = dict(prefix.state.stage_counts)
+        counts.visual_tokens_after = len(prefix.tokens)
+        return stats
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None, stats: Stats | None = None) -> engine.Answer:
         """Answer one question (streamed to `on_text`); with history, remember the turn."""
@@ -98,75 +121,52 @@ class VideoSession:
         with timed(stats.time, "preprocess_s", device):
             prompt = adapter.build_prompt(self.clip.frames, self.clip.timestamps, question, history=history)
         with torch.inference_mode():
-            prefix = self._prefix or self._encode_and_prune(prompt, question)
-            first = self._prefix is None
-            self._prefix = prefix
-            if first:
-                stats.time.vision_encoder_s += prefix.encoder_s
-                stats.time.pruning_s += prefix.pruning_s
+            prefix = self._prefix or self._encode_and_prune(prompt, question, stats)
             state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
                                  stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
                                  details=dict(prefix.state.details), llm_tokens=prefix.tokens)
             inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
-            suffix_inputs = self._from_cache(inputs, stats, state)
+            if prefix.cache is None:
+                self._prefill(inputs, stats)
+            elif isinstance(prefix.cache, DynamicCache):
+                stats.prefix_reused = True
+                stats.time.prefill_saved_s = prefix.prefill_s
+            suffix_inputs = self._suffix_inputs(inputs, state)
+            if suffix_inputs is None:
+                stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
             text = engine._generate(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text)
         engine._fill_counts(stats, adapter, self.clip, prompt, state, inputs)
         engine._fill_flops(stats, adapter, self.clip)
         stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
         stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
-        notes = (list(self.clip.notes) if first else []) + state.notes
-        return engine.Answer(text=text.strip(), stats=stats, notes=notes, details=state.details)
+        return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
+                             details=state.details)
 
-    def _encode_and_prune(self, prompt, question) -> _Prefix:
+    def _encode_and_prune(self, prompt, question, stats: Stats) -> _Prefix:
+        """The video's tokens after the pre-LLM stages, computed once; the cost goes to `stats`."""
         adapter, device = self.adapter, self.adapter.model.device
         state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device)
-        synchronize(device)
-        started = time.perf_counter()
-        tokens = adapter.encode_video(prompt)
-        synchronize(device)
-        encoded = time.perf_counter()
+        cached = self._encoded.get(id(self.clip))
+        with timed(stats.time, "vision_encoder_s", device):
+            tokens = cached if cached is not None else adapter.encode_video(prompt)
+        self._encoded[id(self.clip)] = tokens
         state.record_stage("vision encoder", len(tokens))
-        tokens = self.pruner.before_llm(tokens, state)
-        synchronize(device)
-        return _Prefix(tokens=tokens, state=state, encoder_s=encoded - started, pruning_s=time.perf_counter() - encoded)
+        with timed(stats.time, "pruning_s", device):
+            tokens = self.pruner.before_llm(tokens, state)
+        self._prefix = _Prefix(tokens=tokens, state=state)
+        return self._prefix
 
-    def _from_cache(self, inputs: GenerationInputs, stats: Stats, state: RequestState) -> GenerationInputs | None:
-        """Generation inputs that start from the cached video prefix (computing it on first use),
-        or None when this prompt's prefix differs from the cached one (then: a full prefill)."""
-        prefix = self._prefix
+    def _prefill(self, inputs: GenerationInputs, stats: Stats) -> None:
+        """Run the LLM over the prefix rows once and keep their KV cache (cache = False when this
+        model's cache cannot be cropped back to the prefix: no reuse then)."""
+        prefix, model, device = self._prefix, self.adapter.model, self.adapter.model.device
         length = self.adapter.prefix_length(inputs)
-        ids, positions = inputs.kwargs["input_ids"], inputs.kwargs["position_ids"]
-        if prefix.cache is None:
-            prefix.ids, prefix.positions = ids[:, :length], positions[..., :length]
-            prefix.cache = self._prefill(inputs, length)
-            if prefix.cache is None:
-                self.reuse = False
-                state.notes.append("this model's KV cache cannot be cropped; the video prefix is not reused")
-                return None
-            stats.time.video_prefill_s = prefix.prefill_s
-        else:
-            same = ids.shape[1] > length == prefix.ids.shape[1] and torch.equal(ids[:, :length], prefix.ids) \
-                and torch.equal(positions[..., :length], prefix.positions)
-            if not same:
-                state.notes.append("this prompt's video prefix differs from the cached one; prefilled in full")
-                return None
-            stats.prefix_reused = True
-            stats.time.prefill_saved_s = prefix.prefill_s
-        cache = prefix.cache
-        extra = cache.get_seq_length() - length
-        if extra:
-            cache.crop(-extra)  # drop the previous question's rows; the prefix tensors are never written
-        kwargs = {key: value for key, value in inputs.kwargs.items() if key != "mm_encoder_outputs"}
-        kwargs["cache"] = cache
-        return replace(inputs, kwargs=kwargs)
-
-    def _prefill(self, inputs: GenerationInputs, length: int) -> DynamicCache | None:
-        """Run the LLM over the first `length` rows once; their KV cache (None if not croppable)."""
-        model, device = self.adapter.model, self.adapter.model.device
         kwargs = inputs.kwargs
         cache = DynamicCache(config=model.config)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return None  # sliding-window or recurrent layers: crop() cannot restore the prefix
+            prefix.cache, self.reuse = False, False  # sliding-window or recurrent layers
+            prefix.state.notes.append("this model's KV cache cannot be cropped; the video prefix is not reused")
+            return
         prefix_kwargs = {
             "input_ids": kwargs["input_ids"][:, :length],
             "attention_mask": kwargs["attention_mask"][:, :length],
@@ -179,5 +179,26 @@ class VideoSession:
         started = time.perf_counter()
         model(**prefix_kwargs, cache=cache, use_cache=True, logits_to_keep=1)
         synchronize(device)
-        self._prefix.prefill_s = time.perf_counter() - started
-        return cache
+        prefix.prefill_s = stats.time.video_prefill_s = time.perf_counter() - started
+        prefix.ids, prefix.positions, prefix.cache = prefix_kwargs["input_ids"], prefix_kwargs["position_ids"], cache
+
+    def _suffix_inputs(self, inputs: GenerationInputs, state: RequestState) -> GenerationInputs | None:
+        """`inputs` to generate from the cached prefix, or None when there is no usable cache or
+        this prompt's prefix rows (ids, positions) differ from the cached ones (a full prefill then)."""
+        prefix = self._prefix
+        if not isinstance(prefix.cache, DynamicCache):
+            return None
+        length = prefix.ids.shape[1]
+        ids, positions = inputs.kwargs["input_ids"], inputs.kwargs["position_ids"]
+        same = (self.adapter.prefix_length(inputs) == length < ids.shape[1]
+                and torch.equal(ids[:, :length], prefix.ids) and torch.equal(positions[..., :length], prefix.positions))
+        if not same:
+            state.notes.append("this prompt's video prefix differs from the cached one; prefilled in full")
+            return None
+        cache = prefix.cache
+        extra = cache.get_seq_length() - length
+        if extra:
+            cache.crop(-extra)  # drop the previous question's rows; the prefix's tensors are never written
+        kwargs = {key: value for key, value in inputs.kwargs.items() if key != "mm_encoder_outputs"}
+        kwargs["cache"] = cache
+        return replace(inputs, kwargs=kwargs)
