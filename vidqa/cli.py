@@ -340,3 +340,4 @@ def models_list(
 
 
 from . import cli_batch  # noqa: E402,F401  (registers batch/summarize)
+from . import cli_chat  # noqa: E402,F401  (registers chat)
