@@ -130,3 +130,32 @@ def test_the_cached_prefix_is_never_written(adapters, clips):
     cache.crop(-(cache.get_seq_length() - session.prefix.ids.shape[1]))
     for layer, (keys, values) in zip(cache.layers, before):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_batch_rows_sharing_a_video_reuse_its_prefix(run_cli, tiny_llava, square_video, tmp_path):
+    """`vidqa batch`: per video and configuration the first row prefills the video, the others
+    reuse it; in-LLM presets never do; the predictions equal `vidqa ask`'s."""
+    import json
+
+    (tmp_path / "square.mp4").write_bytes(square_video.read_bytes())
+    (tmp_path / "q.csv").write_text("id,video,question\n" + "".join(
+        f"q{i},square.mp4,{q}\n" for i, q in enumerate(QUESTIONS)), encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    fast = ["--model", tiny_llava, "--frames", "8", "--max-new-tokens", "6"]
+    result = run_cli(["batch", tmp_path / "q.csv", "-o", output, "--prune", "none,evs,fastv", "--keep", "0.5", *fast])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert not any(r["error"] for r in records)
+    by_preset = {}
+    for record in records:
+        by_preset.setdefault(record["preset"], []).append(record)
+    for preset in ("none", "evs"):
+        rows = sorted(by_preset[preset], key=lambda r: r["id"])
+        assert [r["stats"]["prefix_reused"] for r in rows] == [False, True, True]
+        paid = rows[0]["stats"]["time"]["video_prefill_s"]
+        assert paid > 0 and all(r["stats"]["time"]["prefill_saved_s"] == paid for r in rows[1:])
+    assert not any(r["stats"]["prefix_reused"] for r in by_preset["fastv"])
+    for record in records:
+        extra = [] if record["preset"] == "none" else ["--prune", record["preset"], "--keep", "0.5"]
+        asked = run_cli(["ask", tmp_path / "square.mp4", record["question"], *fast, "-q", *extra])
+        assert asked.stdout.strip() == record["prediction"], record["id"]
