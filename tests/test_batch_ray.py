@@ -83,6 +83,24 @@ def test_a_killed_replica_loses_and_duplicates_nothing(cluster, tasks_and_settin
     assert by_key(records) == by_key(plain_records(tasks, settings))
 
 
+def test_replicas_killed_while_running_lose_nothing(cluster, tasks_and_settings):
+    """When the first video's records arrive, kill every replica: the one still working on the
+    other video dies mid-row (unless it already finished); its video is redone on a new replica."""
+    tasks, settings = tasks_and_settings
+    live, written = [], []
+
+    def kill_once(task, record):
+        if len(written) == 1:
+            for actor in list(live):
+                ray.kill(actor, no_restart=True)
+
+    records = run_batch_ray(tasks, settings, written.append, load={"device": "cpu", "dtype": "float32"},
+                            replicas=2, on_done=kill_once, on_replicas=lambda actors: live.__setitem__(slice(None), actors))
+    keys = [(r["id"], r["preset"], r["keep"]) for r in written]
+    assert len(keys) == len(set(keys)) == len(tasks)
+    assert by_key(records) == by_key(plain_records(tasks, settings))
+
+
 def test_a_group_that_dies_on_every_try_is_error_records(cluster, tasks_and_settings):
     tasks, settings = tasks_and_settings
 
