@@ -159,3 +159,18 @@ def test_batch_rows_sharing_a_video_reuse_its_prefix(run_cli, tiny_llava, square
         extra = [] if record["preset"] == "none" else ["--prune", record["preset"], "--keep", "0.5"]
         asked = run_cli(["ask", tmp_path / "square.mp4", record["question"], *fast, "-q", *extra])
         assert asked.stdout.strip() == record["prediction"], record["id"]
+
+
+def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(adapters):
+    from dataclasses import fields
+    from dataclasses import replace as replace_field
+
+    pruner = pruner_for(adapters["llava"], "evs", 0.5)
+    name, stage = pruner.preset.before_llm[0]
+
+    class TextGuided(type(stage)):
+        reads_question = True
+
+    guided = TextGuided(**{f.name: getattr(stage, f.name) for f in fields(stage)})
+    pruner.preset = replace_field(pruner.preset, stages=((name, guided),))
+    assert not prefix_reusable(pruner)

@@ -34,9 +34,13 @@ from .video import Clip
 
 
 def prefix_reusable(pruner: Pruner) -> bool:
-    """True when the pruner never acts inside the LLM: `none` and pre-LLM-only presets."""
+    """True when the pruned video cannot depend on the question: `none`, and presets whose
+    stages all act before the LLM without reading the question. A pre-LLM stage that reads it
+    (text-guided selection) must say so with a class attribute `reads_question = True`."""
     preset = getattr(pruner, "preset", None)
-    return preset is None or not preset.inside_llm
+    if preset is None:
+        return True
+    return not preset.inside_llm and not any(getattr(stage, "reads_question", False) for _, stage in preset.before_llm)
 
 
 @dataclass
