@@ -128,7 +128,7 @@ def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monk
     assert first["options"] == ["A. left", "B. right", "C. up", "D. down"]
     assert first["preset"] == "none" and first["keep"] is None and first["error"] is None
     assert first["model"] == str(tiny_llava)
-    assert set(first["stats"]) == {"tokens", "time", "flops", "peak_memory_bytes", "peak_memory_kind"}
+    assert set(first["stats"]) == {"tokens", "time", "flops", "peak_memory_bytes", "peak_memory_kind", "prefix_reused"}
     assert first["stats"]["tokens"]["frames"] == 4
     assert first["stats"]["tokens"]["visual_tokens_before"] == 4 * 16
     assert len(encoded) == 2  # and encoded once each, for their three questions
@@ -146,7 +146,7 @@ def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monk
     assert group["visual_tokens_after"] == mean([r["stats"]["tokens"]["visual_tokens_after"] for r in records])
     assert group["layer_avg_retention"] == mean([r["stats"]["tokens"]["layer_avg_retention"] for r in records])
     assert group["flops_percent"] == mean([100 * r["stats"]["flops"]["paper_fraction"] for r in records])
-    assert group["prefill_s"] == mean([r["stats"]["time"]["prefill_s"] for r in records])
+    assert group["prefill_s"] == mean([r["stats"]["time"]["prefill_s"] + r["stats"]["time"]["video_prefill_s"] for r in records])  # a shared video prefix counted once
     assert group["total_s"] == mean([r["stats"]["time"]["total_s"] for r in records])
     table = run_cli(["summarize", output])
     assert table.exit_code == 0 and "none" in table.stdout and "acc" in table.stdout
@@ -355,6 +355,7 @@ def test_out_of_memory_is_a_row_error_and_frees_the_cache(monkeypatch, tmp_path)
 
     from vidqa import engine
     from vidqa.errors import RuntimeFailure
+    from vidqa.session import VideoSession
     from vidqa.video import Clip
 
     monkeypatch.setattr(engine, "decode_video", lambda path, options: Clip(
@@ -364,7 +365,7 @@ def test_out_of_memory_is_a_row_error_and_frees_the_cache(monkeypatch, tmp_path)
         raise RuntimeFailure("out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model")
 
     emptied = []
-    monkeypatch.setattr(engine, "answer", out_of_memory)
+    monkeypatch.setattr(VideoSession, "ask", out_of_memory)  # every row is answered through a session
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     questions = write_csv(tmp_path, "q.csv", "video,question\na.mp4,what ?\n")

@@ -98,3 +98,20 @@ def test_plot_is_written(bench_run):
     _, out = bench_run
     png = out / "speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reuse_benchmark_runs_and_reports_identical_answers(tiny_llava, square_video, tmp_path):
+    """benchmarks/reuse.py end to end on the tiny model: structure and answer identity, no timings."""
+    spec = importlib.util.spec_from_file_location("vidqa_bench_reuse", BENCH.parent / "reuse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "reuse-out"
+    results = module.main(["--model", str(tiny_llava), "--video", str(square_video), "--frames", "4",
+                           "--questions", "3", "--presets", "none,evs", "--keep", "0.5", "--decode-tokens", "2",
+                           "--threads", "1", "--workdir", str(tmp_path / "work"), "--out", str(out), "--quiet"])
+    assert [row["preset"] for row in results["rows"]] == ["none", "evs"]
+    for row in results["rows"]:
+        assert row["identical_answers"] and row["prefix_reused"] == [False, True, True]
+        assert len(row["ttft_full_s"]) == len(row["ttft_reuse_s"]) == 3
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    assert (out / "table.md").read_text().startswith("| preset |")

@@ -364,6 +364,22 @@ class Runner:
     def __init__(self, adapter, settings: Settings, cache: ClipCache):
         self.adapter, self.settings, self.cache = adapter, settings, cache
         self._presets: dict[str, object] = {}
+        self._sessions: dict[tuple, object] = {}  # the current clip's, per (preset, keep)
+
+    def _session(self, clip, task: Task, pruner):
+        """The current clip's session for this configuration: rows sharing a video and a
+        question-agnostic configuration reuse its prefilled prefix (vidqa/session.py); other
+        presets answer in full, the clip still encoded once. Tasks come grouped by video, so
+        only the current clip's sessions (and their KV caches) are kept."""
+        from .session import VideoSession
+
+        key = (id(clip), task.preset, normalize_keep(task.keep))
+        if any(old[0] != key[0] for old in self._sessions):
+            self._sessions.clear()
+        if key not in self._sessions:
+            self._sessions[key] = VideoSession(self.adapter, clip, pruner, self.settings.generation,
+                                               encoded_cache=self.cache.encoded)
+        return self._sessions[key]
 
     def _preset(self, name: str):
         from .pruning.presets import load_preset
@@ -382,7 +398,6 @@ class Runner:
         """One task -> its record. Per-task failures are caught into `error`; KeyboardInterrupt is not."""
         import torch
 
-        from . import engine
         from .pruning.presets import build_pruner
         from .report import ask_record
         from .stats import Stats, timed
@@ -396,10 +411,7 @@ class Runner:
             pruner = build_pruner(self._preset(task.preset), self.adapter, keep=task.keep)
             with timed(stats.time, "video_decode_s"):
                 clip = self.cache.get(row.video_path, self.settings.frame_options)
-            result = engine.answer(
-                self.adapter, clip, build_prompt(row.question, row.options), self.settings.generation,
-                pruner=pruner, stats=stats, encoded_cache=self.cache.encoded,
-            )
+            result = self._session(clip, task, pruner).ask(build_prompt(row.question, row.options), stats=stats)
         except VidqaError as error:
             record["error"] = _one_line(error)
             if isinstance(error, RuntimeFailure):  # out of memory, in practice
@@ -429,6 +441,7 @@ class Runner:
         import torch
 
         self.cache.drop_encoded()
+        self._sessions.clear()  # their KV caches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import cli_batch
+from . import cli_batch, cli_chat
 from .cli_common import (
     DEFAULT_MODEL,
     EXIT_CODES,
@@ -44,10 +44,11 @@ from .cli_common import (
     file_error,
     frames_for_model,
     interactive,
+    named,
     nothing,
     placement,
     read_question,
-    stream_name,
+    stdout_writer,
 )
 from .errors import BadInput, VidqaError
 
@@ -182,7 +183,7 @@ def ask(
                 err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
         streaming = stream and not as_json
-        on_text = _stdout_writer() if streaming else None
+        on_text = stdout_writer() if streaming else None
         result = engine.answer(
             adapter,
             clip,
@@ -221,7 +222,7 @@ def ask(
             sys.stdout.write("\n" if streaming else result.text + "\n")
         sys.stdout.flush()  # here, not at exit: a full disk is reported, not ignored
     except OSError as error:
-        fail(file_error(_named(error, sys.stdout)))
+        fail(file_error(named(error, sys.stdout)))
     if as_json or quiet:
         return
     for note in result.notes:
@@ -230,24 +231,6 @@ def ask(
         from .report import print_stats
 
         print_stats(result.stats, preset.name, err_console)
-
-
-def _named(error: OSError, stream) -> OSError:
-    """The error with the file behind `stream` as its filename (writes to stdout carry none)."""
-    if error.filename is None:
-        error.filename = stream_name(stream)
-    return error
-
-
-def _stdout_writer():
-    def write(text: str) -> None:
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except OSError as error:
-            raise _named(error, sys.stdout) from None
-
-    return write
 
 
 def main() -> None:
@@ -377,3 +360,6 @@ def models_list(
 # `vidqa batch`, `vidqa summarize` (vidqa/cli_batch.py) ---------------------------------------
 app.command(epilog=cli_batch.BATCH_EXIT_CODES)(cli_batch.batch)
 app.command(epilog=cli_batch.SUMMARIZE_EXIT_CODES)(cli_batch.summarize)
+
+# `vidqa chat` (vidqa/cli_chat.py) ----------------------------------------------------------
+app.command(epilog=EXIT_CODES)(cli_chat.chat)

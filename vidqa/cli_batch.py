@@ -93,6 +93,8 @@ def batch(
     plot: PlotOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary: errors only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One line per record on stderr.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run on a Ray cluster: 'local' starts one here, 'auto' or ray://HOST:10001 joins one; one model replica per GPU (needs pip install -e \".[ray]\").", show_default=False)] = None,
+    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", help="With --ray on CPUs: CPUs per model replica.")] = 1.0,
 ) -> None:
     """Answer every question of a CSV, under a sweep of pruning presets; one record per
     (row, preset, keep), appended as it is done, so an interrupted run resumes where it stopped.
@@ -165,7 +167,7 @@ def batch(
         if todo:
             new = _run(todo, len(tasks), settings, output, device, dtype, attn, cache_mb, overwrite=not resume,
                        quiet=quiet, verbose=verbose, max_pixels=max_pixels,
-                       device_map=device_map, system=system)
+                       device_map=device_map, system=system, ray=ray, cpus_per_replica=cpus_per_replica)
     except VidqaError as error:
         fail(error)
         return
@@ -209,10 +211,23 @@ def _first_per_key(records: list[dict], record_key) -> list[dict]:
 
 
 def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None,
-         device_map=None, system=None) -> list[dict]:
+         device_map=None, system=None, ray=None, cpus_per_replica=1.0) -> list[dict]:
     from . import batch as batching
     from .batch_store import RecordWriter
     from .models import load_model
+
+    if ray is not None:  # replicas on a Ray cluster; this process writes every record
+        from .batch_ray import run_batch_ray
+
+        if cpus_per_replica <= 0:
+            raise BadInput(f"--cpus-per-replica must be more than 0, got {cpus_per_replica}")
+        gpus = 1.0 if device.value == "cuda" or (device.value == "auto" and _cluster_has_gpus(ray)) else 0.0
+        load = {"device": "cuda" if gpus else "cpu", "dtype": dtype.value, "attn": attn.value, "max_pixels": max_pixels,
+                "system_prompt": system}
+        with RecordWriter(output, overwrite=overwrite) as writer:
+            return run_batch_ray(todo, settings, writer.write, load=load, address=None if ray == "local" else ray,
+                                 cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus,
+                                 cache_bytes=cache_mb * 2**20)
 
     on_terminal = interactive()
     with err_console.status("loading model…", spinner="dots") if on_terminal and not quiet else nothing():
@@ -251,6 +266,16 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
         with progress:
             bar = progress.add_task("", total=total, completed=already)
             return batching.run_batch(todo, runner, writer.write, on_start, on_done)
+
+
+def _cluster_has_gpus(address: str) -> bool:
+    from .batch_ray import import_ray
+
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _progress():

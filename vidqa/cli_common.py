@@ -175,3 +175,21 @@ PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset nam
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
+
+
+def named(error: OSError, stream) -> OSError:
+    """The error with the file behind `stream` as its filename (writes to stdout carry none)."""
+    if error.filename is None:
+        error.filename = stream_name(stream)
+    return error
+
+
+def stdout_writer():
+    def write(text: str) -> None:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as error:
+            raise named(error, sys.stdout) from None
+
+    return write

@@ -95,12 +95,14 @@ def answer(
     on_text: Callable[[str], None] | None = None,
     stats: Stats | None = None,
     encoded_cache: MutableMapping | None = None,
+    history: tuple = (),
 ) -> Answer:
     """Answer `question` about an already decoded `clip`. `on_text` receives streamed text.
 
     encoded_cache: optional mapping reused across calls (batch mode); the vision encoder's output
     for a clip is stored under id(clip), so a clip asked several questions is encoded once.
     Keep the clip object alive as long as the cache holds it.
+    history: earlier (question, answer) turns about the same clip (see ModelAdapter.build_prompt).
     """
     generation = generation or GenerationOptions()
     if not question.strip():
@@ -112,7 +114,7 @@ def answer(
         torch.cuda.reset_peak_memory_stats(device)
 
     with timed(stats.time, "preprocess_s", device):
-        prompt = adapter.prompt_for_clip(clip, question)
+        prompt = adapter.prompt_for_clip(clip, question, history=history)
     with torch.inference_mode():
         cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
         layer = getattr(pruner, "vision_layer", None)  # the encoder layer whose attention a pre-LLM stage reads

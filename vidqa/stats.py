@@ -22,6 +22,11 @@ class Timings:
     vision_encoder_s: float = 0.0
     pruning_s: float = 0.0  # time inside the pruning stages themselves (before and inside the LLM)
     prefill_s: float = 0.0
+    # with a reused video prefix (vidqa chat, batch): prefill_s covers the question's rows only;
+    # video_prefill_s is the video prefix's prefill when THIS request paid it (else 0), and
+    # prefill_saved_s the prefix prefill a request reusing it did not pay (else 0)
+    video_prefill_s: float = 0.0
+    prefill_saved_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
@@ -59,6 +64,7 @@ class Stats:
     flops: Flops = field(default_factory=Flops)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "rss"  # "cuda": torch.cuda.max_memory_allocated; "rss": process peak RSS
+    prefix_reused: bool = False  # generation started from a cached video prefix (vidqa/session.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -246,13 +246,6 @@ class ModelAdapter:
         ids = tokenizer(default, add_special_tokens=False)["input_ids"]
         return None if unknown is not None and unknown in ids else default
 
-    def conversation(self, user_content: list[dict]) -> list[dict]:
-        """The chat for one question: the system turn (if any), then the user's content."""
-        messages = [{"role": "user", "content": user_content}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        return messages
-
     def stop_token_ids(self) -> list[int]:
         """Ids of `stop_tokens` that this tokenizer knows (added to generation's eos ids)."""
         tokenizer = getattr(self.processor, "tokenizer", None)
@@ -284,13 +277,42 @@ class ModelAdapter:
             )
 
     # --- prompt and vision -------------------------------------------------------------
-    def prompt_for_clip(self, clip, question: str) -> Prompt:
+    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
         """The prompt for a decoded `vidqa.video.Clip`; families that use more of the clip than
         frames and timestamps (its sampling rate, its duration) override this."""
-        return self.build_prompt(clip.frames, clip.timestamps, question)
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history)
 
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+        """The processed prompt: the video, then `question`. history: earlier (question,
+        answer) turns of a conversation about the same video (`vidqa chat --history`); the
+        video goes in the first turn (`conversation` builds the messages)."""
         raise NotImplementedError
+
+    def conversation(self, question: str, history: tuple = ()) -> list[dict]:
+        """Chat messages: the system turn (if any), the video in the first user turn, earlier
+        (question, answer) turns, then `question`."""
+        turns = [*history, (question, None)]
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        for index, (asked, answered) in enumerate(turns):
+            content = [{"type": "video"}] if index == 0 else []
+            messages.append({"role": "user", "content": [*content, {"type": "text", "text": asked}]})
+            if answered is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+        return messages
+
+    def prefix_length(self, inputs: GenerationInputs) -> int:
+        """Rows of `inputs` that do not depend on the question: the KV cache of
+        input_ids[:, :prefix_length] is computed once per video and reused for every question
+        (vidqa/session.py). The default is the first row after the last visual span
+        (`text_start`); the text between the video and the question (template markup) goes to
+        the question's side, which is always correct, only a few rows less reused. A family
+        whose prompt puts anything question-dependent BEFORE the video must return a smaller
+        number; the session also checks at run time that the prefix rows (ids and positions)
+        of every question's prompt equal the cached ones and falls back to a full prefill if not.
+        """
+        return inputs.text_start
 
     def encode_video(self, prompt: Prompt) -> VisualTokens:
         raise NotImplementedError

@@ -37,9 +37,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
     default_system_prompt = "You are a helpful assistant."
     stop_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2 chat markup
 
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
         # LLaVA-OneVision's processor takes no timestamps: the model was trained without them.
-        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
+        conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = self.processor(text=text, videos=[frames], return_tensors="pt")
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()

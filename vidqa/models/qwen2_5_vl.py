@@ -120,11 +120,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             kwargs["size"] = {"shortest_edge": min(shortest, self.max_pixels), "longest_edge": self.max_pixels}
         return kwargs
 
-    def prompt_for_clip(self, clip, question: str) -> Prompt:
-        return self.build_prompt(clip.frames, clip.timestamps, question, sample_fps=clip.sample_fps)
+    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, sample_fps=clip.sample_fps)
 
-    def build_prompt(self, frames, timestamps, question: str, sample_fps: float | None = None) -> Prompt:
-        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), sample_fps: float | None = None) -> Prompt:
+        conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         video = qwen_vl_sizing.resize_frames(frames, self.max_pixels)
         inputs = self.processor(

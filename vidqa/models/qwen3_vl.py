@@ -135,10 +135,8 @@ class Qwen3VLAdapter(ModelAdapter):
             "cap_pixels_per_frame": False,
         }
 
-    def build_prompt(self, frames, timestamps, question: str) -> Prompt:
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-        ]
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+        conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = self.processor(
             text=text, videos=[frames], return_tensors="pt", **self.video_kwargs(timestamps, len(frames))

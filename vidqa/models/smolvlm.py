@@ -75,13 +75,13 @@ class SmolVLMAdapter(ModelAdapter):
         max_frames = getattr(video_processor, "num_frames", None) or cls.frame_rule.max_frames
         return SmolVLMFrames(fps=float(fps), max_frames=int(max_frames))
 
-    def prompt_for_clip(self, clip, question: str) -> Prompt:
-        return self.build_prompt(clip.frames, clip.timestamps, question, duration=clip.duration)
+    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, duration=clip.duration)
 
-    def build_prompt(self, frames, timestamps, question: str, duration: float | None = None) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), duration: float | None = None) -> Prompt:
         """duration: the video's length in seconds for the intro line, as the processor writes it
         when it reads the file itself; None = the last timestamp (its fallback)."""
-        conversation = self.conversation([{"type": "video"}, {"type": "text", "text": question}])
+        conversation = self.conversation(question, history)
         # with a video entry the processor picks its own video chat template
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         # the processor writes timestamps as frames_indices / fps: give it seconds at fps 1

@@ -1,0 +1,176 @@
+"""Reusing a video's prefill across questions (vidqa/session.py): token-identical answers on
+every family, for `none` and pre-LLM presets (1-D positions original and compact, Qwen M-RoPE),
+with and without conversation history; in-LLM presets fall back to full prefills."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidqa import engine
+from vidqa.models import load_model
+from vidqa.pruning.presets import build_pruner, load_preset
+from vidqa.session import VideoSession, prefix_reusable
+from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from vidqa.video import load_clip
+
+QUESTIONS = ["what happens in this video ?", "which colour is the square ?", "is it moving left or right ?"]
+FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
+GENERATION = engine.GenerationOptions(max_new_tokens=8)
+# (family, preset, keep): none and EVS (original positions) everywhere; VidCom2 compacts the
+# positions (positions: compact), which matters for 1-D RoPE
+CASES = [(family, preset, keep) for family in ("llava", "qwen", "smol") for preset, keep in (("none", None), ("evs", 0.5))]
+CASES.append(("llava", "vidcom2", 0.5))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llava, tmp_path_factory):
+    paths = {
+        "llava": tiny_llava,
+        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("session-qwen")),
+        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("session-smol")),
+    }
+    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def clips(square_video):
+    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
+
+
+def pruner_for(adapter, preset, keep):
+    return build_pruner(load_preset(preset), adapter, keep=keep)
+
+
+@pytest.mark.parametrize("family,preset,keep", CASES)
+def test_reused_prefix_answers_are_token_identical(adapters, clips, family, preset, keep):
+    adapter, clip = adapters[family], clips[family]
+    pruner = pruner_for(adapter, preset, keep)
+    expected = [engine.answer(adapter, clip, q, GENERATION, pruner=pruner) for q in QUESTIONS]
+    session = VideoSession(adapter, clip, pruner, GENERATION)
+    got = [session.ask(q) for q in QUESTIONS]
+    assert [a.text for a in got] == [a.text for a in expected]
+    assert [a.stats.tokens.generated_tokens for a in got] == [a.stats.tokens.generated_tokens for a in expected]
+    # the first question pays the video's prefill; the others start from its cache
+    assert [a.stats.prefix_reused for a in got] == [False, True, True]
+    first = got[0].stats.time
+    assert first.video_prefill_s > 0 and first.prefill_saved_s == 0
+    for later in got[1:]:
+        assert later.stats.time.video_prefill_s == 0 and later.stats.time.prefill_saved_s == first.video_prefill_s
+        assert later.stats.time.vision_encoder_s == 0  # encoded once
+    # the same token counts as the full run (what the LLM processed is unchanged)
+    assert got[1].stats.tokens.visual_tokens_per_layer == expected[1].stats.tokens.visual_tokens_per_layer
+    assert got[1].stats.tokens.llm_prompt_tokens == expected[1].stats.tokens.llm_prompt_tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_prepare_prefills_before_the_first_question(adapters, clips, family):
+    adapter, clip = adapters[family], clips[family]
+    session = VideoSession(adapter, clip, generation=GENERATION)
+    cost = session.prepare()
+    assert cost.time.video_prefill_s > 0 and cost.tokens.visual_tokens_after == cost.tokens.visual_tokens_before
+    answers = [session.ask(q) for q in QUESTIONS[:2]]
+    assert all(a.stats.prefix_reused for a in answers)
+    assert [a.text for a in answers] == [engine.answer(adapter, clip, q, GENERATION).text for q in QUESTIONS[:2]]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen", "smol"])
+def test_history_matches_the_multi_turn_prompt(adapters, clips, family):
+    adapter, clip = adapters[family], clips[family]
+    pruner = pruner_for(adapter, "evs", 0.5)
+    session = VideoSession(adapter, clip, pruner, GENERATION, history=True)
+    turns = []
+    for question in QUESTIONS[:2]:
+        expected = engine.answer(adapter, clip, question, GENERATION, pruner=pruner, history=tuple(turns))
+        got = session.ask(question)
+        assert got.text == expected.text
+        turns.append((question, expected.text))
+    assert session.turns == turns
+    assert got.stats.prefix_reused and got.stats.tokens.llm_prompt_tokens == expected.stats.tokens.llm_prompt_tokens
+
+
+def test_history_prompt_holds_the_earlier_turns(adapters, clips):
+    adapter, clip = adapters["llava"], clips["llava"]
+    prompt = adapter.build_prompt(clip.frames, clip.timestamps, "is it red ?", history=(("what colour ?", "blue"),))
+    assert prompt.text.index("what colour ?") < prompt.text.index("blue") < prompt.text.index("is it red ?")
+    assert prompt.text.count("<|im_start|>user") == 2 and prompt.text.count("<|im_start|>assistant") == 2
+
+
+def test_in_llm_presets_are_not_reused_but_answer_the_same(adapters, clips):
+    adapter, clip = adapters["llava"], clips["llava"]
+    pruner = pruner_for(adapter, "fastv", None)
+    assert not prefix_reusable(pruner) and prefix_reusable(pruner_for(adapter, "evs", 0.5))
+    session = VideoSession(adapter, clip, pruner, GENERATION)
+    got = [session.ask(q) for q in QUESTIONS[:2]]
+    assert [a.text for a in got] == [engine.answer(adapter, clip, q, GENERATION, pruner=pruner).text for q in QUESTIONS[:2]]
+    assert not any(a.stats.prefix_reused for a in got)
+    assert got[1].stats.time.vision_encoder_s < got[0].stats.time.vision_encoder_s  # still encoded once
+
+
+def test_a_different_prefix_is_prefilled_in_full(adapters, clips):
+    """If a prompt's prefix rows ever differ from the cached ones, the cache is not used."""
+    adapter, clip = adapters["llava"], clips["llava"]
+    session = VideoSession(adapter, clip, generation=GENERATION)
+    session.ask(QUESTIONS[0])
+    session.prefix.ids = session.prefix.ids.clone()
+    session.prefix.ids[0, 0] += 1  # as if the system prompt had changed
+    got = session.ask(QUESTIONS[1])
+    assert not got.stats.prefix_reused and any("differs" in note for note in got.notes)
+    assert got.text == engine.answer(adapter, clip, QUESTIONS[1], GENERATION).text
+
+
+def test_the_cached_prefix_is_never_written(adapters, clips):
+    adapter, clip = adapters["qwen"], clips["qwen"]
+    session = VideoSession(adapter, clip, generation=GENERATION)
+    session.prepare()
+    cache = session.prefix.cache
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    for question in QUESTIONS:
+        session.ask(question)
+    cache.crop(-(cache.get_seq_length() - session.prefix.ids.shape[1]))
+    for layer, (keys, values) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_batch_rows_sharing_a_video_reuse_its_prefix(run_cli, tiny_llava, square_video, tmp_path):
+    """`vidqa batch`: per video and configuration the first row prefills the video, the others
+    reuse it; in-LLM presets never do; the predictions equal `vidqa ask`'s."""
+    import json
+
+    (tmp_path / "square.mp4").write_bytes(square_video.read_bytes())
+    (tmp_path / "q.csv").write_text("id,video,question\n" + "".join(
+        f"q{i},square.mp4,{q}\n" for i, q in enumerate(QUESTIONS)), encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    fast = ["--model", tiny_llava, "--frames", "8", "--max-new-tokens", "6"]
+    result = run_cli(["batch", tmp_path / "q.csv", "-o", output, "--prune", "none,evs,fastv", "--keep", "0.5", *fast])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert not any(r["error"] for r in records)
+    by_preset = {}
+    for record in records:
+        by_preset.setdefault(record["preset"], []).append(record)
+    for preset in ("none", "evs"):
+        rows = sorted(by_preset[preset], key=lambda r: r["id"])
+        assert [r["stats"]["prefix_reused"] for r in rows] == [False, True, True]
+        paid = rows[0]["stats"]["time"]["video_prefill_s"]
+        assert paid > 0 and all(r["stats"]["time"]["prefill_saved_s"] == paid for r in rows[1:])
+    assert not any(r["stats"]["prefix_reused"] for r in by_preset["fastv"])
+    for record in records:
+        extra = [] if record["preset"] == "none" else ["--prune", record["preset"], "--keep", "0.5"]
+        asked = run_cli(["ask", tmp_path / "square.mp4", record["question"], *fast, "-q", *extra])
+        assert asked.stdout.strip() == record["answer"], record["id"]
+
+
+def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(adapters):
+    from dataclasses import fields
+    from dataclasses import replace as replace_field
+
+    pruner = pruner_for(adapters["llava"], "evs", 0.5)
+    name, stage = pruner.preset.before_llm[0]
+
+    class TextGuided(type(stage)):
+        reads_question = True
+
+    guided = TextGuided(**{f.name: getattr(stage, f.name) for f in fields(stage)})
+    pruner.preset = replace_field(pruner.preset, stages=((name, guided),))
+    assert not prefix_reusable(pruner)
