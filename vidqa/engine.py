@@ -13,6 +13,8 @@ from . import flops as flops_model
 from .errors import BadInput, RuntimeFailure
 from .models import ModelAdapter
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
+from .pruning.compat import DecoderMismatch, PruningMismatch
+from .pruning.verify import PrefillCheck
 from .stats import Stats, peak_memory, synchronize, timed
 from .video import Clip, load_clip
 
@@ -148,16 +150,23 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
 
     prompt_length = kwargs["input_ids"].shape[1]
     try:
-        with _StepClock(model, device) as clock, pruner.inside_llm(inputs, state):
+        preset = getattr(pruner, "name", "none")
+        pruning = pruner.inside_llm(inputs, state)
+        # entered after the pruning hooks, so it sees the prefill as they left it (PrefillCheck)
+        check = PrefillCheck(adapter, inputs, state, pruning, preset=preset)
+        with _StepClock(model, device) as clock, pruning, check:
             synchronize(device)
             start = time.perf_counter()
             output = model.generate(**kwargs)
+    except DecoderMismatch as error:
+        raise PruningMismatch(str(error), preset) from None
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise RuntimeFailure(
             "out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model"
         ) from None
+    stats.verified = check.summary()
     generated = output.shape[1] - prompt_length
     stats.tokens.generated_tokens = int(generated)
     if clock.ends:

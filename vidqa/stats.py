@@ -59,6 +59,8 @@ class Stats:
     flops: Flops = field(default_factory=Flops)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "rss"  # "cuda": torch.cuda.max_memory_allocated; "rss": process peak RSS
+    # what was checked after the prefill (pruning/verify.py): {"transformers", "checks", "layers"}
+    verified: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

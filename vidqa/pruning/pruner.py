@@ -40,7 +40,7 @@ def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: i
 class PresetPruner(Pruner):
     def __init__(self, preset, adapter, keep=None, flops=None):
         self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
-        self.positions = preset.positions
+        self.positions, self.name = preset.positions, preset.name
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
         layers = [layer for layer, _ in self.bound]
