@@ -254,3 +254,22 @@ def test_a_renamed_rotary_argument_is_one_line_not_a_traceback(run_cli, tiny_lla
                         lambda kwargs, index: read({renamed.get(k, k): v for k, v in kwargs.items()}, index))
     result = cli_ask(run_cli, tiny_llava, square_video, "sparsevlm")
     assert_mismatch(result, "sparsevlm", "was called without the (cos, sin) 'position_embeddings'")
+
+
+def test_hooks_on_modules_the_model_does_not_run_stop_the_request(run_cli, tiny_llava, square_video, monkeypatch):
+    """transformers moves the decoder (e.g. renames `model.language_model`): the adapter's path now
+    leads to a module the model never calls, so neither the pruning hooks nor the checks fire."""
+    from vidqa.models.llava_onevision import LlavaOnevisionAdapter
+
+    unused = {}
+
+    def detached(adapter):
+        if "module" not in unused:
+            module = torch.nn.Module()
+            module.layers = adapter.model.model.language_model.layers  # the layers, but not the stack that runs them
+            unused["module"] = module
+        return unused["module"]
+
+    monkeypatch.setattr(LlavaOnevisionAdapter, "language_model", property(detached))
+    result = cli_ask(run_cli, tiny_llava, square_video, "fastv")
+    assert_mismatch(result, "fastv", "decoder modules vidqa hooks were not the ones the model ran")

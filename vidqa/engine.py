@@ -199,7 +199,7 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
         raise RuntimeFailure(
             "out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model"
         ) from None
-    stats.verified = check.summary()
+    stats.verified = check.finish()
     generated = output.shape[1] - prompt_length
     stats.tokens.generated_tokens = int(generated)
     if clock.ends:

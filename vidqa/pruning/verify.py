@@ -53,7 +53,8 @@ class PrefillCheck:
         self.llm_rows = int(inputs.kwargs["input_ids"].shape[1])
         self.text_rows = self.llm_rows - self.visual_in  # rows no stage touches
         self.checked: list[str] = []
-        self._calls = 0
+        self._calls = 0  # forwards of the language model (1 = the prefill)
+        self._model_calls = 0
         self._handles: list = []
         self._layer_rows: dict[int, int] = {}
         self._layer0: dict = {}
@@ -62,6 +63,7 @@ class PrefillCheck:
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self):
         language_model = self.adapter.language_model
+        self._handles.append(self.adapter.model.register_forward_hook(self._after_model))
         self._handles.append(language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True))
         self._handles.append(language_model.register_forward_hook(self._after_llm, with_kwargs=True))
         for index, layer in enumerate(self.adapter.decoder_layers):
@@ -75,9 +77,20 @@ class PrefillCheck:
         self._layer0.clear()
         return False
 
-    def summary(self) -> dict:
-        """The `verified` record of --json: what was checked after the prefill."""
+    def finish(self) -> dict:
+        """After `generate`: the `verified` record of --json."""
+        self._require_observed()
         return {"transformers": transformers_version(), "checks": list(self.checked), "layers": len(self._layer_rows)}
+
+    def _after_model(self, module, args, output):
+        """End of the whole model's first forward (the prefill, before its token is streamed)."""
+        if not self._model_calls:
+            self._model_calls = 1
+            self._require_observed()
+
+    def _require_observed(self) -> None:
+        if self._calls == 0 or "layer_tokens" not in self.checked:
+            self._fail("the decoder modules vidqa hooks were not the ones the model ran")
 
     def _fail(self, what: str):
         raise PruningMismatch(what, self.preset)
