@@ -273,3 +273,14 @@ def test_hooks_on_modules_the_model_does_not_run_stop_the_request(run_cli, tiny_
     monkeypatch.setattr(LlavaOnevisionAdapter, "language_model", property(detached))
     result = cli_ask(run_cli, tiny_llava, square_video, "fastv")
     assert_mismatch(result, "fastv", "decoder modules vidqa hooks were not the ones the model ran")
+
+
+def test_the_advice_depends_on_whether_the_version_was_tested(monkeypatch):
+    from vidqa.pruning import compat
+
+    monkeypatch.setattr(compat, "transformers_version", lambda: "5.24.0")
+    assert "in the tested range, please report this" in str(PruningMismatch("x", "fastv"))
+    monkeypatch.setattr(compat, "transformers_version", lambda: "5.31.0")
+    message = str(PruningMismatch("x", "fastv"))
+    assert "transformers 5.31.0 (preset 'fastv')" in message
+    assert f"tested with transformers {TESTED_TRANSFORMERS}: install a version in that range" in message

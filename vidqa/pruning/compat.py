@@ -31,8 +31,20 @@ class PruningMismatch(RuntimeFailure):
     """The LLM did not run as the preset planned (exit 1): one line naming the version and preset."""
 
     def __init__(self, what: str, preset: str):
+        current = transformers_version()
+        advice = ("it is in the tested range, please report this" if is_tested(current)
+                  else "install a version in that range")
         super().__init__(
-            f"the LLM did not run as planned on transformers {transformers_version()} (preset '{preset}'): {what}; "
-            f"no answer was given. vidqa is tested with transformers{TESTED_TRANSFORMERS}: install a version in that "
-            "range, or report this"
+            f"the LLM did not run as planned on transformers {current} (preset '{preset}'): {what}; "
+            f"no answer was given. vidqa is tested with transformers {TESTED_TRANSFORMERS}: {advice}"
         )
+
+
+def is_tested(transformers: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(transformers) in SpecifierSet(TESTED_TRANSFORMERS)
+    except InvalidVersion:
+        return False
