@@ -65,6 +65,9 @@ class NoCheck(verify.PrefillCheck):
     def __enter__(self):
         return self
 
+    def finish(self):
+        return {}
+
 
 def assert_silent_without_the_check(monkeypatch, rerun):
     """The simulated change is one that would otherwise go unnoticed: the same run answers, exit 0."""
