@@ -44,7 +44,8 @@ def test_json_record_has_answer_and_consistent_stats(run_cli, tiny_llava, square
     assert fl["paper_vanilla_macs"] == flops.visual_prefill_macs(shape, [128] * 4)
     assert fl["prompt_prefill_macs"] > fl["paper_vanilla_macs"]
     assert fl["vision_encoder_macs"] > 0
-    assert record["stats"]["peak_memory_bytes"] > 0
+    # the request's own peak above the loaded model may be 0 (memory freed earlier is reused)
+    assert 0 <= record["stats"]["peak_memory_bytes"] < record["stats"]["peak_memory_total_bytes"]
 
 
 def test_streamed_plain_and_quiet_answers_agree(run_cli, tiny_llava, square_video):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from .frame_rules import FrameRule, UniformFrames
 from .generation_settings import generation_overrides, generation_settings, sampling_note
 from .models import ModelAdapter
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
-from .stats import Stats, peak_memory, synchronize, timed
+from .pruning.compat import DecoderMismatch, PruningMismatch
+from .pruning.verify import PrefillCheck
+from .stats import RequestMemory, Stats, synchronize, timed
 from .video import Clip, load_clip
 
 
@@ -110,8 +113,7 @@ def answer(
     stats = stats or Stats()
     model, device = adapter.model, adapter.model.device
     total_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = RequestMemory(device).start()
 
     with timed(stats.time, "preprocess_s", device):
         prompt = adapter.prompt_for_clip(clip, question, history=history)
@@ -130,18 +132,55 @@ def answer(
             tokens = pruner.before_llm(tokens, state)
         state.llm_tokens = tokens
         inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
+        check_context(adapter, prompt, inputs, generation, state)
         text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
 
     stats.time.pruning_s += state.in_llm_seconds
     _fill_counts(stats, adapter, clip, prompt, state, inputs)
     _fill_flops(stats, adapter, clip)
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
-    stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
+    stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
                   generation=generation_settings(adapter, generation))
 
 
-def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str:
+def check_context(adapter, prompt, inputs, generation, state) -> None:
+    """The positions the LLM reads must fit the model's context (text_config.max_position_embeddings).
+
+    What must fit is the position range, not the row count: kept tokens keep their original
+    positions, so pruning before the LLM shortens the range only with compact positions (1-D
+    models; under Qwen's M-RoPE a position is a (time, row, col) coordinate and the range is
+    the unpruned prompt's either way). A prompt past the context is an error; an answer that
+    may run past it gets a note.
+    """
+    limit = getattr(adapter.text_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    rows = int(inputs.kwargs["input_ids"].shape[1])
+    positions = inputs.kwargs.get("position_ids")
+    if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+        positions = positions[1:]  # Qwen's (text row, t, h, w) layout: the rotary positions are t, h, w
+    extent = int(positions.max()) + 1 if positions is not None else rows
+    if extent > limit:
+        if rows < prompt.length:
+            size = (f"the prompt is {prompt.length} tokens ({rows} after pruning before the LLM, at positions "
+                    f"up to {extent - 1})")
+        else:
+            size = f"the prompt is {prompt.length} tokens" + (f" (positions up to {extent - 1})" if extent != rows else "")
+        raise BadInput(
+            f"{size}, more than the model's context of {limit}; use fewer --frames, a shorter question, "
+            "or prune before the LLM with compact positions (e.g. --prune prunevid, or -P positions=compact)"
+        )
+    if extent + generation.max_new_tokens > limit:
+        state.notes.append(
+            f"the answer may run past the model's context of {limit} tokens after {limit - extent} new tokens"
+        )
+
+
+def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify: bool = True) -> str:
+    """Run `generate`; with `verify`, the prefill is checked against the plan (PrefillCheck).
+    verify=False only for a question's rows generated from an already verified video prefix
+    (vidqa/session.py): they hold no visual token and nothing is pruned there."""
     model, device = adapter.model, adapter.model.device
     tokenizer = adapter.processor.tokenizer
     pieces: list[str] = []
@@ -161,16 +200,24 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text) -> str
 
     prompt_length = kwargs["input_ids"].shape[1]
     try:
-        with _StepClock(model, device) as clock, pruner.inside_llm(inputs, state):
+        preset = getattr(pruner, "name", "none")
+        pruning = pruner.inside_llm(inputs, state)
+        # entered after the pruning hooks, so it sees the prefill as they left it (PrefillCheck)
+        check = PrefillCheck(adapter, inputs, state, pruning, preset=preset) if verify else contextlib.nullcontext()
+        with _StepClock(model, device) as clock, pruning, check:
             synchronize(device)
             start = time.perf_counter()
             output = model.generate(**kwargs)
+    except DecoderMismatch as error:
+        raise PruningMismatch(str(error), preset) from None
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise RuntimeFailure(
             "out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model"
         ) from None
+    if verify:
+        stats.verified = check.finish()
     generated = output.shape[1] - prompt_length
     stats.tokens.generated_tokens = int(generated)
     if clock.ends:

@@ -76,8 +76,9 @@ def stats_table(stats: Stats, preset: str) -> Table:
     )
     table.add_row("FLOPs, full prompt prefill (MACs)", format_flops(flops.prompt_prefill_macs))
     table.add_row("FLOPs, vision encoder (MACs)", format_flops(flops.vision_encoder_macs))
-    kind = "GPU peak allocated" if stats.peak_memory_kind == "cuda" else "process peak RSS"
-    table.add_row(f"peak memory ({kind})", _bytes(stats.peak_memory_bytes))
+    kind = "GPU memory" if stats.peak_memory_kind == "cuda" else "RSS"  # stats.RequestMemory
+    table.add_row(f"peak {kind} of the request", f"{_bytes(stats.peak_memory_bytes)} above the model")
+    table.add_row(f"  peak {kind} in all", _bytes(stats.peak_memory_total_bytes))
     return table
 
 

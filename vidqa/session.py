@@ -28,8 +28,10 @@ from transformers.cache_utils import DynamicLayer
 from . import engine
 from .errors import BadInput
 from .models import GenerationInputs, ModelAdapter
+from .pruning.compat import DecoderMismatch, PruningMismatch
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
-from .stats import Stats, peak_memory, synchronize, timed
+from .pruning.verify import PrefillCheck
+from .stats import RequestMemory, Stats, synchronize, timed
 from .video import Clip
 
 
@@ -53,6 +55,7 @@ class _Prefix:
     positions: torch.Tensor | None = None  # (..., s) position ids of the prefix
     cache: DynamicCache | None | bool = None  # None: not yet prefilled; False: not reusable
     prefill_s: float = 0.0
+    verified: dict | None = None  # what PrefillCheck checked on the prefix prefill
 
 
 PLACEHOLDER_QUESTION = "?"  # what prepare() builds the prompt with: only its video prefix is kept
@@ -120,8 +123,7 @@ class VideoSession:
     def _ask_reusing(self, question, history, on_text, stats: Stats) -> engine.Answer:
         adapter, device = self.adapter, self.adapter.model.device
         total_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        memory = RequestMemory(device).start()
         with timed(stats.time, "preprocess_s", device):
             prompt = adapter.prompt_for_clip(self.clip, question, history=history)
         with torch.inference_mode():
@@ -138,11 +140,14 @@ class VideoSession:
             suffix_inputs = self._suffix_inputs(inputs, state)
             if suffix_inputs is None:
                 stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
-            text = engine._generate(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text)
+            if suffix_inputs is not None:  # the video's rows were verified when the prefix was prefilled
+                stats.verified = prefix.verified
+            text = engine._generate(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text,
+                                    verify=suffix_inputs is None)
         engine._fill_counts(stats, adapter, self.clip, prompt, state, inputs)
         engine._fill_flops(stats, adapter, self.clip)
         stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
-        stats.peak_memory_bytes, stats.peak_memory_kind = peak_memory(device)
+        stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
                              details=state.details)
 
@@ -157,6 +162,7 @@ class VideoSession:
         state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = self.pruner.before_llm(tokens, state)
+        state.llm_tokens = tokens
         self._prefix = _Prefix(tokens=tokens, state=state)
         return self._prefix
 
@@ -179,9 +185,17 @@ class VideoSession:
         }
         if "mm_token_type_ids" in kwargs:
             prefix_kwargs["mm_token_type_ids"] = kwargs["mm_token_type_ids"][:, :length]
+        # the prefix holds every visual row: check its prefill as the engine checks a full one
+        check = PrefillCheck(self.adapter, replace(inputs, kwargs=prefix_kwargs), prefix.state, None,
+                             preset=getattr(self.pruner, "name", "none"))
         synchronize(device)
         started = time.perf_counter()
-        model(**prefix_kwargs, cache=cache, use_cache=True, logits_to_keep=1)
+        try:
+            with check:
+                model(**prefix_kwargs, cache=cache, use_cache=True, logits_to_keep=1)
+        except DecoderMismatch as error:
+            raise PruningMismatch(str(error), check.preset) from None
+        prefix.verified = check.finish()
         synchronize(device)
         prefix.prefill_s = stats.time.video_prefill_s = time.perf_counter() - started
         prefix.ids, prefix.positions, prefix.cache = prefix_kwargs["input_ids"], prefix_kwargs["position_ids"], cache

@@ -87,8 +87,10 @@ class SmolVLMAdapter(ModelAdapter):
         # the processor writes timestamps as frames_indices / fps: give it seconds at fps 1
         metadata = {"total_num_frames": len(frames), "fps": 1.0,
                     "frames_indices": [float(t) for t in timestamps], "duration": duration}
+        # videos nested per prompt ([[clip]]): transformers < 5.23 counts len(videos[i]) as that
+        # prompt's number of videos, so a flat [clip] read as one video per frame; >= 5.23 takes both
         inputs = self.processor(
-            text=text, videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+            text=text, videos=[[frames]], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
         )
         inputs = {key: value for key, value in inputs.items() if key != "video_metadata"}
         image_positions = (inputs["input_ids"][0] == self.image_token_id).nonzero().flatten()
@@ -113,7 +115,8 @@ class SmolVLMAdapter(ModelAdapter):
         output = self.model.get_image_features(
             pixel_values=pixels, pixel_attention_mask=None if mask is None else mask.to(device), return_dict=True
         )
-        features = output.pooler_output[0]  # (T * rows * cols, hidden), frame then row-major
+        pooled = output.pooler_output  # >= 5.21: one (T * rows * cols, hidden) per prompt; 5.18: (T, rows * cols, hidden)
+        features = pooled[0] if isinstance(pooled, (list, tuple)) else pooled.reshape(-1, pooled.shape[-1])
         num_frames, rows, cols = self.frame_grid(pixels)
         per_frame = rows * cols
         if features.shape[0] != num_frames * per_frame or features.shape[0] != len(prompt.visual_index):
@@ -151,7 +154,8 @@ class SmolVLMAdapter(ModelAdapter):
             "input_ids": new_ids,
             "attention_mask": torch.ones_like(new_ids),
             "position_ids": position_ids[None].to(device),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[features])},
+            # one (1, n, hidden) block: >= 5.21 scatters it row by row; 5.18 reads it as one image of n tokens
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features[None])},
         }
         last_visual = int(visual.max()) if len(visual) else -1
         text_start = int((seq_index <= last_visual).sum())

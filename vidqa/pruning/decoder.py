@@ -22,6 +22,7 @@ import torch
 
 from ..stats import synchronize
 from .attention import attention_rows, project_keys
+from .compat import DecoderMismatch
 from .deepstack import DeepStackRows
 from .runtime import stage_threads
 
@@ -168,7 +169,7 @@ class DecoderPruning:
             if self._forward_calls == 1:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self._prefill.attention_inputs[layer_index] = (
-                    hidden, kwargs["position_embeddings"], _cache_argument(kwargs))
+                    hidden, _position_embeddings(kwargs, layer_index), _cache_argument(kwargs))
         return hook
 
     def _before_layer(self, layer_index: int):
@@ -179,9 +180,9 @@ class DecoderPruning:
                 return self._decode_mask(layer_index, args, kwargs)
             prefill = self._prefill
             if prefill.full_position_embeddings is None:
-                prefill.full_position_embeddings = kwargs["position_embeddings"]
+                prefill.full_position_embeddings = _position_embeddings(kwargs, layer_index)
                 prefill.full_position_ids = kwargs.get("position_ids")
-                prefill.position_embeddings = kwargs["position_embeddings"]
+                prefill.position_embeddings = prefill.full_position_embeddings
                 prefill.position_ids = kwargs.get("position_ids")
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if stage is not None:
@@ -200,7 +201,7 @@ class DecoderPruning:
         """Decode step: a 4-D mask built for layer 0's cache length must match this layer's."""
         mask = kwargs.get("attention_mask")
         cache = _cache_argument(kwargs)
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or not hasattr(cache, "layers"):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         length = cache.layers[layer_index].get_seq_length() + hidden.shape[1]
@@ -233,7 +234,7 @@ class DecoderPruning:
         with stage_threads(device):  # small ops: one thread, no barrier stalls on a busy CPU
             selection = stage.select(context)
             hidden = self._apply(selection, hidden, visual_rows)
-        self.state.record_layer(stage.layer, int(prefill.is_visual.sum()))
+        self.state.record_layer(stage.layer, int(prefill.is_visual.sum()), rows=prefill.row_source)
         synchronize(device)
         self.state.in_llm_seconds += time.perf_counter() - started
         return hidden
@@ -288,8 +289,8 @@ class DecoderPruning:
 
     def _slice_early_caches(self, cache) -> None:
         """PruneVid's option: layers before the (single) stage keep only the surviving rows."""
-        if cache is None:
-            return
+        if not hasattr(cache, "layers"):
+            return  # an unknown cache layout: the prefill check reports it
         rows = self._prefill.row_source
         for layer_index in range(self.stages[0].layer):
             layer = cache.layers[layer_index]
@@ -303,6 +304,14 @@ def _cache_argument(kwargs: dict):
     `cache` (`past_key_values` is deprecated until 5.40), earlier releases `past_key_values`."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _position_embeddings(kwargs: dict, layer_index: int) -> tuple:
+    """The (cos, sin) the decoder hands every layer; the hooks cannot work without them."""
+    tables = kwargs.get("position_embeddings")
+    if not isinstance(tables, (tuple, list)) or len(tables) != 2:
+        raise DecoderMismatch(f"decoder layer {layer_index} was called without the (cos, sin) 'position_embeddings' the hooks slice")
+    return tables
 
 
 def _causal_like(mask: torch.Tensor, length: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def requested_vision_layer(preset) -> int | None:
 class PresetPruner(Pruner):
     def __init__(self, preset, adapter, keep=None, flops=None):
         self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
-        self.positions = preset.positions
+        self.positions, self.name = preset.positions, preset.name
         self.vision_layer = requested_vision_layer(preset)
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
@@ -160,11 +160,9 @@ class PresetPruner(Pruner):
         prefill = self._prefill_hooks(inputs, state)
         if self.decode_stage is None:
             return prefill
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefill)
         layer = self.decode_stage.resolved_layer(self.num_layers)
-        stack.enter_context(DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state))
-        return stack
+        decode = DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state)
+        return _entered_together(prefill, decode)
 
     def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
         """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""
@@ -199,3 +197,12 @@ class PresetPruner(Pruner):
             else:
                 high = middle
         return low if abs(measure(low) - target) <= abs(measure(high) - target) else high
+
+
+@contextlib.contextmanager
+def _entered_together(*managers):
+    """Enter the hook managers only when the engine's `with` does, and always leave them."""
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield stack

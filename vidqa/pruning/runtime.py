@@ -23,6 +23,8 @@ class RequestState:
     stage_counts: dict[str, int] = field(default_factory=dict)
     # decoder layer index -> visual tokens entering that layer, for layers where it changes
     layer_counts: dict[int, int] = field(default_factory=dict)
+    # decoder layer index -> (n,) row of the LLM input behind each row leaving that layer's stage
+    kept_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     in_llm_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # method-specific stats for --json
@@ -31,8 +33,10 @@ class RequestState:
     def record_stage(self, name: str, count: int) -> None:
         self.stage_counts[name] = int(count)
 
-    def record_layer(self, layer: int, count: int) -> None:
+    def record_layer(self, layer: int, count: int, rows: torch.Tensor | None = None) -> None:
         self.layer_counts[layer] = int(count)
+        if rows is not None:
+            self.kept_rows[layer] = rows
 
     def visual_tokens_per_layer(self, num_layers: int) -> list[int]:
         """Visual tokens entering each decoder layer (the last stage count before the LLM holds
@@ -71,6 +75,7 @@ def stage_threads(device):
 class Pruner:
     """What the engine calls. The default does nothing: that is the `none` preset."""
 
+    name = "none"  # the preset's name, for messages
     positions = "original"
     # vision-encoder layer whose attention a stage reads (models/vision_attention.py); None = none
     vision_layer: int | None = None
