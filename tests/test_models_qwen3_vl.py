@@ -17,6 +17,7 @@ from vidqa import engine, flops
 from vidqa.errors import BadInput
 from vidqa.models import load_model
 from vidqa.models.qwen3_vl import frame_pixel_budget
+from vidqa.pruning.compat import cache_keyword, returned_cache
 from vidqa.pruning.decoder import DecoderPruning, Selection
 from vidqa.pruning.presets import available_presets, build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
@@ -424,14 +425,14 @@ def test_decode_continues_the_unpruned_positions(adapter, encoded):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=full[:, :, inputs.seq_index],
                         mm_encoder_outputs=features, use_cache=True)
             logits.append(out.logits[0, -1])
-            cache = out.cache
+            cache = returned_cache(out)
             for step in range(steps - 1):
                 token = output.sequences[:, length + step : length + step + 1]
                 position = torch.full((3, 1, 1), first_decode_position + step)
                 out = model(input_ids=token, attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
-                            position_ids=position, cache=cache, use_cache=True)
+                            position_ids=position, **{cache_keyword(model): cache}, use_cache=True)
                 logits.append(out.logits[0, -1])
-                cache = out.cache
+                cache = returned_cache(out)
         return torch.stack(logits)
 
     generated = torch.stack([step[0] for step in output.logits])

@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from . import engine
 from .errors import BadInput
 from .models import GenerationInputs, ModelAdapter
-from .pruning.compat import DecoderMismatch, PruningMismatch
+from .pruning.compat import DecoderMismatch, PruningMismatch, cache_keyword
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
 from .pruning.verify import PrefillCheck
 from .stats import RequestMemory, Stats, synchronize, timed
@@ -192,7 +192,7 @@ class VideoSession:
         started = time.perf_counter()
         try:
             with check:
-                model(**prefix_kwargs, cache=cache, use_cache=True, logits_to_keep=1)
+                model(**prefix_kwargs, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         except DecoderMismatch as error:
             raise PruningMismatch(str(error), check.preset) from None
         prefix.verified = check.finish()
@@ -218,5 +218,5 @@ class VideoSession:
         if extra:
             cache.crop(-extra)  # drop the previous question's rows; the prefix's tensors are never written
         kwargs = {key: value for key, value in inputs.kwargs.items() if key != "mm_encoder_outputs"}
-        kwargs["cache"] = cache
+        kwargs[cache_keyword(self.adapter.model)] = cache
         return replace(inputs, kwargs=kwargs)

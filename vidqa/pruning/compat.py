@@ -6,6 +6,7 @@ layout); when a release changes them, the request stops with one line naming the
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import PackageNotFoundError, version
 
 from ..errors import RuntimeFailure
@@ -20,6 +21,18 @@ def transformers_version() -> str:
         import transformers
 
         return transformers.__version__
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache under: `cache` from transformers 5.24
+    (`past_key_values` is deprecated there until 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (`output.cache` from 5.24, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class DecoderMismatch(Exception):
