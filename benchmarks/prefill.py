@@ -72,9 +72,10 @@ QUESTION = "what happens in this video ? which way does the square move , left o
 BENCH_MODEL = dict(
     image_size=384, patch_size=14, vision_hidden=32, vision_layers=1,
     text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_intermediate=4864,
+    max_positions=32768,  # its context too: 32 frames of 196 tokens pass the tiny models' 4096
     weight_scale=1.0,  # HF's own init (std 0.02): well-scaled activations, distinct patch features
 )
-BENCH_MODEL_VERSION = 1
+BENCH_MODEL_VERSION = 2  # 2: the real model's context (32768), which the context check needs
 
 
 # -- inputs ----------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class LlavaOnevisionSize:
     text_kv_heads: int = 2
     text_intermediate: int = 128
     rope_theta: float = 10000.0
+    max_positions: int = 4096  # the text model's context (llava-onevision-qwen2-0.5b: 32768)
 
 
 def llava_onevision_config(size: LlavaOnevisionSize, tokenizer):
@@ -136,7 +137,7 @@ def llava_onevision_config(size: LlavaOnevisionSize, tokenizer):
         num_hidden_layers=size.text_layers,
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=size.max_positions,
         rope_theta=size.rope_theta,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
@@ -196,6 +197,7 @@ def build_tiny_llava_onevision(
     text_heads: int = 4,
     text_kv_heads: int = 2,
     text_intermediate: int = 128,
+    max_positions: int = 4096,
     words: list[str] | None = None,
     seed: int = 0,
     attn_implementation: str = "sdpa",
@@ -220,6 +222,7 @@ def build_tiny_llava_onevision(
         text_heads=text_heads,
         text_kv_heads=text_kv_heads,
         text_intermediate=text_intermediate,
+        max_positions=max_positions,
     )
     tokenizer = build_word_tokenizer(words)
     model = init_random_model(
