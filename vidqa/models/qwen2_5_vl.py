@@ -42,6 +42,7 @@ from ..errors import BadInput, RuntimeFailure
 from ..frame_rules import QwenVLFrames
 from . import qwen_vl_sizing
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .mrope import gathered_positions
 from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
 
 MIN_PIXELS = 28 * 28  # one merged token
@@ -185,14 +186,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if end - start != len(video):
             raise RuntimeFailure("Qwen2.5-VL prompt: the video tokens are not one contiguous span")
         seq_index = torch.cat([torch.arange(start), tokens.seq_index.cpu(), torch.arange(end, ids.shape[0])])
-        full = self.full_positions(prompt)  # (3, N)
-        kept = full[:, seq_index]  # (3, n): every kept row keeps its exact 3-D position
-        length = seq_index.shape[0]
-        text_row = torch.arange(length)[None]  # generate's own first row: 1-D, for mask building
-        position_ids = torch.cat([text_row, kept])[:, None, :]  # (4, 1, n)
-        # reset per request: what rope_deltas would be for this (pruned) cache
+        position_ids = gathered_positions(self.model, self.full_positions(prompt), seq_index)  # (4, 1, n)
         device = self.model.device
-        self.model.model.rope_deltas = (full.max() + 1 - length).view(1, 1).to(device)
         new_ids = ids[seq_index][None]  # a merged token sits on one of its members' rows: a video token
         kwargs = {
             "input_ids": new_ids.to(device),

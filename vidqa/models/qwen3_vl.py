@@ -41,6 +41,7 @@ import torch
 from ..errors import BadInput, RuntimeFailure
 from ..frame_rules import QwenVLFrames
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
+from .mrope import gathered_positions
 
 # qwen-vl-utils (vision_process.py) constants for videos
 VIDEO_MIN_TOKENS = 128
@@ -184,12 +185,8 @@ class Qwen3VLAdapter(ModelAdapter):
 
         ids = prompt.input_ids[0]
         seq_index, visual_rows, order = span_layout(ids.shape[0], prompt.visual_index.cpu(), tokens.seq_index.cpu())
-        full = self.full_positions(prompt)  # (3, N)
-        length = seq_index.shape[0]
-        text_row = torch.arange(length)[None]  # generate's own first row: 1-D, for mask building
-        position_ids = torch.cat([text_row, full[:, seq_index]])[:, None, :]  # (4, 1, n)
+        position_ids = gathered_positions(self.model, self.full_positions(prompt), seq_index)  # (4, 1, n)
         device = self.model.device
-        self.model.model.rope_deltas = (full.max() + 1 - length).view(1, 1).to(device)  # reset per request
         # the LLM scatters features (and adds DeepStack rows) in sequence order
         in_sequence = order.to(tokens.features.device)
         features = tokens.features[in_sequence]
