@@ -139,6 +139,7 @@ def test_identity_settings_match_none(adapters, clips, family):
         decode = pruned.details["dycoke"]["decode"]
         assert decode["attended_per_step"] == decode["visual_kv_entries"] == len(reference_visual(adapter, clip))
         assert decode["decode_steps"] == pruned.stats.tokens.generated_tokens - 1
+        assert decode["restricted_steps"] == 0  # keep 1 gathers nothing
 
 
 def reference_visual(adapter, clip):
@@ -155,7 +156,7 @@ def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(adapters, clips, 
                                      int(0.3 * rows * cols)))
     decode = answer.details["dycoke"]["decode"]
     assert decode["visual_kv_entries"] == merged and decode["attended_per_step"] == int(0.2 * merged)
-    assert decode["decode_steps"] == answer.stats.tokens.generated_tokens - 1
+    assert decode["decode_steps"] == decode["restricted_steps"] == answer.stats.tokens.generated_tokens - 1
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.75])

@@ -55,6 +55,7 @@ def top_visual_entries(probabilities: torch.Tensor, visual_rows: torch.Tensor, c
 class DecodeStats:
     steps: int = 0
     attended: list[int] = field(default_factory=list)  # visual entries attended per step
+    restricted: int = 0  # steps whose later layers attended to a gathered subset of the cache
 
 
 class DecodeKVSelection:
@@ -106,6 +107,7 @@ class DecodeKVSelection:
             "visual_kv_entries": int(len(self.visual_rows)),
             "attended_per_step": round(sum(attended) / len(attended), 3) if attended else None,
             "decode_steps": self.stats.steps,
+            "restricted_steps": self.stats.restricted,
         }
 
     # -- hooks -----------------------------------------------------------------------------
@@ -128,6 +130,11 @@ class DecodeKVSelection:
         self._captured = None
         if cache is None or hidden.shape[1] != 1:
             return None
+        if self.count >= len(self.visual_rows):
+            # keep 1 attends to every entry: neither scoring nor a gather would change anything
+            self.stats.steps += 1
+            self.stats.attended.append(int(len(self.visual_rows)))
+            return None
         keys = cache.layers[self.layer - 1].keys  # (1, kv_heads, n + 1, d): the new token's entry last
         probabilities = decode_attention(module, hidden, position_embeddings, keys, self.adapter.apply_rotary)
         visual_rows = self.visual_rows.to(keys.device)
@@ -138,6 +145,7 @@ class DecodeKVSelection:
         attend[chosen] = True
         self._attend = attend.nonzero().flatten()
         self.stats.steps += 1
+        self.stats.restricted += 1
         self.stats.attended.append(int(len(chosen)))
         return None
 
