@@ -218,7 +218,8 @@ def read_siglip_attention(module, args, kwargs) -> tuple[torch.Tensor, torch.Ten
 
 def read_qwen_vision_attention(module, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2.5-VL / Qwen3-VL vision attention: fused qkv, 2-D RoPE, block-diagonal by `cu_seqlens`
-    (windows or temporal patches; Qwen3-VL: always temporal patches). Returns received (seq,) and pre-RoPE keys (seq, head_dim), window order."""
+    (windows or temporal patches; Qwen3-VL: always temporal patches). Returns received (seq,) and
+    pre-RoPE keys (seq, head_dim), in the tower's order (window order for Qwen2.5-VL)."""
     hidden = _argument(args, kwargs, "hidden_states", 0)  # (seq, dim)
     cu_seqlens = _argument(args, kwargs, "cu_seqlens", 1)
     cos, sin = _argument(args, kwargs, "position_embeddings", 2)
