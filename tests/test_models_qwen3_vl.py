@@ -38,6 +38,7 @@ IDENTITY = {
     "evs": (["pruning_rate=0"], None),
     "vidcom2": (["ratio=1"], None),
     "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
+    "visionzip": (["ratio=1", "dominant_share=1"], None),  # all dominant: every token, in order
 }
 LAST_DEEPSTACK = 2  # layers 0, 1, 2 receive DeepStack features
 
@@ -135,12 +136,7 @@ def test_identity_settings_match_none(adapter, clip, preset):
     """Every preset file (including ones added later) changes nothing at its identity settings."""
     reference = ask(adapter, clip)
     params, keep = IDENTITY.get(preset, ([], 1.0))
-    try:
-        pruned = ask(adapter, clip, build_pruner(load_preset(preset, params), adapter, keep=keep))
-    except BadInput as error:
-        if "vision-encoder attention" not in str(error):
-            raise
-        pytest.skip(f"'{preset}' needs vision-encoder attention, which the Qwen3-VL adapter does not report yet")
+    pruned = ask(adapter, clip, build_pruner(load_preset(preset, params), adapter, keep=keep))
     assert pruned.stats.tokens.layer_avg_retention == 1.0
     assert pruned.text == reference.text, f"'{preset}' at {params}, keep {keep}: add its identity settings to IDENTITY"
     assert pruned.stats.tokens.generated_tokens == reference.stats.tokens.generated_tokens
@@ -279,6 +275,56 @@ def test_deepstack_rows_follow_a_pre_llm_merge(adapter, encoded):
     assert_only_at(change[0] - change[1], int(inputs.visual_rows[TOKEN]), difference)
 
 
+def test_coefficient_merge_sums_members_and_their_deepstack_rows(encoded):
+    """merge(coefficients=): row = sum of c_i x_i (no normalisation), the same for every DeepStack
+    layer; entry form (members=) lets one token feed two rows; representatives pick each row's place."""
+    _, tokens = encoded
+    rows = torch.full((len(tokens),), -1)
+    rows[[3, 5, 9]] = torch.tensor([0, 0, 1])
+    coefficients = torch.zeros(len(tokens))
+    coefficients[[3, 5, 9]] = torch.tensor([1.0, 0.5, 1.0])
+    merged = tokens.merge(rows, 2, coefficients=coefficients, representatives=torch.tensor([5, 9]))
+    for x, out in [(tokens.features, merged.features), *zip(tokens.deepstack, merged.deepstack)]:
+        torch.testing.assert_close(out[0], x[3] + 0.5 * x[5])
+        assert torch.equal(out[1], x[9])  # a lone member with coefficient 1 is bit-identical
+    assert merged.seq_index.tolist() == tokens.seq_index[[5, 9]].tolist()  # the representatives' places
+
+    # entry form: token 4 feeds both rows
+    members, entry_rows = torch.tensor([4, 6, 4, 8]), torch.tensor([0, 0, 1, 1])
+    entry = tokens.merge(entry_rows, 2, coefficients=torch.tensor([0.7, 0.3, 0.2, 0.8]), members=members,
+                         representatives=torch.tensor([6, 8]))
+    for x, out in [(tokens.features, entry.features), *zip(tokens.deepstack, entry.deepstack)]:
+        torch.testing.assert_close(out, torch.stack([0.7 * x[4] + 0.3 * x[6], 0.2 * x[4] + 0.8 * x[8]]))
+    assert entry.seq_index.tolist() == tokens.seq_index[[6, 8]].tolist()
+    default = tokens.merge(entry_rows, 2, coefficients=torch.ones(4), members=members)
+    assert default.seq_index.tolist() == tokens.seq_index[[4, 4]].tolist()  # earliest member by default
+
+    with pytest.raises(ValueError, match="not both"):
+        tokens.merge(rows, 2, weights=coefficients, coefficients=coefficients)
+    with pytest.raises(ValueError, match="representative"):
+        tokens.merge(rows, 2, coefficients=coefficients, representatives=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="coefficients"):
+        tokens.merge(entry_rows, 2, members=members)
+
+
+def test_affine_row_sums_in_bounded_chunks_equal_one_pass(monkeypatch):
+    from vidqa.models import base
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 8, generator=generator)
+    rows = torch.randint(-1, 6, (120,), generator=generator)
+    members = torch.randint(0, 50, (120,), generator=generator)
+    coefficients = torch.rand(120, generator=generator)
+    whole = base.affine_row_sums(x, rows, 6, coefficients, members)
+    expected = torch.zeros(6, 8)
+    for entry in range(120):
+        if rows[entry] >= 0:
+            expected[rows[entry]] += coefficients[entry] * x[members[entry]]
+    torch.testing.assert_close(whole, expected)
+    monkeypatch.setattr(base, "AFFINE_CHUNK_ELEMENTS", 3 * 8)  # 3 entries at a time
+    assert torch.equal(base.affine_row_sums(x, rows, 6, coefficients, members), whole)
+
+
 def test_replacing_features_without_deepstack_is_refused(encoded):
     _, tokens = encoded
     with pytest.raises(ValueError, match="merge"):
@@ -366,6 +412,128 @@ def test_presets_keep_a_planted_feature_on_its_tokens_row(adapter, clip, preset,
     assert 0 < scale <= 1 + 1e-5 and torch.allclose(carried[carriers[0]], scale * delta, atol=1e-3)
     at = (rows == inputs.visual_rows[carriers[0]]).nonzero().flatten()  # its row, if it survived the LLM stages
     assert_only_at(change, int(at) if len(at) else None, carried[carriers[0]])
+
+
+# VisionZip and FastVID merge tokens with per-member coefficients (not a weighted mean). FastVID with
+# one segment and an anchor every 2 temporal patches offers every non-salient token to both anchors'
+# density peaks, so a token feeds two rows.
+MERGING = {
+    "visionzip": (["ratio=0.5"], None),  # 6 dominant + 2 contextual of 16 per temporal patch
+    "fastvid": (["min_segments=1", "tau=0", "anchor_every=2"], 0.5),  # 5 salient + 3 peaks per patch, 2 anchors
+}
+
+
+def before_llm_with_attention(adapter, clip, pruner, change=lambda tokens: tokens):
+    """(prompt, tokens as encoded (with vision attention), tokens after the pre-LLM stages, state);
+    `change` edits the encoded tokens first (e.g. plants DeepStack rows)."""
+    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=torch.device("cpu"))
+    with torch.no_grad():
+        tokens = adapter.encode_video_for(prompt, pruner.vision_layer)
+        state.record_stage("vision encoder", len(tokens))
+        out = pruner.before_llm(change(tokens), state)
+    state.llm_tokens = out
+    return prompt, tokens, out, state
+
+
+def with_deepstack_layer(tokens, values, layer=LAST_DEEPSTACK):
+    deepstack = tokens.deepstack.clone()
+    deepstack[layer] = values
+    return tokens.replace(deepstack=deepstack)
+
+
+@pytest.mark.parametrize("preset", sorted(MERGING))
+def test_merging_presets_merge_deepstack_rows_with_the_features_coefficients(adapter, clip, preset):
+    """A DeepStack layer made equal to the features comes out equal to the merged features, bit
+    for bit; one made the identity (64 tokens, hidden 64) reveals each row's coefficients: the
+    shapes of the methods' arithmetic (VisionZip: target + mean of joiners; FastVID: peak weight
+    max(1/(n+1), beta), members (1 - w)/n, summing to 1; a token may feed two anchors' rows)."""
+    params, keep = MERGING[preset]
+    pruner = build_pruner(load_preset(preset, params), adapter, keep=keep)
+    _, tokens, mirrored, _ = before_llm_with_attention(
+        adapter, clip, pruner, lambda t: with_deepstack_layer(t, t.features))
+    assert len(mirrored) < len(tokens)
+    assert torch.equal(mirrored.deepstack[LAST_DEEPSTACK], mirrored.features)
+
+    count, hidden = len(tokens), tokens.features.shape[1]
+    assert hidden >= count
+    identity = torch.eye(count, hidden)
+    _, _, out, _ = before_llm_with_attention(adapter, clip, pruner, lambda t: with_deepstack_layer(t, identity))
+    coefficients = out.deepstack[LAST_DEEPSTACK][:, :count]  # (rows, tokens)
+    members = coefficients != 0
+    alone = members.sum(dim=1) == 1
+    own = tokens.seq_index.tolist()
+    for row in range(len(out)):  # every row holds its own token (the one whose place it takes)
+        assert coefficients[row, own.index(int(out.seq_index[row]))] > 0
+    assert torch.equal(coefficients[alone].sum(dim=1), torch.ones(int(alone.sum())))  # kept unchanged
+    merged = coefficients[~alone]
+    assert len(merged) > 0
+    for row in merged:
+        values = row[row != 0].sort().values  # the row's own token last (largest)
+        if preset == "visionzip":  # target 1 + the mean of its n joiners (1/n each)
+            assert float(values[-1]) == 1.0
+            torch.testing.assert_close(values[:-1], torch.full((len(values) - 1,), 1 / (len(values) - 1)))
+        else:  # w * peak + (1 - w) * mean of members, w >= beta; members share (1 - w) equally
+            assert float(values[-1]) >= 0.6 - 1e-6 and torch.allclose(values[:-1], values[0].expand(len(values) - 1))
+            torch.testing.assert_close(values.sum(), torch.tensor(1.0))
+    assert int(members.sum(dim=0).max()) == (1 if preset == "visionzip" else 2)  # FastVID: offered to both anchors
+
+
+@pytest.mark.parametrize("preset", sorted(MERGING))
+def test_merging_presets_carry_a_planted_deepstack_feature_by_their_coefficients(adapter, clip, preset):
+    """A token distinctive in DeepStack only: merged, its feature reaches exactly the rows it is a
+    member of, scaled by its coefficient there, before and inside the LLM; dropped, it reaches nothing."""
+    params, keep = MERGING[preset]
+    pruner = build_pruner(load_preset(preset, params), adapter, keep=keep)
+    _, tokens, _, _ = before_llm_with_attention(adapter, clip, pruner)
+    count, hidden = len(tokens), tokens.features.shape[1]
+    identity = torch.eye(count, hidden)
+    _, _, probe, _ = before_llm_with_attention(adapter, clip, pruner, lambda t: with_deepstack_layer(t, identity))
+    coefficients = probe.deepstack[LAST_DEEPSTACK][:, :count]  # (rows, tokens)
+    shares = (coefficients != 0).sum(dim=0)
+    fraction = (coefficients > 0) & (coefficients < 1)
+    # a token merged into another's row with a fractional coefficient (FastVID: into two rows)
+    token = int(((shares == shares.max()) & fraction.any(dim=0)).nonzero()[0])
+    vector = distinctive(adapter)
+    delta = vector - tokens.deepstack[LAST_DEEPSTACK, token]
+
+    runs = []
+    for plant in (True, False):
+        change = (lambda t: planted(t, token, vector)) if plant else (lambda t: t)
+        prompt, _, out, state = before_llm_with_attention(adapter, clip, pruner, change)
+        inputs = adapter.generation_inputs(prompt, out, positions=pruner.positions)
+        runs.append((out, inputs, entering_layer(adapter, inputs, LAST_DEEPSTACK + 1)[0]))
+    (out, inputs, hidden_planted), (plain, _, hidden_plain) = runs
+    carried = out.deepstack[LAST_DEEPSTACK] - plain.deepstack[LAST_DEEPSTACK]  # (rows, C)
+    expected = coefficients[:, token, None] * delta  # (rows, C)
+    assert int((coefficients[:, token] != 0).sum()) == (2 if preset == "fastvid" else 1)
+    torch.testing.assert_close(carried, expected, atol=1e-4, rtol=1e-5)
+    change = hidden_planted - hidden_plain
+    at = inputs.visual_rows[(coefficients[:, token] != 0).nonzero().flatten()]
+    others = torch.ones(change.shape[0], dtype=torch.bool)
+    others[at] = False
+    torch.testing.assert_close(change[at], expected[coefficients[:, token] != 0], atol=1e-4, rtol=1e-5)
+    assert change[others].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("preset, params", [("visionzip", ["ratio=0.25", "dominant_share=1"]),
+                                             ("fastvid", ["ratio=0.25", "context_share=0"])])
+def test_merging_presets_never_add_a_dropped_tokens_deepstack_feature(adapter, clip, preset, params):
+    """Without contextual / density-peak rows both presets drop the tokens they do not keep: a dropped
+    token's DeepStack feature reaches no row, before or inside the LLM."""
+    pruner = build_pruner(load_preset(preset, params), adapter)
+    _, tokens, out, _ = before_llm_with_attention(adapter, clip, pruner)
+    dropped = sorted(set(tokens.seq_index.tolist()) - set(out.seq_index.tolist()))
+    token = tokens.seq_index.tolist().index(dropped[len(dropped) // 2])
+    vector = distinctive(adapter)
+    runs = []
+    for change in (lambda t: planted(t, token, vector), lambda t: t):
+        prompt, _, out, _ = before_llm_with_attention(adapter, clip, pruner, change)
+        inputs = adapter.generation_inputs(prompt, out, positions=pruner.positions)
+        runs.append((out, entering_layer(adapter, inputs, LAST_DEEPSTACK + 1)[0]))
+    (out, hidden_planted), (plain, hidden_plain) = runs
+    assert torch.equal(out.deepstack, plain.deepstack) and len(out) == 4 * 4
+    assert_only_at(hidden_planted - hidden_plain, None, None)
 
 
 # --- positions and decode ----------------------------------------------------------------------
@@ -513,7 +681,7 @@ def test_flops_of_a_mixed_moe_config_count_each_layer():
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid"])
+@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid", "visionzip", "fastvid"])
 def test_end_to_end_cli(run_cli, checkpoint, square_video, preset):
     args = ["ask", square_video, QUESTION, "--model", checkpoint, "--frames", FRAMES, "--max-pixels", MAX_PIXELS,
             "--max-new-tokens", "2", "--prune", preset, "--json"]

@@ -11,6 +11,7 @@ from vidqa.models import load_model
 from vidqa.models.vision_attention import bilinear_pool, block_mean, merge_unit_mean, resolve_vision_layer
 from vidqa.testing import build_tiny_llava_onevision
 from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from vidqa.testing_qwen3 import build_tiny_qwen3_vl
 from vidqa.video import load_clip
 
 QUESTION = "what happens in this video ?"
@@ -23,7 +24,10 @@ def checkpoints(tmp_path_factory):
         "llava": build_tiny_llava_onevision(tmp_path_factory.mktemp("va-llava"), vision_layers=2),
         "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("va-qwen"), vision_layers=2, window_size=56),
         "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("va-smol"), vision_layers=2),
+        "qwen3": build_tiny_qwen3_vl(tmp_path_factory.mktemp("va-qwen3")),  # 3 blocks, all DeepStack sources
     }
+
+QWEN3_PIXELS = 128 * 128  # 8x8 patches of 16 px per frame -> 4x4 tokens per temporal patch
 
 
 def _prompt(adapter, square_video, frames=4):
@@ -102,6 +106,63 @@ def test_qwen_matches_eager_attention(checkpoints, square_video, monkeypatch, la
     reference = torch.cat(blocks)  # (patches,) in the tower's window order
     torch.testing.assert_close(observed.patch_received, reference, atol=1e-6, rtol=1e-5)
     assert observed.received.shape == (len(tokens),)
+
+
+def _record_eager_blocks(module_path, monkeypatch):
+    """Patch (test-only) a transformers module's eager attention to record (module, weights) per call."""
+    import importlib
+
+    module = importlib.import_module(module_path)
+    recorded = []
+    original = module.eager_attention_forward
+
+    def recording(attention, *args, **kwargs):
+        output, weights = original(attention, *args, **kwargs)
+        recorded.append((attention, weights))
+        return output, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    return recorded
+
+
+@pytest.mark.parametrize("layer", [0, -1])
+def test_qwen3_matches_eager_attention(checkpoints, square_video, monkeypatch, layer):
+    """Every Qwen3-VL block attends over one whole temporal patch (no windows): the eager
+    reference is one softmax block per temporal patch; tokens are the mean of 4 consecutive patches."""
+    adapter = load_model(str(checkpoints["qwen3"]), device="cpu", dtype="float32", max_pixels=QWEN3_PIXELS)
+    eager = load_model(str(checkpoints["qwen3"]), device="cpu", dtype="float32", attn="eager", max_pixels=QWEN3_PIXELS)
+    prompt = _prompt(adapter, square_video)
+    tokens, observed = _observe(adapter, prompt, layer)
+    assert observed.layer == (0 if layer == 0 else 2)
+
+    recorded = _record_eager_blocks("transformers.models.qwen3_vl.modeling_qwen3_vl", monkeypatch)
+    with torch.inference_mode():
+        eager.encode_video(prompt)
+    target = eager.model.model.visual.blocks[observed.layer].attn
+    blocks = [weights[0].mean(dim=(0, 1)) for module, weights in recorded if module is target]
+    assert len(blocks) == 2 and all(block.shape == (64,) for block in blocks)  # 2 temporal patches of 8x8 patches
+    reference = torch.cat(blocks)
+    torch.testing.assert_close(observed.patch_received, reference, atol=1e-6, rtol=1e-5)
+    assert observed.received.shape == (len(tokens),) == (32,)
+    torch.testing.assert_close(observed.received, reference.view(32, 4).mean(dim=1), atol=1e-6, rtol=1e-5)
+    assert observed.keys.shape == (32, 16)  # vision hidden 32 / 2 heads
+
+
+def test_qwen3_mapping_follows_the_processors_merge_units(checkpoints):
+    """The processor emits the 4 patches of a 2x2 merge unit consecutively (the merger's view(-1, 4C)):
+    frames whose 32x32 px blocks each have their own grey level give patch rows that, 4 at a time,
+    hold one block's level, in row-major token order."""
+    adapter = load_model(str(checkpoints["qwen3"]), device="cpu", dtype="float32", max_pixels=QWEN3_PIXELS)
+    levels = torch.arange(16, dtype=torch.uint8) * 15  # token (r, c) of the 4x4 grid -> grey level
+    frame = levels.view(4, 4).repeat_interleave(32, 0).repeat_interleave(32, 1)  # (128, 128)
+    frames = frame[None, :, :, None].expand(2, 128, 128, 3).numpy().copy()
+    prompt = adapter.build_prompt(frames, [0.0, 0.5], QUESTION)
+    patches = prompt.inputs["pixel_values_videos"]  # (64, 3 * 2 * 16 * 16)
+    assert patches.shape[0] == 64
+    assert torch.allclose(patches, patches[:, :1].expand_as(patches))  # each patch is one grey level
+    per_token = patches[:, 0].view(16, 4)
+    assert torch.allclose(per_token, per_token[:, :1].expand_as(per_token))
+    assert torch.equal(torch.argsort(per_token[:, 0]), torch.arange(16))  # token order = the levels' order
 
 
 # --- the mapping to LLM tokens, on planted hot spots ---------------------------------------------

@@ -97,6 +97,9 @@ class VisualTokens:
         num_rows: int,
         features: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        coefficients: torch.Tensor | None = None,
+        representatives: torch.Tensor | None = None,
+        members: torch.Tensor | None = None,
     ) -> "VisualTokens":
         """Merge tokens into `num_rows` new rows.
 
@@ -104,25 +107,50 @@ class VisualTokens:
             token that is dropped. Every output row must have at least one member.
         weights: (num_tokens,) float or None (plain means): row m is
             sum_i w_i x_i / sum_i w_i over its members i.
+        coefficients: (num_tokens,) float, instead of weights: row m is sum_i c_i x_i over its
+            members, NOT normalised (an affine combination, e.g. VisionZip's target + mean of its
+            joiners: 1 on the target, 1/n on each joiner).
+        members: (E,) long or None, with coefficients: the same sum in entry form, for a token
+            that feeds several rows (FastVID): entry e adds coefficients[e] * x[members[e]] to
+            row rows[e] (rows and coefficients are then (E,) too).
         features: (num_rows, hidden) the merged features when the stage computed them itself
             (e.g. a mean of means, to keep its exact arithmetic); None computes them here.
-        Every other per-token feature (`deepstack`) is merged here with the same weights. Each
-        row takes the grid coordinates, sequence index (hence position) and meta of its
-        EARLIEST member (smallest token index); stages add their own meta afterwards.
+        representatives: (num_rows,) long or None: the member token whose grid coordinates,
+            sequence index (hence position) and meta each row takes; None: its EARLIEST member
+            (smallest token index). Stages add their own meta afterwards.
+        Every other per-token feature (`deepstack`) is merged here with the same weights or
+        coefficients, so it follows the merge exactly as the features do.
         """
+        if members is not None and coefficients is None:
+            raise ValueError("VisualTokens.merge: members= (entry form) needs coefficients=")
+        if weights is not None and coefficients is not None:
+            raise ValueError("VisualTokens.merge: give weights (a weighted mean) or coefficients (a sum), not both")
         rows = rows.to(self.features.device)
-        token = torch.arange(len(self), device=rows.device)
+        token = torch.arange(len(self), device=rows.device) if members is None else members.to(rows.device)
         member = rows >= 0
-        earliest = torch.full((num_rows,), len(self), dtype=torch.long, device=rows.device)
-        earliest.scatter_reduce_(0, rows[member], token[member], reduce="amin")
-        if num_rows and int(earliest.max()) >= len(self):
-            raise ValueError("VisualTokens.merge: every output row needs at least one member")
-        merged = self.select(earliest)
+        if representatives is None:
+            representatives = torch.full((num_rows,), len(self), dtype=torch.long, device=rows.device)
+            representatives.scatter_reduce_(0, rows[member], token[member], reduce="amin")
+            if num_rows and int(representatives.max()) >= len(self):
+                raise ValueError("VisualTokens.merge: every output row needs at least one member")
+        else:
+            representatives = representatives.to(rows.device)
+            pairs = token[member] * max(num_rows, 1) + rows[member]
+            wanted = representatives * max(num_rows, 1) + torch.arange(num_rows, device=rows.device)
+            if len(representatives) != num_rows or not torch.isin(wanted, pairs).all():
+                raise ValueError("VisualTokens.merge: each row's representative must be one of its members")
+        merged = self.select(representatives)
+
+        def combine(x: torch.Tensor) -> torch.Tensor:
+            if coefficients is not None:
+                return affine_row_sums(x, rows, num_rows, coefficients, members)
+            return weighted_row_means(x, rows, num_rows, weights)
+
         if features is None:
-            features = weighted_row_means(self.features, rows, num_rows, weights)
+            features = combine(self.features)
         deepstack = None
         if self.deepstack is not None:
-            deepstack = torch.stack([weighted_row_means(layer, rows, num_rows, weights) for layer in self.deepstack])
+            deepstack = torch.stack([combine(layer) for layer in self.deepstack])
         return merged.replace(features=features, deepstack=deepstack)
 
     @staticmethod
@@ -170,6 +198,31 @@ def weighted_row_means(
     sums.index_add_(0, rows[member], values * weight[:, None])
     totals = torch.zeros(num_rows, dtype=torch.float32, device=x.device).index_add_(0, rows[member], weight)
     return (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(x.dtype)
+
+
+def affine_row_sums(
+    x: torch.Tensor, rows: torch.Tensor, num_rows: int, coefficients: torch.Tensor, members: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(num_rows, C): row m = sum of c_e x[i_e] over the entries e assigned to m (no normalisation).
+
+    x: (N, C); rows: (E,) long in [0, num_rows) or -1 (ignored); coefficients: (E,); members:
+    (E,) long, the row of x of each entry (None: entry e is row e of x, E = N). Accumulated in
+    float32, in entry order, a bounded number of entries at a time; returned in x.dtype (a lone
+    member with coefficient 1 comes back bit-identical).
+    """
+    rows = rows.to(x.device)
+    keep = rows >= 0
+    source = (torch.arange(len(rows), device=x.device) if members is None else members.to(x.device))[keep]
+    target, scale = rows[keep], coefficients.to(x.device)[keep].float()
+    sums = torch.zeros(num_rows, x.shape[1], dtype=torch.float32, device=x.device)
+    step = max(1, AFFINE_CHUNK_ELEMENTS // max(x.shape[1], 1))
+    for start in range(0, len(source), step):
+        part = slice(start, start + step)
+        sums.index_add_(0, target[part], x[source[part]].float() * scale[part, None])
+    return sums.to(x.dtype)
+
+
+AFFINE_CHUNK_ELEMENTS = 1 << 24  # float32 products at once in affine_row_sums (64 MB)
 
 
 @dataclass

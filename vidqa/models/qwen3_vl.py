@@ -28,6 +28,12 @@ business, not the positions'); kept rows gather their columns and go to `generat
 delta, so decoding continues the unpruned sequence. `positions: compact` is the same as
 original (a position is a coordinate, pruning leaves no gap), as for Qwen2.5-VL.
 
+Vision attention (VisionZip, FastVID). Every block of the tower attends over one whole temporal
+patch (no windows, unlike Qwen2.5-VL), in the merger's order: each run of 2x2 = 4 consecutive
+patches is one LLM token. `vision_layer` -1 is the last block, the one the merger reads; the
+DeepStack mergers read intermediate blocks (`deepstack_visual_indexes`), which a preset may name
+by their index.
+
 Pixel budget. qwen-vl-utils' rule for Qwen3-VL videos, per frame: at least 128 and at most 768
 tokens' worth of pixels (x (16*2)^2), the maximum also capped by a 128k-token context shared by
 the clip (0.9 * 128000 tokens * 2 / frames). `--max-pixels` replaces the per-frame maximum. The
@@ -42,6 +48,7 @@ from ..errors import BadInput, RuntimeFailure
 from ..frame_rules import QwenVLFrames
 from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
 from .mrope import gathered_positions
+from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
 
 # qwen-vl-utils (vision_process.py) constants for videos
 VIDEO_MIN_TOKENS = 128
@@ -204,3 +211,19 @@ class Qwen3VLAdapter(ModelAdapter):
         last_visual = int(prompt.visual_index.max()) if len(prompt.visual_index) else -1
         text_start = int((seq_index <= last_visual).sum())
         return GenerationInputs(kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=text_start)
+
+    # --- vision-encoder attention ----------------------------------------------------------
+    def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:
+        """Vision block `layer` (-1: the last, which the merger reads). Every block attends within
+        one temporal patch (two frames, one token each already); patches come in merge-unit order,
+        so each run of spatial_merge_size^2 patches is averaged into its token."""
+        visual = self.model.model.visual
+        index = resolve_vision_layer(layer, len(visual.blocks))
+        unit = self.spatial_merge_size ** 2
+        num_patches = int(prompt.inputs["video_grid_thw"][0].prod())
+        in_order = torch.arange(num_patches // unit)  # no window permutation in this tower
+
+        def to_tokens(received, keys):
+            return merge_unit_mean(received, in_order, unit), merge_unit_mean(keys, in_order, unit)
+
+        return VisionProbe(visual.blocks[index].attn, index, read_qwen_vision_attention, to_tokens)

@@ -23,7 +23,8 @@ CONTRACT (what pre-LLM stages build on)
   side (27x27 -> 14x14), exactly as `apply_pooling` does to the projected features; SmolVLM2's
   pixel shuffle puts each s x s block of patches into one token (mean over the block); Qwen2.5-VL
   merges 2x2 patches (mean over the unit, after undoing the window permutation), and one token
-  already covers a temporal patch of two frames, so nothing is averaged over time.
+  already covers a temporal patch of two frames, so nothing is averaged over time; Qwen3-VL the
+  same without a window permutation (its blocks all attend over the whole temporal patch).
 - The adapter side is ONE method, `observe_vision_layer(prompt, layer) -> VisionProbe`; a new
   family implements it with `VisionProbe(attention_module, read, to_tokens)`.
 
@@ -216,8 +217,9 @@ def read_siglip_attention(module, args, kwargs) -> tuple[torch.Tensor, torch.Ten
 
 
 def read_qwen_vision_attention(module, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2.5-VL vision attention: fused qkv, 2-D RoPE, block-diagonal by `cu_seqlens` (windows or
-    temporal patches). Returns received (seq,) and pre-RoPE keys (seq, head_dim), window order."""
+    """Qwen2.5-VL / Qwen3-VL vision attention: fused qkv, 2-D RoPE, block-diagonal by `cu_seqlens`
+    (windows or temporal patches; Qwen3-VL: always temporal patches). Returns received (seq,) and
+    pre-RoPE keys (seq, head_dim), in the tower's order (window order for Qwen2.5-VL)."""
     hidden = _argument(args, kwargs, "hidden_states", 0)  # (seq, dim)
     cu_seqlens = _argument(args, kwargs, "cu_seqlens", 1)
     cos, sin = _argument(args, kwargs, "position_embeddings", 2)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.base import affine_row_sums
 from .segments import Segment
 
 
@@ -100,30 +101,49 @@ def density_peak_scores(tokens: Tensor, neighbours: int = 4) -> Tensor:
     return delta * density
 
 
-def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
-    """DTM: every pool token joins its most cosine-similar centre; each centre becomes
-    w * centre + (1 - w) * mean(its members), w = max(1 / (members + 1), beta) (w = 1 without members).
+def centre_coefficients(centres: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DTM as coefficients: every pool token joins its most cosine-similar centre, and centre j
+    becomes w_j * centre_j + (1 - w_j) * mean(its n_j members), w_j = max(1 / (n_j + 1), beta)
+    (w_j = 1 without members).
 
-    centres: (k, C); pool: (m, C) (may contain the centres themselves). Returns (k, C) float32.
+    centres: (k, C); pool: (m, C) (may contain the centres themselves). Returns assign (m,) long
+    (the centre each pool token joins), centre_weight (k,) = w and member_weight (k,) = (1 - w) / n,
+    float64 (so that a centre whose only member is itself gets exactly w + (1 - w) = 1).
     """
-    centres, pool = centres.float(), pool.float()
-    similarity = F.normalize(pool, dim=-1) @ F.normalize(centres, dim=-1).T  # (m, k)
+    similarity = F.normalize(pool.float(), dim=-1) @ F.normalize(centres.float(), dim=-1).T  # (m, k)
     assign = similarity.argmax(dim=1)  # (m,) first maximum on ties
-    counts = torch.bincount(assign, minlength=len(centres)).to(pool.dtype)[:, None]  # (k, 1)
-    sums = torch.zeros_like(centres).index_add_(0, assign, pool)
-    mean = sums / counts.clamp(min=1)
-    weight = (1 / (counts + 1)).clamp(min=beta)
-    return centres + (1 - weight) * (mean - centres)  # = w*centre + (1-w)*mean; exact when mean == centre
+    counts = torch.bincount(assign, minlength=len(centres)).to(torch.float64)  # (k,)
+    centre_weight = (1 / (counts + 1)).clamp(min=beta)
+    member_weight = (1 - centre_weight) / counts.clamp(min=1)
+    return assign, centre_weight, member_weight
+
+
+def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
+    """(k, C) float32: the merged centres of `centre_coefficients` (centres (k, C), pool (m, C))."""
+    assign, centre_weight, member_weight = centre_coefficients(centres, pool, beta)
+    merged = centres.float() * centre_weight.float()[:, None]
+    return merged.index_add_(0, assign, pool.float() * member_weight.float()[assign][:, None])
 
 
 @dataclass(frozen=True)
 class STPruneResult:
     """index: (k,) kept flat token indices into the (T * P) grid, increasing; features: (k, C)
-    their features (context tokens merged); context: (k,) True for density-peak tokens."""
+    their features (context tokens merged); context: (k,) True for density-peak tokens.
+
+    How the rows are made, as E (token, row, coefficient) entries: row r = sum over the entries
+    e with rows[e] == r of coefficients[e] * x[members[e]]. members, rows: (E,) long; coefficients:
+    (E,) float64; row r's own token index[r] is one of its members. A salient row
+    is its token with coefficient 1; a context row is w * peak + (1 - w) / n * each member (the
+    peak's own entry adds both when it is a member). A token may feed several rows (a segment
+    with several anchors offers its tokens to every anchor's peaks).
+    """
 
     index: Tensor
     features: Tensor
     context: Tensor
+    members: Tensor
+    rows: Tensor
+    coefficients: Tensor
 
 
 def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio: float = 0.1,
@@ -134,11 +154,15 @@ def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio:
     attention each token receives (ATS scores); segments: DySeg frame ranges covering 0..T.
     """
     num_frames, per_frame, _ = features.shape
+    device = features.device
     plan = stprune_plan(segments, per_frame, ratio, context_share, anchor_every)
     salient = salient_mask(attention, plan.salient)  # (T, P)
     flat = features.reshape(num_frames * per_frame, -1)
-    kept = [salient.flatten().nonzero().flatten()]
-    kept_features = [flat[kept[0]]]
+    salient_index = salient.flatten().nonzero().flatten()
+    kept = [salient_index]
+    # entries (member token, the kept token whose row it feeds, coefficient); a salient token is its own row
+    members, owners = [salient_index], [salient_index]
+    coefficients = [torch.ones(len(salient_index), dtype=torch.float64, device=device)]
     for start, end in segments:
         for frame in range(start, end):
             count = int(plan.context[frame])
@@ -150,10 +174,23 @@ def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio:
             centres = candidates[chosen] + frame * per_frame
             frames = range(frame, frame + 1) if bool(plan.local[frame]) else range(start, end)
             pool = torch.cat([(~salient[f]).nonzero().flatten() + f * per_frame for f in frames])
+            assign, centre_weight, member_weight = centre_coefficients(flat[centres], flat[pool], beta)
+            is_self = pool == centres[assign]  # a peak in its own cluster: one entry, both coefficients
+            own = centre_weight.clone()
+            own.index_add_(0, assign[is_self], member_weight[assign[is_self]])
             kept.append(centres)
-            kept_features.append(merge_into_centres(flat[centres], flat[pool], beta).to(flat.dtype))
+            members += [centres, pool[~is_self]]
+            owners += [centres, centres[assign[~is_self]]]
+            coefficients += [own, member_weight[assign[~is_self]]]
     index = torch.cat(kept)
-    is_context = torch.ones(len(index), dtype=torch.bool, device=index.device)
+    is_context = torch.ones(len(index), dtype=torch.bool, device=device)
     is_context[: len(kept[0])] = False
     order = torch.argsort(index)
-    return STPruneResult(index=index[order], features=torch.cat(kept_features)[order], context=is_context[order])
+    index, is_context = index[order], is_context[order]
+    row_of = torch.full((num_frames * per_frame,), -1, dtype=torch.long, device=device)
+    row_of[index] = torch.arange(len(index), device=device)
+    members, owners = torch.cat(members), torch.cat(owners)
+    rows, coefficients = row_of[owners], torch.cat(coefficients)
+    merged = affine_row_sums(flat, rows, len(index), coefficients, members)
+    return STPruneResult(index=index, features=merged, context=is_context, members=members, rows=rows,
+                         coefficients=coefficients)

@@ -99,10 +99,12 @@ class STPruneStage(BeforeLLM):
             segments, ratio=self.ratio, context_share=self.context_share,
             anchor_every=self.anchor_every, beta=self.beta,
         )
-        out = tokens.select(result.index)
+        # each row is a coefficient combination of its members: DeepStack rows (Qwen3-VL) combine alike
+        out = tokens.merge(result.rows, len(result.index), coefficients=result.coefficients,
+                           members=result.members, representatives=result.index)
         state.details["stprune"] = {
             "segments": [[int(s), int(e)] for s, e in segments],
             "salient": int((~result.context).sum()),
             "context": int(result.context.sum()),
         }
-        return out.replace(features=result.features)
+        return out

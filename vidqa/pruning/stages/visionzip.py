@@ -21,6 +21,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from ...errors import BadInput
+from ...models.base import affine_row_sums
 from .base import BeforeLLM, param
 
 DEFAULT_RATIO = 64 / 576  # the authors' headline and README setting: 54 dominant + 10 contextual of 576
@@ -33,13 +34,29 @@ class Zipped(NamedTuple):
     features: (B, dominant + contextual, C) dominant rows (original order), then contextual rows.
     dominant: (B, dominant) long, dominant token indices, ascending.
     targets: (B, contextual) long, the token index each contextual row sits on.
-    assignment: (B, P) long, for every token the output row it went into (dominant: its own row).
+    assignment: (B, P) long, for every token the output row it went into (dominant: its own row;
+        -1: dropped, when there are no contextual rows).
+    coefficients: (B, P) float32, every token's coefficient in its row: 1 for a dominant token and
+        a target, 1/n for each of a target's n joiners (0 when dropped). A row is the sum of its
+        members times their coefficients (`VisualTokens.merge(coefficients=...)`), which is how
+        `features` is computed.
     """
 
     features: torch.Tensor
     dominant: torch.Tensor
     targets: torch.Tensor
     assignment: torch.Tensor
+    coefficients: torch.Tensor
+
+    def flat_rows(self) -> torch.Tensor:
+        """(B * P,) each token's row among the B * (dominant + contextual) rows, frame-major; -1 dropped."""
+        return frame_major_rows(self.assignment, self.features.shape[1])
+
+
+def frame_major_rows(assignment: torch.Tensor, rows_per_frame: int) -> torch.Tensor:
+    """(B * P,) flat output rows from per-frame ones (B, P) (-1 stays -1)."""
+    offsets = torch.arange(assignment.shape[0], device=assignment.device)[:, None] * rows_per_frame
+    return torch.where(assignment >= 0, assignment + offsets, -1).reshape(-1)
 
 
 def zip_tokens(
@@ -50,7 +67,7 @@ def zip_tokens(
     The top `dominant` tokens by attention stay; of the P - dominant left, `contextual` targets
     (at most as many as are left) absorb the others by cosine similarity of `keys`.
     """
-    frames, count, channels = features.shape
+    frames, count, _ = features.shape
     device = features.device
     dominant = max(0, min(int(dominant), count))
     order = torch.argsort(attention.float(), dim=1, descending=True, stable=True)
@@ -63,10 +80,11 @@ def zip_tokens(
     contextual = max(0, min(int(contextual), remaining))
     assignment = torch.empty(frames, count, dtype=torch.long, device=device)
     assignment.scatter_(1, kept, torch.arange(dominant, device=device).expand(frames, dominant))
-    dominant_rows = features.gather(1, kept[..., None].expand(-1, -1, channels))
+    coefficients = torch.ones(frames, count, dtype=torch.float32, device=device)
     if contextual == 0:
         assignment.scatter_(1, left, -1)  # dropped
-        return Zipped(dominant_rows, kept, left[:, :0], assignment)
+        coefficients.scatter_(1, left, 0.0)
+        return _combined(features, kept, left[:, :0], assignment, coefficients)
 
     step = max(1, remaining // contextual)
     target_slots = torch.arange(0, remaining, step, device=device)[:contextual]  # places in `left`
@@ -79,16 +97,21 @@ def zip_tokens(
     target_metric = metric.gather(1, targets[..., None].expand(-1, -1, metric.shape[-1]))
     joiner_metric = metric.gather(1, joiners[..., None].expand(-1, -1, metric.shape[-1]))
     choice = torch.bmm(joiner_metric, target_metric.transpose(1, 2)).argmax(dim=2)  # (B, m) target slot
-    one_hot = torch.zeros(frames, joiners.shape[1], contextual, device=device)
-    one_hot.scatter_(2, choice[..., None], 1.0)
-    counts = one_hot.sum(dim=1).clamp(min=1)[..., None]  # (B, c, 1)
-    joiner_rows = features.gather(1, joiners[..., None].expand(-1, -1, channels)).float()
-    aggregated = torch.bmm(one_hot.transpose(1, 2), joiner_rows) / counts
-    target_rows = features.gather(1, targets[..., None].expand(-1, -1, channels)).float()
-    contextual_rows = (target_rows + aggregated).to(features.dtype)
+    # a contextual row = its target + the mean of its joiners: coefficient 1 on the target, 1/n on each joiner
+    counts = torch.zeros(frames, contextual, device=device).scatter_add_(1, choice, torch.ones_like(choice, dtype=torch.float32))
+    coefficients.scatter_(1, joiners, 1.0 / counts.gather(1, choice))
     assignment.scatter_(1, targets, dominant + torch.arange(contextual, device=device).expand(frames, contextual))
     assignment.scatter_(1, joiners, dominant + choice)
-    return Zipped(torch.cat([dominant_rows, contextual_rows], dim=1), kept, targets, assignment)
+    return _combined(features, kept, targets, assignment, coefficients)
+
+
+def _combined(features, dominant, targets, assignment, coefficients) -> Zipped:
+    """The Zipped result with its rows summed from the members by their coefficients."""
+    frames, count, channels = features.shape
+    num_rows = dominant.shape[1] + targets.shape[1]
+    merged = affine_row_sums(features.reshape(frames * count, channels), frame_major_rows(assignment, num_rows),
+                             frames * num_rows, coefficients.reshape(-1))
+    return Zipped(merged.view(frames, num_rows, channels), dominant, targets, assignment, coefficients)
 
 
 @dataclass(frozen=True)
@@ -134,10 +157,12 @@ class VisionZip(BeforeLLM):
         )
         offsets = (torch.arange(num_frames, device=zipped.dominant.device) * per_frame)[:, None]
         rows_from = torch.cat([zipped.dominant, zipped.targets], dim=1) + offsets  # (T, kept)
-        out = tokens.select(rows_from.reshape(-1))  # contextual tokens take their target's place
+        # contextual tokens take their target's place; DeepStack rows (Qwen3-VL) merge as the features do
+        out = tokens.merge(zipped.flat_rows(), rows_from.numel(), coefficients=zipped.coefficients.reshape(-1),
+                           representatives=rows_from.reshape(-1))
         state.details["visionzip"] = {
             "dominant_per_frame": dominant,
             "contextual_per_frame": zipped.targets.shape[1],
             "vision_layer": tokens.vision_layer,
         }
-        return out.replace(features=zipped.features.reshape(-1, zipped.features.shape[-1]))
+        return out
