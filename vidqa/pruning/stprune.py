@@ -100,6 +100,13 @@ def density_peak_scores(tokens: Tensor, neighbours: int = 4) -> Tensor:
     return delta * density
 
 
+def nearest_centres(centres: Tensor, pool: Tensor) -> Tensor:
+    """(m,) long: the most cosine-similar of the (k, C) `centres` for each (m, C) `pool` token
+    (the first maximum on ties)."""
+    similarity = F.normalize(pool.float(), dim=-1) @ F.normalize(centres.float(), dim=-1).T  # (m, k)
+    return similarity.argmax(dim=1)
+
+
 def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
     """DTM: every pool token joins its most cosine-similar centre; each centre becomes
     w * centre + (1 - w) * mean(its members), w = max(1 / (members + 1), beta) (w = 1 without members).
@@ -107,8 +114,7 @@ def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
     centres: (k, C); pool: (m, C) (may contain the centres themselves). Returns (k, C) float32.
     """
     centres, pool = centres.float(), pool.float()
-    similarity = F.normalize(pool, dim=-1) @ F.normalize(centres, dim=-1).T  # (m, k)
-    assign = similarity.argmax(dim=1)  # (m,) first maximum on ties
+    assign = nearest_centres(centres, pool)
     counts = torch.bincount(assign, minlength=len(centres)).to(pool.dtype)[:, None]  # (k, 1)
     sums = torch.zeros_like(centres).index_add_(0, assign, pool)
     mean = sums / counts.clamp(min=1)
@@ -119,11 +125,15 @@ def merge_into_centres(centres: Tensor, pool: Tensor, beta: float) -> Tensor:
 @dataclass(frozen=True)
 class STPruneResult:
     """index: (k,) kept flat token indices into the (T * P) grid, increasing; features: (k, C)
-    their features (context tokens merged); context: (k,) True for density-peak tokens."""
+    their features (context tokens merged); context: (k,) True for density-peak tokens.
+    members: (T * P,) long, the row of `index` each grid token went into (kept tokens: their
+    own; merged tokens: their centre's, the first anchor's where several anchors of a segment
+    merged it; -1: dropped)."""
 
     index: Tensor
     features: Tensor
     context: Tensor
+    members: Tensor | None = None
 
 
 def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio: float = 0.1,
@@ -139,6 +149,7 @@ def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio:
     flat = features.reshape(num_frames * per_frame, -1)
     kept = [salient.flatten().nonzero().flatten()]
     kept_features = [flat[kept[0]]]
+    joined = []  # (pool tokens, the centre token each joined), per anchor in order
     for start, end in segments:
         for frame in range(start, end):
             count = int(plan.context[frame])
@@ -152,8 +163,22 @@ def stprune(features: Tensor, attention: Tensor, segments: list[Segment], ratio:
             pool = torch.cat([(~salient[f]).nonzero().flatten() + f * per_frame for f in frames])
             kept.append(centres)
             kept_features.append(merge_into_centres(flat[centres], flat[pool], beta).to(flat.dtype))
+            joined.append((pool, centres[nearest_centres(flat[centres], flat[pool])]))
     index = torch.cat(kept)
     is_context = torch.ones(len(index), dtype=torch.bool, device=index.device)
     is_context[: len(kept[0])] = False
     order = torch.argsort(index)
-    return STPruneResult(index=index[order], features=torch.cat(kept_features)[order], context=is_context[order])
+    return STPruneResult(index=index[order], features=torch.cat(kept_features)[order], context=is_context[order],
+                         members=_members(index[order], joined, len(flat)))
+
+
+def _members(index: Tensor, joined: list[tuple[Tensor, Tensor]], num_tokens: int) -> Tensor:
+    """(num_tokens,) the row of the sorted kept `index` each token went into, -1 if dropped: kept
+    tokens are their own row; a merged token takes its centre's row from the first anchor."""
+    owner = torch.full((num_tokens,), -1, dtype=torch.long, device=index.device)
+    owner[index] = index
+    for pool, centre in joined:
+        free = owner[pool] < 0
+        owner[pool[free]] = centre[free]
+    rows = torch.searchsorted(index, owner.clamp(min=0))
+    return torch.where(owner >= 0, rows, torch.full_like(rows, -1))

@@ -105,4 +105,4 @@ class STPruneStage(BeforeLLM):
             "salient": int((~result.context).sum()),
             "context": int(result.context.sum()),
         }
-        return out.replace(features=result.features)
+        return out.replace(features=result.features).merged_from(tokens, result.members)

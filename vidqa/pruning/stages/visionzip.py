@@ -140,4 +140,7 @@ class VisionZip(BeforeLLM):
             "contextual_per_frame": zipped.targets.shape[1],
             "vision_layer": tokens.vision_layer,
         }
-        return out.replace(features=zipped.features.reshape(-1, zipped.features.shape[-1]))
+        kept = rows_from.shape[1]
+        members = torch.where(zipped.assignment >= 0, zipped.assignment + offsets // per_frame * kept, -1)  # (T, P)
+        out = out.replace(features=zipped.features.reshape(-1, zipped.features.shape[-1]))
+        return out.merged_from(tokens, members.reshape(-1))
