@@ -253,3 +253,45 @@ def test_chat_draws_one_image_per_question(run_cli, tiny_llava, planted_video, t
     assert [r["kept_image"] for r in records] == [str(images / "q001.png"), str(images / "q002.png")]
     assert all((images / name).stat().st_size > 0 for name in ("q001.png", "q002.png"))
     assert records[0]["kept"] == records[1]["kept"]  # a pre-LLM preset: the same tokens for every question
+
+
+# --- every family's token grid -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_adapters(tmp_path_factory):
+    from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+    from vidqa.testing_qwen3 import build_tiny_qwen3_vl
+
+    def load(build, name, **options):
+        return load_model(str(build(tmp_path_factory.mktemp(name))), device="cpu", dtype="float32", **options)
+
+    return {
+        "qwen2_5_vl": load(build_tiny_qwen2_5_vl, "qwen"),
+        "smolvlm": load(build_tiny_smolvlm, "smol"),
+        "qwen3_vl": load(build_tiny_qwen3_vl, "qwen3", max_pixels=128 * 128),
+    }
+
+
+@pytest.mark.parametrize("family, frames_per_cell", [("qwen2_5_vl", 2), ("smolvlm", 1), ("qwen3_vl", 2)])
+def test_fates_follow_each_familys_token_grid(family_adapters, planted_video, family, frames_per_cell, tmp_path):
+    """Cells are the family's tokens: Qwen's temporal patches cover two sampled frames (one panel
+    each), SmolVLM2's frames are separate spans; an in-LLM and a merging preset are both tracked."""
+    from vidqa.show_kept import describe, draw_kept
+
+    adapter = family_adapters[family]
+    clip = load_clip(planted_video, num_frames=FRAMES)
+    fastv = request(adapter, clip, "fastv", keep=0.6)
+    fates = fastv.kept
+    assert fates.grid[0] * frames_per_cell == FRAMES and fates.frames_per_grid_frame == frames_per_cell
+    assert len(fates.row) == fastv.stats.tokens.visual_tokens_before
+    assert fates.cells_per_layer() == fastv.stats.tokens.visual_tokens_per_layer
+    merged = request(adapter, clip, "prunevid").kept
+    assert merged.compact()["merge_groups"] > 0
+    assert int((merged.row >= 0).sum()) == len(merged.row)  # PruneVid merges, it does not drop before the LLM
+    out = tmp_path / f"{family}.png"
+    geometry = draw_kept(merged, clip.frames, clip.timestamps, out, describe("tiny", "prunevid", None, QUESTION, fastv.stats))
+    import matplotlib.pyplot as plt
+
+    assert len(geometry.panels) == fates.grid[0]
+    assert plt.imread(str(out)).shape[1::-1] == geometry.size == layout(fates.grid[0], 112, 112, LEGEND_ROWS).size
