@@ -9,7 +9,8 @@ pooled 14x14, Qwen's 2x2-merged 28 px cells, SmolVLM2's pixel-shuffled cells). S
 - kept (its token reached the last decoder layer): clear;
 - dropped before the LLM: dark;
 - dropped inside the LLM at layer k: tinted, one colour per layer;
-- merged (shares its token with other cells): diagonal stripes, one colour per merge group,
+- merged (shares its token with other cells): thin diagonal stripes and an outline around the
+  group's cells, one colour per merge group (the same colour in every frame the group spans),
   over the shading of the group's token.
 
 The data comes from `pruning.provenance.TokenFates`, the same object `--json`'s `kept`
@@ -33,8 +34,8 @@ MAX_COLUMNS = 8
 GAP, CAPTION, MARGIN, TITLE = 0.08, 0.24, 0.15, 0.62  # inches
 LEGEND_ROW, LEGEND_ROWS = 0.24, 2  # inches per legend row; rows always reserved
 DARK = (0.06, 0.06, 0.06, 0.78)  # dropped before the LLM
-LAYER_ALPHA = 0.62
-STRIPE_PERIOD, STRIPE_WIDTH = 5, 2  # pixels of the saved image
+LAYER_ALPHA = 0.72
+STRIPE_PERIOD, STRIPE_WIDTH, OUTLINE = 5, 1, 2  # pixels of the saved image: merge stripes, group outlines
 
 
 def check_matplotlib() -> None:
@@ -149,9 +150,16 @@ def cell_overlay(fates: TokenFates, grid_frame: int, height: int, width: int) ->
     group = fates.group.numpy().reshape(fates.grid)[grid_frame][cell_row[:, None], cell_col[None, :]]
     if (group >= 0).any():
         y, x = np.mgrid[0:height, 0:width]
-        striped = (group >= 0) & (((x + y) % STRIPE_PERIOD) < STRIPE_WIDTH)
-        palette = np.array([(*group_colour(g), 0.95) for g in range(int(group.max()) + 1)])
-        image[striped] = palette[group[striped]]
+        edge = np.zeros((height, width), dtype=bool)  # pixels next to a cell of another group
+        outline = OUTLINE if min(height // rows, width // cols) >= 16 else 1  # small cells: thin lines
+        for shift in range(1, outline + 1):
+            edge[:-shift] |= group[:-shift] != group[shift:]
+            edge[shift:] |= group[shift:] != group[:-shift]
+            edge[:, :-shift] |= group[:, :-shift] != group[:, shift:]
+            edge[:, shift:] |= group[:, shift:] != group[:, :-shift]
+        marked = (group >= 0) & (edge | (((x + y) % STRIPE_PERIOD) < STRIPE_WIDTH))
+        palette = np.array([(*group_colour(g), 1.0) for g in range(int(group.max()) + 1)])
+        image[marked] = palette[group[marked]]
     return image
 
 
@@ -177,7 +185,7 @@ def describe(model: str, preset: str, keep: float | None, question: str, stats) 
 def legend_entries(fates: TokenFates) -> list[tuple[str, dict]]:
     """(label, patch style) for the fates present in this request (kept is always listed)."""
     outcome = fates.outcome()
-    entries = [("kept through the last layer", {"facecolor": "white", "edgecolor": "0.4"})]
+    entries = [("kept through the last layer (clear)", {"facecolor": "white", "edgecolor": "0.4"})]
     if bool((outcome == DROPPED_BEFORE_LLM).any()):
         stages = ", ".join(fates.stages) if fates.stages else "pre-LLM stages"
         entries.append((f"dropped before the LLM ({stages})", {"facecolor": DARK[:3], "edgecolor": "0.4"}))
@@ -186,7 +194,7 @@ def legend_entries(fates: TokenFates) -> list[tuple[str, dict]]:
         entries.append((f"dropped in the LLM at layer {layer}", {"facecolor": colour, "edgecolor": "0.4"}))
     groups = int(fates.group.max()) + 1 if len(fates.group) else 0
     if groups > 0:
-        entries.append((f"merged: stripes, one colour per group ({groups} groups)",
+        entries.append((f"merged: outline + stripes, one colour per group ({groups} groups)",
                         {"facecolor": "white", "edgecolor": group_colour(0), "hatch": "////"}))
     return entries
 
