@@ -7,7 +7,7 @@ its vision input, so the (rows x cols) token grid maps evenly onto the frame (LL
 pooled 14x14, Qwen's 2x2-merged 28 px cells, SmolVLM2's pixel-shuffled cells). Shading:
 
 - kept (its token reached the last decoder layer): clear;
-- dropped before the LLM: dark;
+- dropped before the LLM: a grey veil (mid grey shows on dark and bright frames alike);
 - dropped inside the LLM at layer k: tinted, one colour per layer;
 - merged (shares its token with other cells): thin diagonal stripes and an outline around the
   group's cells, one colour per merge group (the same colour in every frame the group spans),
@@ -33,7 +33,7 @@ PANEL_WIDTH = 1.6  # inches per frame panel
 MAX_COLUMNS = 8
 GAP, CAPTION, MARGIN, TITLE = 0.08, 0.24, 0.15, 0.62  # inches
 LEGEND_ROW, LEGEND_ROWS = 0.24, 2  # inches per legend row; rows always reserved
-DARK = (0.06, 0.06, 0.06, 0.78)  # dropped before the LLM
+VEIL = (0.5, 0.5, 0.5, 0.85)  # dropped before the LLM: mid grey, visible on dark and on bright frames
 LAYER_ALPHA = 0.72
 STRIPE_PERIOD, STRIPE_WIDTH, OUTLINE = 5, 1, 2  # pixels of the saved image: merge stripes, group outlines
 
@@ -134,7 +134,7 @@ def cell_fill(fates: TokenFates) -> np.ndarray:
     outcome = fates.outcome().numpy()
     left = fates.left_at_layer.numpy()
     rgba = np.zeros((len(outcome), 4))
-    rgba[outcome == DROPPED_BEFORE_LLM] = DARK
+    rgba[outcome == DROPPED_BEFORE_LLM] = VEIL
     for layer, colour in layer_colours(sorted(set(left[left >= 0].tolist()))).items():
         rgba[(outcome == DROPPED_IN_LLM) & (left == layer)] = (*colour, LAYER_ALPHA)
     return rgba.reshape(frames, rows, cols, 4)
@@ -188,7 +188,7 @@ def legend_entries(fates: TokenFates) -> list[tuple[str, dict]]:
     entries = [("kept through the last layer (clear)", {"facecolor": "white", "edgecolor": "0.4"})]
     if bool((outcome == DROPPED_BEFORE_LLM).any()):
         stages = ", ".join(fates.stages) if fates.stages else "pre-LLM stages"
-        entries.append((f"dropped before the LLM ({stages})", {"facecolor": DARK[:3], "edgecolor": "0.4"}))
+        entries.append((f"dropped before the LLM ({stages})", {"facecolor": VEIL[:3], "edgecolor": "0.4"}))
     left = fates.left_at_layer[fates.left_at_layer >= 0].tolist()
     for layer, colour in layer_colours(sorted(set(left))).items():
         entries.append((f"dropped in the LLM at layer {layer}", {"facecolor": colour, "edgecolor": "0.4"}))
