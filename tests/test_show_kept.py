@@ -166,6 +166,28 @@ def test_prunevid_merges_the_static_half_across_frames(adapter, planted_video):
     assert sum(1 for n in in_llm if n < in_llm[0]) > 0 and fates.compact()["dropped_at_layer"]
 
 
+def surviving_units(fates, mask) -> int:
+    """Distinct LLM rows standing for the cells in `mask`: each unmerged cell, and each group once."""
+    alone = int((mask & (fates.group < 0)).sum())
+    return alone + len(fates.group[mask & (fates.group >= 0)].unique())
+
+
+@pytest.mark.parametrize("preset, keep", [("fastv", 0.5), ("prunevid", None), ("sparsevlm", 0.5),
+                                          ("visionzip", 0.3), ("adatp", 0.5)])
+def test_every_surviving_row_is_one_group_of_cells(adapter, planted_video, preset, keep):
+    """Kept cells, counted once per group, are exactly the visual rows leaving the last layer;
+    the LLM tokens the cells point to are the rows the pre-LLM stages left. Holds for
+    drops and merges before the LLM (visionzip, prunevid, adatp's dedup) and inside it
+    (sparsevlm's recycled rows, reported through Selection.inserted_members)."""
+    clip = load_clip(planted_video, num_frames=FRAMES)
+    result = request(adapter, clip, preset, keep=keep)
+    fates, tokens = result.kept, result.stats.tokens
+    assert surviving_units(fates, fates.outcome() == KEPT) == tokens.visual_tokens_after
+    assert len(fates.row[fates.row >= 0].unique()) == tokens.visual_tokens_per_layer[0]  # the LLM's input rows
+    if preset in ("prunevid", "sparsevlm", "visionzip", "adatp"):
+        assert fates.compact()["merge_groups"] > 0
+
+
 # --- the image ---------------------------------------------------------------------------------
 
 
