@@ -20,6 +20,7 @@ imported only when drawing.
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +123,7 @@ def layer_colours(layers: list[int]) -> dict[int, tuple[float, float, float]]:
 
 def group_colour(group: int) -> tuple[float, float, float]:
     """Bright colours for merge groups (cycled); neighbouring group ids differ in hue."""
-    hue = (group * 0.61803398875) % 1.0
-    import colorsys
-
-    return colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return colorsys.hsv_to_rgb((group * 0.61803398875) % 1.0, 0.85, 1.0)
 
 
 def cell_fill(fates: TokenFates) -> np.ndarray:
@@ -140,14 +138,17 @@ def cell_fill(fates: TokenFates) -> np.ndarray:
     return rgba.reshape(frames, rows, cols, 4)
 
 
-def cell_overlay(fates: TokenFates, grid_frame: int, height: int, width: int) -> np.ndarray:
-    """(height, width, 4) float RGBA drawn over one panel of height x width pixels: the cells'
-    shading, with merge stripes (STRIPE_WIDTH of every STRIPE_PERIOD pixels) in group colours."""
-    _, rows, cols = fates.grid
-    cell_row = np.arange(height) * rows // height  # (height,)
-    cell_col = np.arange(width) * cols // width  # (width,)
-    image = cell_fill(fates)[grid_frame][cell_row[:, None], cell_col[None, :]].copy()
-    group = fates.group.numpy().reshape(fates.grid)[grid_frame][cell_row[:, None], cell_col[None, :]]
+def cell_overlay(fill: np.ndarray, group: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(height, width, 4) float RGBA drawn over one panel of height x width pixels.
+
+    fill: (rows, cols, 4) the cells' shading (`cell_fill` of one grid frame); group: (rows, cols)
+    merge group per cell (-1: none), drawn as an outline around each group's cells and stripes
+    (STRIPE_WIDTH of every STRIPE_PERIOD pixels) in the group's colour."""
+    rows, cols = group.shape
+    cell_row = (np.arange(height) * rows // height)[:, None]  # (height, 1)
+    cell_col = (np.arange(width) * cols // width)[None, :]  # (1, width)
+    image = fill[cell_row, cell_col]  # (height, width, 4), a copy
+    group = group[cell_row, cell_col]
     if (group >= 0).any():
         y, x = np.mgrid[0:height, 0:width]
         edge = np.zeros((height, width), dtype=bool)  # pixels next to a cell of another group
@@ -220,12 +221,13 @@ def draw_kept(fates: TokenFates, frames: np.ndarray, timestamps, path: str | Pat
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     try:
         kept = (fates.outcome() == KEPT).reshape(num_panels, -1).sum(dim=1).tolist()
+        fill, groups = cell_fill(fates), fates.group.numpy().reshape(fates.grid)
         step = fates.frames_per_grid_frame
         for index, (left, top, right, bottom) in enumerate(geometry.panels):
             axes = figure.add_axes((left / width, 1 - bottom / height, (right - left) / width, (bottom - top) / height))
             frame = frames[min(index * step, len(frames) - 1)]
             axes.imshow(frame, extent=(0, 1, 0, 1), aspect="auto", interpolation="bilinear")
-            overlay = cell_overlay(fates, index, round(bottom) - round(top), round(right) - round(left))
+            overlay = cell_overlay(fill[index], groups[index], round(bottom) - round(top), round(right) - round(left))
             axes.imshow(overlay, extent=(0, 1, 0, 1), aspect="auto", interpolation="none")
             axes.set_xlim(0, 1)
             axes.set_ylim(0, 1)
