@@ -22,7 +22,7 @@ def test_json_record_has_answer_and_consistent_stats(run_cli, tiny_llava, square
     result = ask(run_cli, tiny_llava, square_video, "--json")
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
-    assert set(record) == {"schema", "answer", "model", "preset", "parameters", "stats", "pruning", "notes"}
+    assert set(record) == {"schema", "answer", "model", "preset", "parameters", "stats", "pruning", "kept", "notes"}
     assert record["answer"]
     assert record["preset"] == "none"
     assert record["parameters"]["frames"] == 8

@@ -299,6 +299,7 @@ class Settings:
     generation: object  # engine.GenerationOptions
     overrides: list[str]
     attn: str
+    show_kept: Path | None = None  # --show-kept DIR: one kept-token image per record (vidqa/show_kept.py)
 
     def parameters(self, adapter=None) -> dict:
         frames = self.frame_options
@@ -350,6 +351,8 @@ def new_record(task: Task, settings: Settings, adapter=None) -> dict:
         "parameters": settings.parameters(adapter),
         "stats": None,
         "pruning": {},
+        "kept": None,
+        "kept_image": None,
         "notes": [],
     }
 
@@ -433,9 +436,27 @@ class Runner:
             correct=score(result.text, row.expected, row.options),
             stats=built["stats"],
             pruning=built["pruning"],
+            kept=built["kept"],
             notes=built["notes"],
         )
+        if self.settings.show_kept is not None:
+            self._draw_kept(task, clip, result, record)
         return record
+
+    def _draw_kept(self, task: Task, clip, result, record: dict) -> None:
+        """--show-kept DIR: the record's kept-token image; a failure becomes a note, the answer stands."""
+        from .show_kept import describe, draw_kept, image_name
+
+        path = self.settings.show_kept / image_name(task.row.id, task.preset, task.keep)
+        try:
+            if result.kept is None:
+                raise RuntimeFailure("this request's tokens carry no provenance")
+            draw_kept(result.kept, clip.frames, clip.timestamps, path,
+                      describe(self.settings.model, task.preset, task.keep, task.row.question, result.stats))
+        except (VidqaError, OSError) as error:
+            record["notes"] = [*record["notes"], f"--show-kept: no image: {_one_line(error)}"]
+            return
+        record["kept_image"] = str(path)
 
     def _after_oom(self) -> None:
         import torch

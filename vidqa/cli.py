@@ -34,6 +34,7 @@ from .cli_common import (
     ParamOpt,
     PruneOpt,
     SeedOpt,
+    ShowKeptOpt,
     StartOpt,
     SystemOpt,
     TemperatureOpt,
@@ -50,7 +51,7 @@ from .cli_common import (
     read_question,
     stdout_writer,
 )
-from .errors import BadInput, VidqaError
+from .errors import BadInput, RuntimeFailure, VidqaError
 
 
 class VidqaGroup(typer.core.TyperGroup):
@@ -149,6 +150,7 @@ def ask(
     max_pixels: MaxPixelsOpt = None,
     device_map: DeviceMapOpt = None,
     system: SystemOpt = None,
+    show_kept: ShowKeptOpt = None,
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 
@@ -168,6 +170,11 @@ def ask(
         check_budget(keep, flops)  # fail before the model loads
         if not preset.stages:
             build_pruner(preset, None, keep=keep, flops=flops)
+        if show_kept is not None:
+            from .show_kept import check_image_path, check_matplotlib
+
+            check_matplotlib()
+            check_image_path(show_kept)
         rule = frame_rule_for(model) if frames is None and fps is None else None
         frame_options = engine.FrameOptions(frames=frames, fps=fps, start=start, end=end, sampling=rule)
         from .stats import Stats, timed
@@ -223,6 +230,8 @@ def ask(
         sys.stdout.flush()  # here, not at exit: a full disk is reported, not ignored
     except OSError as error:
         fail(file_error(named(error, sys.stdout)))
+    if show_kept is not None:
+        _draw_kept(result, clip, show_kept, model=model, preset=preset.name, keep=keep, question=text)
     if as_json or quiet:
         return
     for note in result.notes:
@@ -231,6 +240,20 @@ def ask(
         from .report import print_stats
 
         print_stats(result.stats, preset.name, err_console)
+
+
+def _draw_kept(result, clip, path: Path, *, model: str, preset: str, keep, question: str) -> None:
+    """`--show-kept`: the request's token fates drawn over its frames (vidqa/show_kept.py)."""
+    from .show_kept import describe, draw_kept
+
+    try:
+        if result.kept is None:
+            raise RuntimeFailure("--show-kept: this request's tokens carry no provenance; nothing to draw")
+        draw_kept(result.kept, clip.frames, clip.timestamps, path, describe(model, preset, keep, question, result.stats))
+    except VidqaError as error:
+        fail(error)
+    except OSError as error:
+        fail(file_error(error))
 
 
 def main() -> None:

@@ -91,6 +91,11 @@ def batch(
     ] = True,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="On resume, redo the records that have an error.")] = False,
     plot: PlotOpt = None,
+    show_kept: Annotated[
+        Optional[Path],
+        typer.Option("--show-kept", metavar="DIR", help="Also draw each record's frames with its visual tokens' fates (kept, merged, dropped) to DIR/<id>__<preset>[__keep<k>].png (needs matplotlib: pip install \"vidqa[plot]\").",
+                     show_default=False),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary: errors only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One line per record on stderr.")] = False,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run on a Ray cluster: 'local' starts one here, 'auto' or ray://HOST:10001 joins one; one model replica per GPU (needs pip install -e \".[ray]\").", show_default=False)] = None,
@@ -122,6 +127,11 @@ def batch(
             raise BadInput(f"--cache-mb must be 0 or more, got {cache_mb}")
         if plot is not None:
             check_matplotlib()
+        if show_kept is not None:
+            from .show_kept import check_image_dir
+            from .show_kept import check_matplotlib as check_drawing
+
+            check_drawing()
         csv_notes: list[str] = []
         rows = batching.read_questions(questions, csv_notes)
         for note in csv_notes if not quiet else []:
@@ -131,6 +141,8 @@ def batch(
             raise BadInput(f"--output {output} is the questions file; write the results to another file")
         if output.is_dir():
             raise BadInput(f"--output {output} is a directory; give a .jsonl or .csv file name")
+        if show_kept is not None:
+            check_image_dir(show_kept)  # created once the other inputs are known to be good
         from .models import frame_rule_for
 
         rule = frame_rule_for(model) if frames is None and fps is None else None
@@ -140,6 +152,7 @@ def batch(
             generation=engine.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
             overrides=overrides,
             attn=attn.value,
+            show_kept=show_kept,
         )
         tasks = batching.plan(rows, presets, keeps)
 

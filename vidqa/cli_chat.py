@@ -70,6 +70,22 @@ def _show_notes(notes, shown: set) -> set:
     return shown | set(notes)
 
 
+def _draw_kept(result, clip, path: Path, *, model: str, preset: str, keep, question: str) -> str:
+    """--show-kept DIR: one question's kept-token image (vidqa/show_kept.py) -> its path."""
+    from .errors import RuntimeFailure
+    from .show_kept import describe, draw_kept
+
+    if result.kept is None:
+        raise RuntimeFailure("--show-kept: this request's tokens carry no provenance; nothing to draw")
+    try:
+        draw_kept(result.kept, clip.frames, clip.timestamps, path, describe(model, preset, keep, question, result.stats))
+    except OSError as error:
+        from .cli_common import file_error
+
+        raise file_error(error) from None
+    return str(path)
+
+
 def chat(
     video: Annotated[Path, typer.Argument(help="Video file (mp4, mkv, webm, avi...).", show_default=False)],
     model: ModelOpt = DEFAULT_MODEL,
@@ -97,6 +113,11 @@ def chat(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question on stdout (answer + stats, as `ask --json`, plus the question); no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answers only.")] = False,
+    show_kept: Annotated[
+        Optional[Path],
+        typer.Option("--show-kept", metavar="DIR", help="Also draw, per question, the frames with its visual tokens' fates (kept, merged, dropped) to DIR/q001.png, q002.png... (needs matplotlib: pip install \"vidqa[plot]\").",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Ask one video many questions: it is decoded, encoded, pruned and prefilled once.
 
@@ -118,6 +139,11 @@ def chat(
         check_budget(keep, flops)
         if not preset.stages:
             build_pruner(preset, None, keep=keep, flops=flops)
+        if show_kept is not None:
+            from .show_kept import check_image_dir, check_matplotlib
+
+            check_matplotlib()
+            check_image_dir(show_kept)
         cost = Stats()
         with timed(cost.time, "video_decode_s"):
             rule = frame_rule_for(model) if frames is None and fps is None else None
@@ -149,12 +175,18 @@ def chat(
             "sampling": rule.describe() if rule is not None else None, "system_prompt": adapter.system_prompt,
             "device_map": placement(adapter.model),
         }
-        for question in read_questions(sys.stdin.isatty()):
+        for number, question in enumerate(read_questions(sys.stdin.isatty()), start=1):
             result = session.ask(question, on_text=None if as_json else stdout_writer())
+            image = None
+            if show_kept is not None:
+                image = _draw_kept(result, clip, show_kept / f"q{number:03d}.png", model=model, preset=preset.name,
+                                   keep=keep, question=question)
             if as_json:
                 from .report import ask_record
 
                 record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
+                if show_kept is not None:
+                    record["kept_image"] = image
                 sys.stdout.write(json.dumps({"question": question, **record}) + "\n")
             else:
                 sys.stdout.write("\n")

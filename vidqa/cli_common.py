@@ -11,6 +11,7 @@ import errno
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -174,6 +175,7 @@ SystemOpt = Annotated[
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
+ShowKeptOpt = Annotated[Optional[Path], typer.Option("--show-kept", metavar="PNG", help="Also draw the sampled frames with each visual token's cell shaded: kept, merged, dropped before or inside the LLM (needs matplotlib: pip install \"vidqa[plot]\").", show_default=False)]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
 
 

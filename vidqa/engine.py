@@ -15,6 +15,7 @@ from .errors import BadInput, RuntimeFailure
 from .frame_rules import FrameRule, UniformFrames
 from .generation_settings import generation_overrides, generation_settings, sampling_note
 from .models import ModelAdapter
+from .pruning.provenance import token_fates
 from .pruning.runtime import NO_PRUNING, Pruner, RequestState
 from .pruning.compat import DecoderMismatch, PruningMismatch
 from .pruning.verify import PrefillCheck
@@ -48,6 +49,7 @@ class Answer:
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # the preset's method-specific stats
     generation: dict = field(default_factory=dict)  # the generation settings in effect (`generation_settings`)
+    kept: object = None  # pruning.provenance.TokenFates: where each visual token went (None: unknown)
 
 
 class _CallbackStreamer(TextStreamer):
@@ -141,7 +143,12 @@ def answer(
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
-                  generation=generation_settings(adapter, generation))
+                  generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs))
+
+
+def request_fates(adapter, clip, state, inputs):
+    """Where each of the video's tokens went in this request (pruning/provenance.py)."""
+    return token_fates(state, inputs.visual_rows, adapter.text_config.num_hidden_layers, clip.num_frames)
 
 
 def check_context(adapter, prompt, inputs, generation, state) -> None:

@@ -23,6 +23,7 @@ def ask_record(answer, *, model: str, preset: str, parameters: dict[str, Any], d
         "parameters": parameters,
         "stats": answer.stats.to_dict(),
         "pruning": details or {},
+        "kept": answer.kept.compact() if getattr(answer, "kept", None) is not None else None,
         "notes": answer.notes,
     }
 

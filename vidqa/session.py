@@ -130,7 +130,8 @@ class VideoSession:
             prefix = self._prefix or self._encode_and_prune(prompt, question, stats)
             state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
                                  stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
-                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens)
+                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens,
+                                 stage_origins=dict(prefix.state.stage_origins))
             inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
             if prefix.cache is None:
                 self._prefill(inputs, stats)
@@ -149,7 +150,7 @@ class VideoSession:
         stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
         stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
-                             details=state.details)
+                             details=state.details, kept=engine.request_fates(adapter, self.clip, state, inputs))
 
     def _encode_and_prune(self, prompt, question, stats: Stats) -> _Prefix:
         """The video's tokens after the pre-LLM stages, computed once; the cost goes to `stats`."""

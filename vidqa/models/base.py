@@ -30,6 +30,11 @@ class VisualTokens:
         states at the visual rows). Row i belongs to token i; `select`, `merge` and `concatenate`
         apply every row operation to them exactly as to `features`, so a stage that changes rows
         only through those methods keeps them aligned without knowing they exist.
+    origin: (num_original,) long or None: provenance, for every token of the unpruned video
+        (frame-major over `grid`), the row of these tokens that stands for it now, or -1 once it is
+        dropped; several original tokens share a row after a merge. `select`, `merge` and
+        `concatenate` keep it up to date, so every stage built on them is tracked for free; a
+        stage that merges rows some other way records it with `merged_from`.
     """
 
     features: torch.Tensor
@@ -45,6 +50,7 @@ class VisualTokens:
     meta: dict[str, torch.Tensor] = field(default_factory=dict)
     vision_layer: int | None = None  # absolute encoder layer the vision_* meta came from
     deepstack: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -74,6 +80,7 @@ class VisualTokens:
             grid=grid,
             fixed_features=fixed_features,
             deepstack=deepstack,
+            origin=token,
         )
 
     def select(self, index: torch.Tensor) -> "VisualTokens":
@@ -89,6 +96,7 @@ class VisualTokens:
             meta={name: values[index] for name, values in self.meta.items()},
             vision_layer=self.vision_layer,
             deepstack=None if self.deepstack is None else self.deepstack[:, index.to(self.deepstack.device)],
+            origin=self._origin_after(_rows_of_selection(index, len(self))),
         )
 
     def merge(
@@ -151,7 +159,36 @@ class VisualTokens:
         deepstack = None
         if self.deepstack is not None:
             deepstack = torch.stack([combine(layer) for layer in self.deepstack])
-        return merged.replace(features=features, deepstack=deepstack)
+        return merged.replace(features=features, deepstack=deepstack, origin=self._origin_after(self._row_of_each_token(rows, members, representatives)))
+
+    def _row_of_each_token(self, rows: torch.Tensor, members: torch.Tensor | None,
+                           representatives: torch.Tensor) -> torch.Tensor:
+        """(num_tokens,) the output row of each token, for provenance. In entry form (a token
+        feeding several rows) a row's representative belongs to its own row and any other token
+        to the row of its first entry, the group a provenance picture shows it in."""
+        if members is None:
+            return rows
+        members = members.to(rows.device)
+        entry = torch.arange(len(rows), device=rows.device)
+        first = torch.full((len(self),), len(rows), dtype=torch.long, device=rows.device)
+        first.scatter_reduce_(0, members[rows >= 0], entry[rows >= 0], reduce="amin")
+        token_row = torch.cat([rows, rows.new_full((1,), -1)])[first]
+        token_row[representatives] = torch.arange(len(representatives), device=rows.device)
+        return token_row
+
+    def merged_from(self, source: "VisualTokens", rows: torch.Tensor) -> "VisualTokens":
+        """These tokens, with the provenance of a merge a stage did without `merge` (e.g. a
+        `select` of the representatives, then their merged features): source token i went into
+        row rows[i] of these tokens, or was dropped (-1). rows: (len(source),) long."""
+        return replace(self, origin=source._origin_after(rows.to(self.features.device)))
+
+    def _origin_after(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`origin` once every current row i has moved to row rows[i] (-1: dropped)."""
+        if self.origin is None:
+            return None
+        origin = self.origin.to(rows.device)
+        moved = rows[origin.clamp(min=0)]
+        return torch.where(origin >= 0, moved, torch.full_like(moved, -1))
 
     @staticmethod
     def concatenate(pieces: list["VisualTokens"]) -> "VisualTokens":
@@ -167,6 +204,7 @@ class VisualTokens:
             seq_index=torch.cat([p.seq_index for p in pieces]),
             meta={name: torch.cat([p.meta[name] for p in pieces]) for name in first.meta},
             deepstack=deepstack,
+            origin=_concatenated_origin(pieces),
         )
 
     def replace(self, **changes) -> "VisualTokens":
@@ -181,6 +219,29 @@ class VisualTokens:
                 "misaligned; merge rows with VisualTokens.merge (or pass deepstack= as well)"
             )
         return replace(self, **changes)
+
+
+def _rows_of_selection(index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows,) the position in `index` of each current row (its first, if repeated), -1 if absent."""
+    index = index.nonzero().flatten() if index.dtype == torch.bool else index.flatten().long()
+    position = torch.arange(len(index), device=index.device)
+    rows = torch.full((num_rows,), len(index), dtype=torch.long, device=index.device)
+    rows.scatter_reduce_(0, index, position, reduce="amin")
+    return torch.where(rows < len(index), rows, torch.full_like(rows, -1))
+
+
+def _concatenated_origin(pieces: list[VisualTokens]) -> torch.Tensor | None:
+    """Provenance of `concatenate(pieces)`: each piece's rows shifted by the rows before it. The
+    pieces come from the same video; a token claimed by two pieces goes to the first."""
+    if any(piece.origin is None for piece in pieces):
+        return None
+    origin = torch.full_like(pieces[0].origin, -1)
+    offset = 0
+    for piece in pieces:
+        mine = (piece.origin >= 0) & (origin < 0)
+        origin = torch.where(mine, piece.origin + offset, origin)
+        offset += len(piece)
+    return origin
 
 
 def weighted_row_means(

@@ -35,11 +35,14 @@ class Selection:
     inserted: (m, hidden) new rows placed right after the kept visual rows (e.g. recycled
         merges), or None; inserted_from: (m,) indices into the current visual rows whose position
         (and grid coordinates) each inserted row takes.
+    inserted_members: (v,) long or None, for token provenance: the inserted row each current
+        visual row was merged into, -1 for none (recorded with `RequestState.record_merge`).
     """
 
     keep: torch.Tensor
     inserted: torch.Tensor | None = None
     inserted_from: torch.Tensor | None = None
+    inserted_members: torch.Tensor | None = None
 
 
 @dataclass
@@ -233,6 +236,7 @@ class DecoderPruning:
         )
         with stage_threads(device):  # small ops: one thread, no barrier stalls on a busy CPU
             selection = stage.select(context)
+            self._record_merges(stage.layer, selection, visual_rows)
             hidden = self._apply(selection, hidden, visual_rows)
         self.state.record_layer(stage.layer, int(prefill.is_visual.sum()), rows=prefill.row_source)
         synchronize(device)
@@ -248,6 +252,16 @@ class DecoderPruning:
         if keys is None or keys.shape[2] != normed.shape[1]:
             keys = project_keys(attention, normed, position_embeddings, self.adapter.apply_rotary)
         return attention_rows(attention, normed, position_embeddings, keys, query_rows, self.adapter.apply_rotary)
+
+    def _record_merges(self, layer: int, selection: Selection, visual_rows: torch.Tensor) -> None:
+        """Provenance: which LLM-input rows went into which inserted row (its source row)."""
+        if selection.inserted_members is None or selection.inserted_from is None:
+            return
+        members = selection.inserted_members.to(visual_rows.device)
+        joined = (members >= 0).nonzero().flatten()
+        sources = self._prefill.row_source[visual_rows]  # (v,) LLM-input row of each visual row
+        into = sources[selection.inserted_from.to(visual_rows.device)[members[joined]]]
+        self.state.record_merge(layer, sources[joined].cpu(), into.cpu())
 
     def _apply(self, selection: Selection, hidden: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
         """Slice the hidden states and every per-row table to the kept (and inserted) rows."""

@@ -128,7 +128,7 @@ class PresetPruner(Pruner):
                 if budgeted and name == self.budget_stage:
                     stage = stage.with_retention(self._pre_llm_fraction(stage, tokens, state.stage_counts["vision encoder"], state))
                 tokens = stage.apply(tokens, state)
-                state.record_stage(name, len(tokens))
+                state.record_stage(name, len(tokens), origin=tokens.origin)
         synchronize(state.device)
         state.llm_tokens = tokens
         return tokens

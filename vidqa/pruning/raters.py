@@ -59,9 +59,19 @@ def recycle_pruned(
         indexes (into the m pruned tokens) the highest-scored member of cluster i (ties: lower
         index). For m == 0, `([0, C], [0])`.
     """
+    merged, representative, _ = recycle_pruned_members(hidden, scores, count_self_as_neighbour)
+    return merged, representative
+
+
+def recycle_pruned_members(
+    hidden: Tensor, scores: Tensor, count_self_as_neighbour: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`recycle_pruned`, plus `members` `[m]` long: the merged row each pruned token went into,
+    -1 for the tokens not taken (token provenance, pruning/provenance.py)."""
     num_pruned = hidden.shape[0]
     if num_pruned == 0:
-        return hidden[:0], torch.zeros(0, dtype=torch.long, device=hidden.device)
+        empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        return hidden[:0], empty, empty
 
     num_taken = min(int(0.3 * num_pruned) + 1, num_pruned)
     by_score = torch.sort(scores.float(), descending=True, stable=True).indices
@@ -73,4 +83,6 @@ def recycle_pruned(
     )  # [num_taken]
     merged = cluster_means(hidden[taken], labels, num_clusters)  # [c, C]
     representative = taken[best_member(labels, scores[taken], num_clusters)]  # [c]
-    return merged, representative
+    members = torch.full((num_pruned,), -1, dtype=torch.long, device=hidden.device)
+    members[taken] = labels.to(members.device)
+    return merged, representative, members

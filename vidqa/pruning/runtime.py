@@ -29,9 +29,20 @@ class RequestState:
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # method-specific stats for --json
     llm_tokens: Any = None  # the VisualTokens handed to the LLM (after the pre-LLM stages)
+    # provenance (pruning/provenance.py): stage name -> VisualTokens.origin after that pre-LLM stage
+    stage_origins: dict[str, torch.Tensor] = field(default_factory=dict)
+    # decoder layer -> (members, into): LLM-input rows that an in-LLM stage merged at that layer, and
+    # the LLM-input row each one went into (a row that stays, or the row an inserted merge takes)
+    layer_merges: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def record_stage(self, name: str, count: int) -> None:
+    def record_stage(self, name: str, count: int, origin: torch.Tensor | None = None) -> None:
         self.stage_counts[name] = int(count)
+        if origin is not None:
+            self.stage_origins[name] = origin
+
+    def record_merge(self, layer: int, members: torch.Tensor, into: torch.Tensor) -> None:
+        """An in-LLM stage merged the LLM-input rows `members` (m,) into the rows `into` (m,) at `layer`."""
+        self.layer_merges[layer] = (members, into)
 
     def record_layer(self, layer: int, count: int, rows: torch.Tensor | None = None) -> None:
         self.layer_counts[layer] = int(count)

@@ -36,7 +36,7 @@ import torch
 
 from ...errors import BadInput
 from ..decoder import Selection
-from ..raters import recycle_pruned, select_raters
+from ..raters import recycle_pruned_members, select_raters
 from .base import InsideLLM, param, scaled_layer, top_k_sorted
 
 PAPER_TOKENS = 576  # LLaVA-1.5's visual tokens, the unit of the paper's schedules
@@ -180,7 +180,10 @@ class RaterAttentionPrune(InsideLLM):
         dropped = torch.ones(num_in, dtype=torch.bool, device=scores.device)
         dropped[keep] = False
         pruned = dropped.nonzero().flatten()  # (m,) in sequence order
-        merged, representative = recycle_pruned(hidden[pruned], scores[pruned])
+        merged, representative, members = recycle_pruned_members(hidden[pruned], scores[pruned])
         if merged.shape[0] != recycled:  # recycle_pruned's rule changed under us
             raise RuntimeError(f"SparseVLM recycling made {merged.shape[0]} tokens, expected {recycled}")
-        return Selection(keep=keep, inserted=merged, inserted_from=pruned[representative]), recycled
+        joined = torch.full((num_in,), -1, dtype=torch.long, device=scores.device)
+        joined[pruned] = members.to(joined.device)  # the recycled row each pruned token went into
+        return Selection(keep=keep, inserted=merged, inserted_from=pruned[representative],
+                         inserted_members=joined), recycled
