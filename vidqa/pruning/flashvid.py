@@ -99,7 +99,8 @@ def tstm(features: Tensor, free: Tensor, threshold: float, lower_bound: int) -> 
     features: (F, P, C); free: (F, P) bool, the tokens ADTS did not select. A free token of frame
     t >= 1 links to its most cosine-similar free token of frame t-1 and merges into it when that
     similarity exceeds `threshold`; if fewer than `lower_bound` tokens (selected ones and frame 0
-    included) would stay, the threshold rises to the similarity that leaves exactly that many.
+    included) would stay, the threshold rises to the (F*P - lower_bound)-th largest link
+    similarity, still compared strictly (so one token more than the bound stays, as released).
     Frames are folded from the last to the first: a token that stays is divided by its count
     (1 + the tokens merged DIRECTLY into it); a merging token adds its current value (its own
     features plus its children's, not yet divided) to its parent and adds 1 to the parent's
