@@ -42,14 +42,26 @@ def cosine_distances(features: Tensor) -> Tensor:
     return 1.0 - normed @ normed.transpose(-1, -2)
 
 
-def adts_select(features: Tensor, attention: Tensor, count: int, selection: str = "attn_div_v2") -> Tensor:
+def segment_relevance(features: Tensor, segments: list[tuple[int, int]]) -> Tensor:
+    """ADTS v2's relevance r: (F, P) float32, for each token the mean over the frames of its
+    segment of its dot product with that frame's mean feature. features: (F, P, C)."""
+    features = features.float()
+    frame_means = features.mean(dim=1)  # (F, C)
+    parts = [torch.einsum("fnc,gc->fgn", features[start:end], frame_means[start:end]).mean(dim=1)
+             for start, end in segments]
+    return torch.cat(parts)
+
+
+def adts_select(features: Tensor, attention: Tensor, count: int, selection: str = "attn_div_v2",
+                segments: list[tuple[int, int]] | None = None) -> Tensor:
     """ADTS: (F, count) sorted indices of the tokens each frame keeps.
 
-    features: (F, P, C), the segment's frames; attention: (F, P) attention each token receives in
-    the vision encoder. Distances d(i, j) = (1 - cos(i, j)) * a_j (* r_j in v2, r_j = mean over
-    the segment's frames of token j's dot product with that frame's mean feature). The first
-    pick is the j with the largest second-smallest d(., j); then repeatedly the j farthest from
-    its nearest pick, min_s d(s, j). Ties: the lower index.
+    features: (F, P, C); attention: (F, P) attention each token receives in the vision encoder;
+    segments: frame ranges covering 0..F (default: one segment), which scope v2's relevance, so
+    that every frame of the clip runs in one batch. Distances d(i, j) = (1 - cos(i, j)) * a_j
+    (* r_j in v2, `segment_relevance`). The first pick is the j with the largest
+    second-smallest d(., j); then repeatedly the j farthest from its nearest pick,
+    min_s d(s, j). Ties: the lower index.
     """
     frames, per_frame, _ = features.shape
     if count <= 0:
@@ -58,8 +70,7 @@ def adts_select(features: Tensor, attention: Tensor, count: int, selection: str 
     distances = cosine_distances(features)  # (F, P, P)
     calibration = attention.float() * ATTENTION_SCALE  # (F, P)
     if selection == "attn_div_v2":
-        frame_means = features.mean(dim=1)  # (F, C)
-        relevance = torch.einsum("fnc,gc->fgn", features, frame_means).mean(dim=1)  # (F, P)
+        relevance = segment_relevance(features, segments or [(0, frames)])
         distances = distances * calibration[:, None, :] * relevance[:, None, :]
     elif selection == "attn_div":
         distances = distances * calibration[:, None, :]
@@ -129,9 +140,10 @@ def tstm(features: Tensor, free: Tensor, threshold: float, lower_bound: int) -> 
         stay = ~merges[t]
         merged[t, stay] = merged[t, stay] / counts[t, stay, None]
         counts[t, stay] = 1.0
-        if t > 0 and bool(merges[t].any()):
-            merged[t - 1].index_add_(0, parent[t, merges[t]], merged[t, merges[t]])
-            counts[t - 1].index_add_(0, parent[t, merges[t]], torch.ones(int(merges[t].sum()), device=device))
+        if t > 0:  # (a token that stays adds zero: no host sync on which tokens merge)
+            weight = merges[t].to(merged.dtype)  # (P,)
+            merged[t - 1].index_add_(0, parent[t], merged[t] * weight[:, None])
+            counts[t - 1].index_add_(0, parent[t], weight)
 
     root = torch.arange(frames * per_frame, device=device).view(frames, per_frame).clone()
     for t in range(1, frames):
@@ -177,17 +189,19 @@ class SegmentPlan:
 
 def compress_segment(
     features: Tensor, attention: Tensor, num_selected: int, num_context: int,
-    threshold: float = 0.8, selection: str = "attn_div_v2",
+    threshold: float = 0.8, selection: str = "attn_div_v2", picks: Tensor | None = None,
 ) -> SegmentPlan:
     """ADTS, TSTM and the per-frame DPC-kNN merge on one segment.
 
     features: (F, P, C); attention: (F, P); num_selected / num_context: per-frame budgets
-    (`frame_budgets`). With num_context == 0 or threshold >= 1 the released code keeps only the
-    selected tokens, and so does this.
+    (`frame_budgets`); picks: (F, num_selected) ADTS picks when already made for the whole clip
+    (`adts_select` with segments). With num_context == 0 or threshold >= 1 the released code
+    keeps only the selected tokens, and so does this.
     """
     frames, per_frame, _ = features.shape
     device = features.device
-    picks = adts_select(features, attention, num_selected, selection)  # (F, s)
+    if picks is None:
+        picks = adts_select(features, attention, num_selected, selection)  # (F, s)
     flat_picks = (picks + torch.arange(frames, device=device)[:, None] * per_frame).flatten()
     free = torch.ones(frames * per_frame, dtype=torch.bool, device=device)
     free[flat_picks] = False

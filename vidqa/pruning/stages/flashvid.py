@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ...errors import BadInput
-from ..flashvid import SELECTIONS, compress_segment, frame_budgets
+from ..flashvid import SELECTIONS, adts_select, compress_segment, frame_budgets
 from .base import BeforeLLM, param
 from .fastvid import segments_from_meta
 
@@ -62,10 +62,11 @@ class ADTSTreeMerge(BeforeLLM):
         num_selected, num_context = frame_budgets(per_frame, self.ratio, self.alpha)
         features = tokens.features.view(num_frames, per_frame, -1)
         attention = attention.view(num_frames, per_frame)
+        picks = adts_select(features, attention, num_selected, self.selection, segments)  # every frame in one batch
         rows_out, representatives, merged, selected, offset = [], [], [], [], 0
         for start, end in segments:
             plan = compress_segment(features[start:end], attention[start:end], num_selected, num_context,
-                                    self.temporal_threshold, self.selection)
+                                    self.temporal_threshold, self.selection, picks[start:end])
             rows_out.append(torch.where(plan.rows >= 0, plan.rows + offset, plan.rows))
             representatives.append(plan.representative + start * per_frame)
             merged.append(plan.features)
