@@ -222,7 +222,7 @@ def compress_segment(
         for t, kept in enumerate(roots):
             values = tree.features[t, kept]  # (n_t, C)
             index = kept + t * per_frame
-            clusters = math.ceil(len(kept) * share - 1e-9)
+            clusters = math.ceil(len(kept) * share)  # float arithmetic as released
             if clusters > 0 and share < 1.0:
                 labels, centres = dpc_knn_centres(values, clusters, min(clusters, 7))
                 sums = torch.zeros(clusters, values.shape[1], dtype=torch.float32, device=device)
