@@ -287,6 +287,22 @@ def test_defaults_and_keep_on_every_family(run_cli, checkpoints, square_video, f
     assert abs(record["stats"]["tokens"]["layer_avg_retention"] - 0.33) < 0.33 * 0.2
 
 
+def test_flops_and_keep_beyond_the_in_llm_share(run_cli, checkpoints, square_video):
+    """--flops solves the pre-LLM ratio with the in-LLM stage at its 30%; a --keep above the share
+    that stage leaves (0.825 on 4 layers) sends every token into the LLM and solves the in-LLM
+    ratio: (3 + 1 * r) / 4 = 0.9 -> r = 0.6."""
+    record = ask_json(run_cli, checkpoints["llava"], square_video, "--prune", "flashvid", "--flops", "0.3")
+    flops = record["stats"]["flops"]
+    assert record["pruning"]["budget"]["stage"] == "merge"
+    assert abs(flops["paper_fraction"] - 0.3) < 0.08  # a step of one token per frame (1/16), plus the in-LLM rounding
+    record = ask_json(run_cli, checkpoints["llava"], square_video, "--prune", "flashvid", "--keep", "0.9")
+    tokens = record["stats"]["tokens"]
+    assert tokens["visual_tokens_per_stage"]["merge"] == 128
+    assert record["pruning"]["budget"]["layers"] == {"3": round(0.6 * 128)}
+    assert tokens["layer_avg_retention"] == pytest.approx(0.9, abs=1 / 512)
+    assert not any("more than" in note for note in record["notes"])  # no "asks for more than ..." note
+
+
 def test_listed_with_its_reference(run_cli):
     result = run_cli(["presets", "show", "flashvid"])
     assert result.exit_code == 0 and "Fanziyang-v/FlashVID" in result.stdout
