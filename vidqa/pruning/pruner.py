@@ -74,18 +74,31 @@ class PresetPruner(Pruner):
 
     # -- before the LLM ----------------------------------------------------------------------
     def _pre_llm_budget_stage(self) -> str | None:
-        """The pre-LLM stage --keep/--flops set when the preset has no in-LLM stage: the last
-        pre-LLM stage, if it declares a budget parameter (earlier stages are data-dependent)."""
-        if self.bound or not self.preset.before_llm:
+        """The pre-LLM stage --keep/--flops set: the last pre-LLM stage, if it declares a budget
+        parameter (earlier stages are data-dependent), and only when the preset has no in-LLM
+        stage, unless that stage says `budget_with_inner_stages` (FlashVID: the in-LLM stages keep
+        their own ratios and the pre-LLM budget is scaled to meet the layer average)."""
+        if not self.preset.before_llm:
             return None
         name, stage = self.preset.before_llm[-1]
+        if self.bound and not getattr(stage, "budget_with_inner_stages", False):
+            return None
         return name if stage.budget_param else None
+
+    def _inner_share(self) -> float:
+        """Layer-averaged fraction of the LLM's visual tokens that the in-LLM stages leave at
+        their own ratios (1 without any): a pre-LLM budget stage keeps --keep / this."""
+        if not self.bound:
+            return 1.0
+        num = 1_000_000
+        return sum(layer_counts(self.bound, num, self.num_layers, {}, None)) / (self.num_layers * num)
 
     def _pre_llm_fraction(self, stage, tokens, original: int, state) -> float:
         """The fraction of its input `tokens` the budget stage keeps so that the LLM gets --keep
         of the `original` tokens (or the count meeting --flops). A stage with a
         `kept_count(num_in, grid, ratio)` also says the lowest retention it can reach."""
-        target = self.keep if self.keep is not None else self._keep_for_flops(original)
+        share = self._inner_share()
+        target = self.keep / share if self.keep is not None else self._keep_for_flops(original)
         num_in = len(tokens)
         if hasattr(stage, "kept_count"):
             lowest = stage.kept_count(num_in, tokens.grid, 0.0) / original
@@ -93,15 +106,17 @@ class PresetPruner(Pruner):
                 option = "--keep" if self.keep is not None else "--flops"
                 asked = self.keep if self.keep is not None else self.flops
                 raise BadInput(f"{option} {asked} is below what '{self.preset.name}' can reach on this clip "
-                               f"(a retention of at least {lowest:.3f})")
+                               f"(a retention of at least {lowest * share:.3f})")
         fraction = target * original / max(num_in, 1)
-        if fraction > 1 + 1e-9:
+        if fraction > 1 + 1e-9 and (share == 1.0 or num_in < original):  # else the in-LLM stages solve the rest
             state.notes.append(
                 f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}, more than the "
                 f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
             )
         fraction = min(fraction, 1.0)
         state.details["budget"] = {"stage": self.budget_stage, "ratio": round(fraction, 6), "keep": round(target, 6)}
+        if share < 1.0:  # "keep" is then the retention before the LLM, --keep / share
+            state.details["budget"]["inner_share"] = round(share, 6)
         return fraction
 
     def _keep_for_flops(self, original: int) -> float:
@@ -109,8 +124,9 @@ class PresetPruner(Pruner):
         llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
         vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
 
-        def fraction(keep: float) -> float:
-            return flops_model.visual_prefill_macs(llm, [round(keep * original)] * self.num_layers) / vanilla
+        def fraction(keep: float) -> float:  # the in-LLM stages (if any) at their own ratios
+            counts = layer_counts(self.bound, round(keep * original), self.num_layers, {}, None)
+            return flops_model.visual_prefill_macs(llm, counts) / vanilla
 
         low, high = 0.0, 1.0  # fraction(low) <= flops < fraction(high), or high = 1
         for _ in range(40):
@@ -144,7 +160,9 @@ class PresetPruner(Pruner):
         stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
         counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
         budgets = {layer: counts[layer] for layer, _ in self.bound}
-        if self.bound:  # a pre-LLM budget was recorded by before_llm
+        if self.budget_stage is not None:  # before_llm recorded the pre-LLM budget; add the layers
+            state.details.setdefault("budget", {})["layers"] = {str(layer): budgets[layer] for layer in budgets}
+        elif self.bound:
             state.details["budget"] = {
                 "ratio": None if ratio is None else round(ratio, 6),
                 "layers": {str(layer): budgets[layer] for layer in budgets},
@@ -180,6 +198,11 @@ class PresetPruner(Pruner):
 
         target = self.keep if self.keep is not None else self.flops
         option = "--keep" if self.keep is not None else "--flops"
+        if self.budget_stage is not None:  # the pre-LLM stage took the budget; the in-LLM stages
+            own = layer_counts(self.bound, num_tokens, self.num_layers, meta, None)  # keep their ratios
+            met = sum(own) / (self.num_layers * original) if self.keep is not None else flops_model.visual_prefill_macs(llm, own) / vanilla
+            if target <= met + 1e-9 or num_tokens < original:  # unless the pre-LLM stage kept all
+                return None  # and more is asked (e.g. --keep 1): then they solve the rest
         highest, lowest = measure(1.0), measure(0.0)
         if target >= highest - 1e-12:
             if target > highest + 1e-9:
