@@ -681,7 +681,7 @@ def test_flops_of_a_mixed_moe_config_count_each_layer():
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid", "visionzip", "fastvid"])
+@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid", "visionzip", "fastvid", "flashvid"])
 def test_end_to_end_cli(run_cli, checkpoint, square_video, preset):
     args = ["ask", square_video, QUESTION, "--model", checkpoint, "--frames", FRAMES, "--max-pixels", MAX_PIXELS,
             "--max-new-tokens", "2", "--prune", preset, "--json"]

@@ -97,11 +97,14 @@ class TreeMerge:
     """TSTM on one segment. kept: (F, P) bool, the tree roots (non-selected tokens that did not
     merge into the previous frame); features: (F, P, C) the roots' merged features (rows of other
     tokens are meaningless); root: (F, P) long, flat index (f * P + p) of the root each
-    non-selected token ended in (selected tokens: their own index)."""
+    non-selected token ended in (selected tokens: their own index); divisor: (F, P) what each
+    root's sum was divided by (1 + its direct children; 1 elsewhere), so every member of a tree
+    enters its root with coefficient 1 / divisor[root]."""
 
     kept: Tensor
     features: Tensor
     root: Tensor
+    divisor: Tensor
 
 
 def tstm(features: Tensor, free: Tensor, threshold: float, lower_bound: int) -> TreeMerge:
@@ -136,9 +139,11 @@ def tstm(features: Tensor, free: Tensor, threshold: float, lower_bound: int) -> 
 
     merged = features.float().clone()
     counts = torch.ones(frames, per_frame, device=device)
+    divisor = torch.ones(frames, per_frame, device=device)
     for t in range(frames - 1, -1, -1):
         stay = ~merges[t]
         merged[t, stay] = merged[t, stay] / counts[t, stay, None]
+        divisor[t, stay] = counts[t, stay]
         counts[t, stay] = 1.0
         if t > 0:  # (a token that stays adds zero: no host sync on which tokens merge)
             weight = merges[t].to(merged.dtype)  # (P,)
@@ -148,7 +153,7 @@ def tstm(features: Tensor, free: Tensor, threshold: float, lower_bound: int) -> 
     root = torch.arange(frames * per_frame, device=device).view(frames, per_frame).clone()
     for t in range(1, frames):
         root[t] = torch.where(merges[t], root[t - 1, parent[t]], root[t])
-    return TreeMerge(kept=~merges & free, features=merged.to(features.dtype), root=root)
+    return TreeMerge(kept=~merges & free, features=merged.to(features.dtype), root=root, divisor=divisor)
 
 
 def dpc_knn_centres(x: Tensor, num_clusters: int, k: int) -> tuple[Tensor, Tensor]:
@@ -178,13 +183,17 @@ class SegmentPlan:
     rows: (F*P,) long, the output row of each token, -1 when dropped (numbered in the order of
     the representatives); representative: (rows,) the token whose place each row takes (a selected
     token, or a cluster's centre root); features: (rows, C) the rows' features (input dtype);
-    selected: (rows,) bool, rows that are ADTS tokens.
+    selected: (rows,) bool, rows that are ADTS tokens; coefficients: (F*P,) float64, each token's
+    weight in its row (row = sum of coefficient * token over its members: 1 for a selected token,
+    1 / (tree divisor * cluster size) for a merged one), so per-token features that must follow
+    the merge (Qwen3-VL's DeepStack rows) get the same arithmetic.
     """
 
     rows: Tensor
     representative: Tensor
     features: Tensor
     selected: Tensor
+    coefficients: Tensor
 
 
 def compress_segment(
@@ -212,12 +221,14 @@ def compress_segment(
     outputs = [flat[flat_picks]]
     member_of = torch.full((frames * per_frame,), -1, dtype=torch.long, device=device)  # row among this segment's outputs
     member_of[flat_picks] = torch.arange(flat_picks.shape[0], device=device)
+    coefficients = torch.ones(frames * per_frame, dtype=torch.float64, device=device)
     budget = num_context * frames
     if budget > 0 and threshold < 1.0:
         tree = tstm(features, free, threshold, (num_selected + num_context) * frames)
         roots = [torch.nonzero(tree.kept[t]).flatten() for t in range(frames)]
         share = budget / max(sum(len(r) for r in roots), 1)
         root_row = torch.full((frames * per_frame,), -1, dtype=torch.long, device=device)
+        root_weight = 1.0 / tree.divisor.flatten().to(torch.float64)  # (F*P,) 1 / (tree divisor * cluster size)
         row = flat_picks.shape[0]
         for t, kept in enumerate(roots):
             values = tree.features[t, kept]  # (n_t, C)
@@ -231,6 +242,7 @@ def compress_segment(
                 outputs.append((sums / sizes[:, None]).to(features.dtype))
                 representative.append(index[centres])
                 root_row[index] = labels + row
+                root_weight[index] /= sizes.to(torch.float64)[labels]
                 row += clusters
             else:
                 outputs.append(values)
@@ -239,6 +251,7 @@ def compress_segment(
                 row += len(kept)
         free_flat = free.flatten()
         member_of[free_flat] = root_row[tree.root.flatten()[free_flat]]
+        coefficients[free_flat] = root_weight[tree.root.flatten()[free_flat]]
     representative = torch.cat(representative)
     order = torch.argsort(representative)  # rows in sequence order of their representative
     renumber = torch.empty_like(order)
@@ -247,4 +260,4 @@ def compress_segment(
     selected = torch.zeros(representative.shape[0], dtype=torch.bool, device=device)
     selected[: flat_picks.shape[0]] = True
     return SegmentPlan(rows=rows, representative=representative[order], features=torch.cat(outputs)[order],
-                       selected=selected[order])
+                       selected=selected[order], coefficients=coefficients)

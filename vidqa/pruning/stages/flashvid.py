@@ -63,7 +63,7 @@ class ADTSTreeMerge(BeforeLLM):
         features = tokens.features.view(num_frames, per_frame, -1)
         attention = attention.view(num_frames, per_frame)
         picks = adts_select(features, attention, num_selected, self.selection, segments)  # every frame in one batch
-        rows_out, representatives, merged, selected, offset = [], [], [], [], 0
+        rows_out, representatives, merged, selected, coefficients, offset = [], [], [], [], [], 0
         for start, end in segments:
             plan = compress_segment(features[start:end], attention[start:end], num_selected, num_context,
                                     self.temporal_threshold, self.selection, picks[start:end])
@@ -71,12 +71,12 @@ class ADTSTreeMerge(BeforeLLM):
             representatives.append(plan.representative + start * per_frame)
             merged.append(plan.features)
             selected.append(plan.selected)
+            coefficients.append(plan.coefficients)
             offset += plan.features.shape[0]
         representative = torch.cat(representatives)
-        out = tokens.merge(torch.cat(rows_out), offset, features=torch.cat(merged))
-        # merge() places a row at its earliest member; FlashVID places it at its representative
-        at = tokens.select(representative)
-        out = out.replace(frame=at.frame, row=at.row, col=at.col, seq_index=at.seq_index, meta=at.meta)
+        # features: the released arithmetic; the coefficients give any DeepStack rows the same sums
+        out = tokens.merge(torch.cat(rows_out), offset, features=torch.cat(merged),
+                           coefficients=torch.cat(coefficients), representatives=representative)
         selected = torch.cat(selected)
         state.details["flashvid"] = {
             "segments": [[int(s), int(e)] for s, e in segments],
