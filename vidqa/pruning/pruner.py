@@ -74,9 +74,10 @@ class PresetPruner(Pruner):
 
     # -- before the LLM ----------------------------------------------------------------------
     def _pre_llm_budget_stage(self) -> str | None:
-        """The pre-LLM stage --keep/--flops set when the preset has no in-LLM stage: the last
-        pre-LLM stage, if it declares a budget parameter (earlier stages are data-dependent)."""
-        if self.bound or not self.preset.before_llm:
+        """The pre-LLM stage --keep/--flops set when the preset has no in-LLM stage, or only
+        in-LLM stages with a fixed budget (`budget_fixed`, HoliTom's merge): the last pre-LLM
+        stage, if it declares a budget parameter (earlier stages are data-dependent)."""
+        if not self.preset.before_llm or not all(getattr(s, "budget_fixed", False) for _, s in self.bound):
             return None
         name, stage = self.preset.before_llm[-1]
         return name if stage.budget_param else None
@@ -85,7 +86,8 @@ class PresetPruner(Pruner):
         """The fraction of its input `tokens` the budget stage keeps so that the LLM gets --keep
         of the `original` tokens (or the count meeting --flops). A stage with a
         `kept_count(num_in, grid, ratio)` also says the lowest retention it can reach."""
-        target = self.keep if self.keep is not None else self._keep_for_flops(original)
+        # fixed in-LLM stages scale every layer after theirs: --keep is layer-averaged
+        target = self.keep / self._in_llm_factor() if self.keep is not None else self._keep_for_flops(original)
         num_in = len(tokens)
         if hasattr(stage, "kept_count"):
             lowest = stage.kept_count(num_in, tokens.grid, 0.0) / original
@@ -104,13 +106,19 @@ class PresetPruner(Pruner):
         state.details["budget"] = {"stage": self.budget_stage, "ratio": round(fraction, 6), "keep": round(target, 6)}
         return fraction
 
+    def _in_llm_factor(self) -> float:
+        """Layer-averaged share of the LLM's visual tokens that fixed in-LLM stages leave (1 without)."""
+        probe = 10_000
+        return sum(layer_counts(self.bound, probe, self.num_layers, {}, None)) / (self.num_layers * probe)
+
     def _keep_for_flops(self, original: int) -> float:
-        """The retention whose token count (the same in every layer) meets --flops."""
+        """The pre-LLM retention whose token counts (after any fixed in-LLM stages) meet --flops."""
         llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
         vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
 
         def fraction(keep: float) -> float:
-            return flops_model.visual_prefill_macs(llm, [round(keep * original)] * self.num_layers) / vanilla
+            counts = layer_counts(self.bound, round(keep * original), self.num_layers, {}, None)
+            return flops_model.visual_prefill_macs(llm, counts) / vanilla
 
         low, high = 0.0, 1.0  # fraction(low) <= flops < fraction(high), or high = 1
         for _ in range(40):
@@ -140,11 +148,12 @@ class PresetPruner(Pruner):
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]
-        ratio = self._solve(len(tokens), original, meta, state) if self.bound else None  # pre-LLM budgets: before_llm
+        pre_llm_budget = self.budget_stage is not None  # set by before_llm; in-LLM budgets stay fixed
+        ratio = None if pre_llm_budget else self._solve(len(tokens), original, meta, state)
         stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
         counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
         budgets = {layer: counts[layer] for layer, _ in self.bound}
-        if self.bound:  # a pre-LLM budget was recorded by before_llm
+        if not pre_llm_budget:  # a pre-LLM budget was recorded by before_llm
             state.details["budget"] = {
                 "ratio": None if ratio is None else round(ratio, 6),
                 "layers": {str(layer): budgets[layer] for layer in budgets},

@@ -8,6 +8,7 @@ from .dycoke import DecodeAttentionKV, WindowTemporalMerge
 from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
 from .fastvid import DySegStage, STPruneStage
+from .holitom import HoliTomMergeStage, SimilarityMerge
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
 from .vidcom2 import FrameUniquenessSelect
@@ -23,6 +24,7 @@ STAGES: dict[str, type[Stage]] = {
         VisionZip,
         DySegStage, STPruneStage,
         WindowTemporalMerge, DecodeAttentionKV,
+        HoliTomMergeStage, SimilarityMerge,
     )
 }
 
