@@ -38,6 +38,7 @@ IDENTITY = {
     "evs": (["pruning_rate=0"], None),
     "vidcom2": (["ratio=1"], None),
     "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
+    "holitom": (["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"], None),
 }
 LAST_DEEPSTACK = 2  # layers 0, 1, 2 receive DeepStack features
 
