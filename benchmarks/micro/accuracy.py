@@ -48,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
-DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke")
+DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "holitom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 FRAMES = 8
 MAX_NEW_TOKENS = 3  # one answer word + <|im_end|>, as vidqa.micro.train.evaluate
