@@ -98,8 +98,9 @@ class PresetPruner(Pruner):
                                f"(a retention of at least {lowest:.3f})")
         fraction = target * original / max(num_in, 1)
         if fraction > 1 + 1e-9:
+            inside = "" if not self.bound else f" before the LLM (its fixed in-LLM stages keep {self._in_llm_factor():.3f} of that)"
             state.notes.append(
-                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}, more than the "
+                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}{inside}, more than the "
                 f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
             )
         fraction = min(fraction, 1.0)
