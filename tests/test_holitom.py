@@ -151,6 +151,18 @@ def test_static_background_merges_and_hot_spots_survive():
     assert len(out) == static_rows + 4 + 4 * per_frame
 
 
+def test_context_share_clusters_part_of_each_frames_dynamic_budget():
+    features, attention = planted_clip()
+    result = holitom_merge(features, attention, ratio=0.3, tau=0.65, context_share=0.5)
+    budget = -(-16 * result.retention // 1)  # ceil(16 r') per moving frame
+    for frame in range(4, 8):
+        members = result.rows.view(8, 16)[frame]
+        assert int((members >= 0).sum()) == 16  # every token joins a row: half kept, the rest merged
+        assert len(members.unique()) == budget
+    merged = weighted_row_means(features.reshape(128, -1), result.rows, result.num_rows, result.weight)
+    assert merged.shape[0] == result.num_rows and torch.isfinite(merged).all()
+
+
 def test_a_merged_static_token_is_beta_centre_plus_mean_of_its_members():
     features, attention = planted_clip()
     out, state = run_stage(HoliTomMergeStage(ratio=0.05, tau=0.65, beta=0.6), grid_tokens(features, attention))

@@ -189,11 +189,11 @@ def holitom_merge(features: Tensor, attention: Tensor | None, ratio: float = 0.1
         budget = math.ceil(len(dynamic_at) * retention)
         dominant = round(budget * (1 - context_share))
         contextual = budget - dominant
-        if attention is None and dominant < len(dynamic_at):
+        if attention is None and 0 < dominant < len(dynamic_at):
             raise MissingAttention("vision-encoder attention is needed to choose among a frame's dynamic tokens")
         for frame in range(start, end):
             flat = frame * per_frame + dynamic_at  # (D,)
-            if attention is None:  # every dynamic token stays: no ranking needed
+            if attention is None:  # all or none of them are dominant: no ranking needed
                 order = torch.arange(len(dynamic_at), device=device)
             else:
                 order = torch.argsort(attention[frame, dynamic_at].float(), descending=True, stable=True)
@@ -209,7 +209,7 @@ def holitom_merge(features: Tensor, attention: Tensor | None, ratio: float = 0.1
             tokens = torch.cat([r[0] for r in frame_rows])
             row_ids = torch.cat([r[1] for r in frame_rows])
             anchor = torch.cat([r[3] for r in frame_rows])
-            by_location = torch.argsort(anchor)  # the released code sorts a frame's rows by location
+            by_location = torch.argsort(anchor)  # a frame's rows by location (a no-op at d = 0), as the released grid mode
             relabel = torch.empty_like(by_location)
             relabel[by_location] = torch.arange(len(anchor), device=device)
             add_rows(tokens, relabel[row_ids], torch.cat([r[2] for r in frame_rows]), anchor[by_location], False)
