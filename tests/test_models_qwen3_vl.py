@@ -39,6 +39,7 @@ IDENTITY = {
     "vidcom2": (["ratio=1"], None),
     "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
     "visionzip": (["ratio=1", "dominant_share=1"], None),  # all dominant: every token, in order
+    "holitom": (["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"], None),
 }
 LAST_DEEPSTACK = 2  # layers 0, 1, 2 receive DeepStack features
 
@@ -681,7 +682,7 @@ def test_flops_of_a_mixed_moe_config_count_each_layer():
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid", "visionzip", "fastvid", "flashvid"])
+@pytest.mark.parametrize("preset", ["none", "fastv", "prunevid", "visionzip", "fastvid", "flashvid", "holitom"])
 def test_end_to_end_cli(run_cli, checkpoint, square_video, preset):
     args = ["ask", square_video, QUESTION, "--model", checkpoint, "--frames", FRAMES, "--max-pixels", MAX_PIXELS,
             "--max-new-tokens", "2", "--prune", preset, "--json"]

@@ -173,7 +173,8 @@ def surviving_units(fates, mask) -> int:
 
 
 @pytest.mark.parametrize("preset, keep", [("fastv", 0.5), ("prunevid", None), ("sparsevlm", 0.5),
-                                          ("visionzip", 0.3), ("adatp", 0.5)])
+                                          ("visionzip", 0.3), ("adatp", 0.5), ("fastvid", 0.3),
+                                          ("flashvid", 0.4), ("holitom", 0.4)])
 def test_every_surviving_row_is_one_group_of_cells(adapter, planted_video, preset, keep):
     """Kept cells, counted once per group, are exactly the visual rows leaving the last layer;
     the LLM tokens the cells point to are the rows the pre-LLM stages left. Holds for
@@ -184,7 +185,7 @@ def test_every_surviving_row_is_one_group_of_cells(adapter, planted_video, prese
     fates, tokens = result.kept, result.stats.tokens
     assert surviving_units(fates, fates.outcome() == KEPT) == tokens.visual_tokens_after
     assert len(fates.row[fates.row >= 0].unique()) == tokens.visual_tokens_per_layer[0]  # the LLM's input rows
-    if preset in ("prunevid", "sparsevlm", "visionzip", "adatp"):
+    if preset in ("prunevid", "sparsevlm", "visionzip", "adatp", "fastvid", "flashvid", "holitom"):
         assert fates.compact()["merge_groups"] > 0
 
 

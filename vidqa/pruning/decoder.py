@@ -43,6 +43,7 @@ class Selection:
     inserted: torch.Tensor | None = None
     inserted_from: torch.Tensor | None = None
     inserted_members: torch.Tensor | None = None
+    kept_hidden: torch.Tensor | None = None  # (k, hidden) new states of the kept rows (HoliTom's merge)
 
 
 @dataclass
@@ -266,6 +267,9 @@ class DecoderPruning:
     def _apply(self, selection: Selection, hidden: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
         """Slice the hidden states and every per-row table to the kept (and inserted) rows."""
         prefill, device = self._prefill, hidden.device
+        if selection.kept_hidden is not None:
+            hidden = hidden.clone()
+            hidden[0, visual_rows[selection.keep.to(device)]] = selection.kept_hidden.to(hidden)
         keep_rows = torch.ones(hidden.shape[1], dtype=torch.bool, device=device)
         keep_rows[visual_rows] = False
         kept_visual_rows = visual_rows[selection.keep.to(device)]

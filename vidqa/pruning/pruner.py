@@ -110,7 +110,7 @@ class PresetPruner(Pruner):
         fraction = target * original / max(num_in, 1)
         if fraction > 1 + 1e-9 and (share == 1.0 or num_in < original):  # else the in-LLM stages solve the rest
             state.notes.append(
-                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}, more than the "
+                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}{' before the LLM' if share < 1.0 else ''}, more than the "
                 f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
             )
         fraction = min(fraction, 1.0)
@@ -120,7 +120,7 @@ class PresetPruner(Pruner):
         return fraction
 
     def _keep_for_flops(self, original: int) -> float:
-        """The retention whose token count (the same in every layer) meets --flops."""
+        """The pre-LLM retention whose token counts (the in-LLM stages, if any, at their own ratios) meet --flops."""
         llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
         vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
 
@@ -156,7 +156,7 @@ class PresetPruner(Pruner):
         tokens = state.llm_tokens
         meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
         original = state.stage_counts["vision encoder"]
-        ratio = self._solve(len(tokens), original, meta, state) if self.bound else None  # pre-LLM budgets: before_llm
+        ratio = self._solve(len(tokens), original, meta, state)
         stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
         counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
         budgets = {layer: counts[layer] for layer, _ in self.bound}

@@ -9,6 +9,7 @@ from .evs import TemporalChangeSelect
 from .fastv import LastTokenAttention
 from .fastvid import DySegStage, STPruneStage
 from .flashvid import ADTSTreeMerge
+from .holitom import HoliTomMergeStage, SimilarityMerge
 from .prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from .sparsevlm import RaterAttentionPrune
 from .vidcom2 import FrameUniquenessSelect
@@ -25,6 +26,7 @@ STAGES: dict[str, type[Stage]] = {
         DySegStage, STPruneStage,
         WindowTemporalMerge, DecodeAttentionKV,
         ADTSTreeMerge,
+        HoliTomMergeStage, SimilarityMerge,
     )
 }
 
