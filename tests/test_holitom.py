@@ -55,6 +55,10 @@ def grid_tokens(features: torch.Tensor, attention: torch.Tensor | None) -> Visua
     return tokens
 
 
+def bare_state():
+    return RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
+
+
 def layer_context(hidden, visual, last_row_attention, budget, state):
     """What the decoder hands an in-LLM stage, with the last row's attention given."""
     probs = torch.zeros(last_row_attention.shape[0], 1, hidden.shape[1])
@@ -84,7 +88,7 @@ def test_outer_merge_reproduces_the_released_functions(name):
 def test_inner_merge_reproduces_the_released_loop_bit_for_bit(name):
     case = reference("inner.")[name]
     visual = torch.arange(case["start"], case["start"] + case["image"])
-    state = SimpleNamespace(details={})
+    state = bare_state()
     budget = round(case["image"] * (1 - case["r"]))
     selection = SimilarityMerge(ratio=1 - case["r"]).select(
         layer_context(case["hidden"], visual, case["last_row_attention"], budget, state), 1 - case["r"])
@@ -94,6 +98,8 @@ def test_inner_merge_reproduces_the_released_loop_bit_for_bit(name):
     inner = state.details["holitom"]["inner"]
     assert inner["kept"] == budget and inner["merged"] == case["image"] - budget
     assert set(inner["into_rows"]) <= set(kept.tolist())
+    members, into = state.layer_merges[3]  # what --show-kept draws
+    assert members.tolist() == inner["merged_rows"] and into.tolist() == inner["into_rows"]
 
 
 # --- the segmentation -----------------------------------------------------------------------
@@ -181,7 +187,7 @@ def test_inner_merge_sends_a_near_copy_to_its_original():
     hidden[0, 7] = hidden[0, 3] + 0.01 * torch.randn(8, generator=generator)  # a near-copy of row 3
     attention = torch.full((2, 12), 0.01)
     attention[:, [3, 4, 5, 8]] = 0.2  # the last row attends to rows 3, 4, 5, 8
-    state = SimpleNamespace(details={})
+    state = bare_state()
     selection = SimilarityMerge(ratio=0.5).select(layer_context(hidden, visual, attention, 4, state), 0.5)
     assert visual[selection.keep].tolist() == [3, 4, 5, 8]
     inner = state.details["holitom"]["inner"]
