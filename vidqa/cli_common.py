@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BadInput, RuntimeFailure, VidqaError
-from .hub import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL  # re-exported: every command's --model default
 
 EXIT_CODES = "Exit codes: 0 ok · 1 runtime failure (model load, hub unreachable, out of memory, disk full) · 2 bad input · 130 interrupted."
 

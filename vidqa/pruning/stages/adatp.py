@@ -25,7 +25,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...errors import BadInput
 from ..budgets import adatp_segment_budgets
 from ..decoder import Selection
 from ..merging import local_dedup
@@ -49,13 +48,7 @@ class SegmentDedup(BeforeLLM):
         0.9, 0.0, 1.01, "same-position tokens with cosine >= tau_l to the previous frame are merged (above 1 = none)")
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         grid = tokens.features.view(num_frames, per_frame, -1)  # (T, P, C)
         segments = similarity_segments(grid.float().mean(dim=1), tau=self.tau_s, max_segments=self.max_segments)
         dedup = local_dedup(grid, segments, tau=self.tau_l)

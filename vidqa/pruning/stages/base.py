@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from ...errors import BadInput
+
 REFERENCE_DEPTH = 32  # the papers' layer indices are for 32-layer LLaMA-7B
 
 
@@ -47,6 +49,17 @@ class BeforeLLM(Stage):
     def with_retention(self, fraction: float) -> "BeforeLLM":
         """A copy of this stage that keeps `fraction` (in [0, 1]) of the tokens entering it."""
         return replace(self, **{self.budget_param: fraction})
+
+    def full_grid(self, tokens, placement: str = "put it first in the preset") -> tuple[int, int]:
+        """(frames, tokens per frame) of `tokens`, for a stage that works on whole frames; a
+        preset that put it after a stage dropping tokens is a one-line error saying `placement`."""
+        num_frames, rows, cols = tokens.grid
+        if len(tokens) != num_frames * rows * cols:
+            raise BadInput(
+                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
+                f"{placement}"
+            )
+        return num_frames, rows * cols
 
     def apply(self, tokens, state):
         raise NotImplementedError

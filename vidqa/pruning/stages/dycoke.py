@@ -17,7 +17,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...errors import BadInput
 from .base import BeforeLLM, Stage, param, scaled_layer
 
 
@@ -85,13 +84,7 @@ class WindowTemporalMerge(BeforeLLM):
         return min(max(round(wanted / pruned), 0), per_frame)
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         keep_per_frame = self.keep_per_frame(num_frames, per_frame)
         grid = tokens.features.view(num_frames, per_frame, -1)  # (T, P, C)
         kept = dycoke_keep(grid, keep_per_frame)

@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...errors import BadInput
 from .base import BeforeLLM, param
 
 # above any 1 - cosine (at most 2): the first frame always ranks first, as in vLLM
@@ -65,13 +64,7 @@ class TemporalChangeSelect(BeforeLLM):
         return replace(self, pruning_rate=min(max(1.0 - fraction, 0.0), 1.0))
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         grid = tokens.features.view(num_frames, per_frame, -1)  # (T, P, C)
         kept = evs_keep(grid, self.pruning_rate)
         wanted = int(per_frame * num_frames * (1 - self.pruning_rate))

@@ -78,13 +78,7 @@ class STPruneStage(BeforeLLM):
         return num_frames * max(1, int(rows * cols * ratio))
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it (after dyseg) before any stage that drops tokens"
-            )
+        num_frames, per_frame = self.full_grid(tokens, "put it (after dyseg) before any stage that drops tokens")
         attention = tokens.meta.get("vision_attention")
         if attention is None:
             raise BadInput(f"stage '{self.kind}' needs vision-encoder attention, which this model did not provide")

@@ -43,13 +43,7 @@ class HoliTomMergeStage(BeforeLLM):
     vision_layer: int = param(-1, -64, 63, "vision-encoder layer whose attention ranks tokens (-1: the layer the projector reads)")
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         attention = tokens.meta.get("vision_attention")
         # ratio 0 would keep nothing at all; keep at least one token of the clip
         ratio = max(self.ratio, 1.0 / len(tokens)) if len(tokens) else self.ratio

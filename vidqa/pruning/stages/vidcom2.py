@@ -19,7 +19,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...errors import BadInput
 from .base import BeforeLLM, param
 
 BANDWIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)  # the released code's 2**k, k = -3..1
@@ -91,13 +90,7 @@ class FrameUniquenessSelect(BeforeLLM):
     channel_fraction: float = param(0.5, 0.01, 1.0, "share of the channels (lowest variance) used for scoring")
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         if self.ratio >= 1.0:  # retention 1 = no pruning (the released code still trims the common frames)
             state.details["vidcom2"] = {"frame_budgets": [per_frame] * num_frames}
             return tokens

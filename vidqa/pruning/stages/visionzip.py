@@ -138,13 +138,7 @@ class VisionZip(BeforeLLM):
         return frames * sum(self.counts(rows * cols, ratio))
 
     def apply(self, tokens, state):
-        num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        if len(tokens) != num_frames * per_frame:
-            raise BadInput(
-                f"stage '{self.kind}' needs the full {num_frames}x{rows}x{cols} token grid, got {len(tokens)} tokens; "
-                "put it first in the preset"
-            )
+        num_frames, per_frame = self.full_grid(tokens)
         if "vision_attention" not in tokens.meta:
             raise BadInput(f"stage '{self.kind}' needs vision-encoder attention; this model's adapter did not provide it")
         dominant, contextual = self.counts(per_frame, self.ratio)
