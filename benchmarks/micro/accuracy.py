@@ -2,6 +2,8 @@
 
     python benchmarks/micro/accuracy.py                       # everything; ~6 min on 2 idle CPU cores
     python benchmarks/micro/accuracy.py --skip-run            # only re-read the results, redo tables + plot
+    python benchmarks/micro/accuracy.py --world smol          # the SmolLM2-135M model (vidqa.micro.smol):
+                                                              # 9 question types, its own held-out folder and doc block
 
 Steps (each resumable: rerunning skips the records already in the results files):
 1. the held-out set (benchmarks/micro/heldout.py): --clips clips of seed --seed as mp4, 7
@@ -57,6 +59,9 @@ SENSITIVITY = ("start-only", "end-only", "even-frames", "checkerboard", "per-fra
 REFERENCES = ("random", "oracle")  # per sweep budget
 DOC_BEGIN = "<!-- accuracy.py:begin -->"
 DOC_END = "<!-- accuracy.py:end -->"
+SMOL_DOC_BEGIN = "<!-- accuracy.py smol:begin -->"
+SMOL_DOC_END = "<!-- accuracy.py smol:end -->"
+SMOL_HELDOUT = HERE / "heldout-smol"
 UNREACHABLE = re.compile(r"below what '[^']+' can reach on this (?:[0-9]+-layer model|clip) \((?:a retention of )?at least ([0-9.]+)\)")
 
 
@@ -90,7 +95,9 @@ def spread(total: int, parts: int) -> list[int]:
 
 def cell_coverage(truth: dict, grid: tuple[int, int, int], size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """-> (square, circle): (frames, rows, cols) share of each pooled token's cell covered by the
-    square / the circle, from a clip's ground truth (heldout manifest entry)."""
+    square / the circle, from a clip's ground truth (heldout manifest entry). In the SmolLM2
+    model's world (extras) the flash and the corner block count with the circle (the small
+    objects: oracle_order keeps the most covered one of a frame next to the square)."""
     frames, rows, cols = grid
     cell_h, cell_w = size / rows, size / cols
     square = np.zeros((frames, rows, cols))
@@ -105,8 +112,16 @@ def cell_coverage(truth: dict, grid: tuple[int, int, int], size: int = 112) -> t
         mask = np.zeros((size, size))
         mask[y0:y1, x0:x1] = 1.0
         square[t] = mask.reshape(rows, int(cell_h), cols, int(cell_w)).mean(axis=(1, 3))
+        small = np.zeros((size, size))
         if disc is not None and t in truth.get("circle_frames", ()):
-            circle[t] = disc.reshape(rows, int(cell_h), cols, int(cell_w)).mean(axis=(1, 3))
+            small = np.maximum(small, disc)
+        if truth.get("flash") and t in truth.get("flash_frames", ()):
+            fx, fy, fr = truth["flash"]
+            small = np.maximum(small, (np.abs(xs - fx) + np.abs(ys - fy) <= fr).astype(float))
+        if truth.get("corner_box") and t == 0:
+            x0, y0, x1, y1 = truth["corner_box"]
+            small[y0:y1, x0:x1] = 1.0
+        circle[t] = small.reshape(rows, int(cell_h), cols, int(cell_w)).mean(axis=(1, 3))
     return square, circle
 
 
@@ -377,11 +392,16 @@ def _short(kind: str) -> str:
     return kind.replace("background", "bg").replace("square", "sq")
 
 
-def render(sweep: Sequence[dict], refs: Sequence[dict], presets: Sequence[str]) -> tuple[str, dict]:
-    """-> (markdown, summary dict) for the sweep records and the reference-selection records."""
+def world_types(world_name: str = "micro") -> list[str]:
     from vidqa.micro import world
 
-    types = [t for t in world.QUESTION_TYPES]
+    return list(world.QUESTION_TYPES) + (list(world.EXTRA_QUESTION_TYPES) if world_name == "smol" else [])
+
+
+def render(sweep: Sequence[dict], refs: Sequence[dict], presets: Sequence[str],
+           types: Sequence[str] | None = None) -> tuple[str, dict]:
+    """-> (markdown, summary dict) for the sweep records and the reference-selection records."""
+    types = list(types or world_types())
     main = accuracy_table(list(sweep) + [r for r in refs if r["preset"] in REFERENCES],
                           types, order=list(presets) + list(REFERENCES))
     # the reference rows at the sweep budgets only (the sensitivity rows are their own table)
@@ -411,17 +431,18 @@ def _rename(table: str, types: Sequence[str], header: Sequence[str]) -> str:
     return first + "\n" + rest
 
 
-def plot(summary: dict, path: str | Path, presets: Sequence[str]) -> Path:
+def plot(summary: dict, path: str | Path, presets: Sequence[str], types: Sequence[str] | None = None,
+         title: str = "micro model") -> Path:
     """Accuracy vs FLOPs %: overall and per question type; one line per preset (+ references)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from vidqa.micro import world
 
     rows = summary["presets"]
-    panels = ["overall"] + list(world.QUESTION_TYPES)
-    figure, axes = plt.subplots(2, 4, figsize=(15, 7.2), dpi=110, sharex=True, sharey=True)
+    panels = ["overall"] + list(types or world_types())
+    figure, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(15 if len(panels) <= 8 else 18.5, 7.2),
+                                dpi=110, sharex=True, sharey=True)
     names = list(dict.fromkeys([p for p in presets if p != "none"] + [r["preset"] for r in rows
                                                                         if r["preset"] not in presets]))
     style = {name: (f"C{i}", "-" if name not in REFERENCES else ":") for i, name in enumerate(names)}
@@ -455,7 +476,7 @@ def plot(summary: dict, path: str | Path, presets: Sequence[str]) -> Path:
 
     handles += [Line2D([], [], color="grey", marker=m, linestyle="none", label=f"keep {k:g}") for k, m in markers.items()]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    figure.suptitle(f"micro model, {summary['clips']} held-out clips, 8 frames (128 frame tokens): "
+    figure.suptitle(f"{title}, {summary['clips']} held-out clips, 8 frames (128 frame tokens): "
                     "accuracy vs visual-prefill FLOPs", fontsize=11)
     figure.tight_layout(rect=(0, 0.05, 1, 0.97))
     path = Path(path)
@@ -465,13 +486,13 @@ def plot(summary: dict, path: str | Path, presets: Sequence[str]) -> Path:
     return path
 
 
-def update_doc(doc: Path, markdown: str) -> None:
+def update_doc(doc: Path, markdown: str, begin: str = DOC_BEGIN, end: str = DOC_END) -> None:
     text = doc.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise SystemExit(f"{doc}: no {DOC_BEGIN} ... {DOC_END} block to replace")
-    before, rest = text.split(DOC_BEGIN, 1)
-    _, after = rest.split(DOC_END, 1)
-    doc.write_text(before + DOC_BEGIN + "\n" + markdown + DOC_END + after)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: no {begin} ... {end} block to replace")
+    before, rest = text.split(begin, 1)
+    _, after = rest.split(end, 1)
+    doc.write_text(before + begin + "\n" + markdown + end + after)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -493,8 +514,12 @@ def _read(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/micro/accuracy.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="micro checkpoint (default: %(default)s)")
-    parser.add_argument("--heldout", type=Path, default=heldout.DEFAULT_OUT, help="held-out folder (default: %(default)s)")
+    parser.add_argument("--world", choices=("micro", "smol"), default="micro",
+                        help="micro: the 1.3 M micro model, 7 types; smol: the SmolLM2-135M model (assembled on "
+                             "first use, needs the [bench] extra), 9 types")
+    parser.add_argument("--model", default=None, help=f"checkpoint (default: {DEFAULT_MODEL}, or the assembled smol one)")
+    parser.add_argument("--heldout", type=Path, default=None,
+                        help=f"held-out folder (default: {heldout.DEFAULT_OUT}, or {SMOL_HELDOUT} for smol)")
     parser.add_argument("--clips", type=int, default=heldout.DEFAULT_CLIPS)
     parser.add_argument("--seed", type=int, default=None, help="held-out seed (default 1000)")
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
@@ -508,6 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-doc", type=Path, default=None,
                         help="replace the generated block of this markdown file (docs/accuracy.md)")
     args = parser.parse_args(argv)
+    smol = args.world == "smol"
+    types = world_types(args.world)
+    if args.heldout is None:
+        args.heldout = SMOL_HELDOUT if smol else heldout.DEFAULT_OUT
+    if args.model is None and not args.skip_run:
+        if smol:
+            from vidqa.micro.assemble import assemble
+
+            args.model = str(assemble())
+        else:
+            args.model = str(DEFAULT_MODEL)
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     keeps = [float(k) for k in args.keeps.split(",") if k.strip()]
@@ -521,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no micro checkpoint at {args.model} (config.json missing); train it first: "
                              "see benchmarks/micro/README.md")
         t0 = time.time()
-        csv_path = heldout.generate(args.heldout, args.clips, args.seed)
+        csv_path = heldout.generate(args.heldout, args.clips, args.seed, extras=smol)
         rows = heldout.read_questions(csv_path)
         print(f"held-out set: {len(rows)} questions, {args.clips} clips ({time.time() - t0:.0f}s)", file=sys.stderr)
         process = command = None
@@ -558,13 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     refs = [r for r in _read(refs_path) if wanted is None or r["id"] in wanted]
     if not sweep and not refs:
         raise SystemExit(f"no records in {sweep_path} or {refs_path}")
-    markdown, summary = render(sweep, refs, presets)
+    markdown, summary = render(sweep, refs, presets, types)
     print(markdown)
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if args.plot:
-        print(f"plot: {plot(summary, args.plot, presets)}", file=sys.stderr)
+        title = "SmolLM2-135M model" if smol else "micro model"
+        print(f"plot: {plot(summary, args.plot, presets, types, title)}", file=sys.stderr)
     if args.update_doc:
-        update_doc(args.update_doc, markdown)
+        update_doc(args.update_doc, markdown, *((SMOL_DOC_BEGIN, SMOL_DOC_END) if smol else (DOC_BEGIN, DOC_END)))
         print(f"updated {args.update_doc}", file=sys.stderr)
     return 0
 

@@ -62,6 +62,9 @@ def _truth(clip) -> dict:
         "circle_frames": list(clip.circle_frames),
         "square_change": clip.square_change,
         "background_change": clip.background_change,
+        "flash": None if clip.flash is None else list(clip.flash),
+        "flash_frames": list(clip.flash_frames),
+        "corner_box": None if clip.corner_box is None else list(clip.corner_box),
     }
 
 
@@ -72,31 +75,38 @@ def generate(
     num_frames: int | None = None,
     types: Sequence[str] | None = None,
     force: bool = False,
+    extras: bool = False,
 ) -> Path:
     """Write clips/cNNNN.mp4, questions.csv and manifest.json under `out` -> the CSV's path.
 
     clips: a count n (clips 0..n-1) or explicit clip indices (e.g. a test's subset).
-    types: question types to ask (default: all of world.QUESTION_TYPES, in that order).
+    types: question types to ask (default: all of world.QUESTION_TYPES, in that order, plus
+    world.EXTRA_QUESTION_TYPES with `extras`).
+    extras: clips with the flash and the corner block (the SmolLM2 benchmark model's world).
     """
     from vidqa.micro import world
 
     seed = world.HELDOUT_SEED if seed is None else int(seed)
     num_frames = world.NUM_FRAMES if num_frames is None else int(num_frames)
     indices = list(range(clips)) if isinstance(clips, int) else [int(i) for i in clips]
-    types = tuple(types) if types else world.QUESTION_TYPES
-    unknown = [t for t in types if t not in world.QUESTIONS]
+    known_types = world.QUESTION_TYPES + (world.EXTRA_QUESTION_TYPES if extras else ())
+    types = tuple(types) if types else known_types
+    unknown = [t for t in types if t not in known_types]
     if unknown:
-        raise ValueError(f"unknown question types {unknown}; known: {', '.join(world.QUESTION_TYPES)}")
+        raise ValueError(f"unknown question types {unknown}; known: {', '.join(known_types)}")
     out = Path(out)
     manifest_path = out / MANIFEST_NAME
     settings = {"seed": seed, "frames": num_frames, "fps": FPS, "size": world.SIZE}
+    if extras:
+        settings["extras"] = True
     old = None
     if manifest_path.exists() and not force:
         try:
             old = json.loads(manifest_path.read_text())
         except ValueError:
             old = None
-    reuse = old is not None and all(old.get(k) == v for k, v in settings.items())
+    reuse = (old is not None and all(old.get(k) == v for k, v in settings.items())
+             and bool(old.get("extras")) == extras)
     known = {int(k): v for k, v in (old or {}).get("clips", {}).items()} if reuse else {}
 
     (out / "clips").mkdir(parents=True, exist_ok=True)
@@ -107,7 +117,7 @@ def generate(
         if index in known and video.exists() and video.stat().st_size > 0:
             truth[index] = known[index]
         else:
-            clip = world.heldout_clip(index, seed, num_frames)
+            clip = world.heldout_clip(index, seed, num_frames, extras=extras)
             world.write_clip(video, clip, fps=FPS)
             truth[index] = _truth(clip)
         for kind in types:
@@ -115,7 +125,7 @@ def generate(
             if answer is None:  # a type this clip length cannot answer (1-frame clips)
                 continue
             rows.append({
-                "id": clip_id(index, kind), "video": f"clips/c{index:04d}.mp4", "question": world.QUESTIONS[kind],
+                "id": clip_id(index, kind), "video": f"clips/c{index:04d}.mp4", "question": world.SMOL_QUESTIONS[kind],
                 "expected": answer, "type": kind, "clip": index,
             })
     manifest = dict(settings, clips={str(i): truth[i] for i in indices}, types=list(types), questions=len(rows))
@@ -148,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="held-out seed (default: world.HELDOUT_SEED = 1000)")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: 8)")
     parser.add_argument("--force", action="store_true", help="rewrite every clip even if the manifest matches")
+    parser.add_argument("--extras", action="store_true",
+                        help="the SmolLM2 model's world: add the flash and the corner block (9 questions per clip)")
     args = parser.parse_args(argv)
-    path = generate(args.out, args.clips, args.seed, args.frames, force=args.force)
+    path = generate(args.out, args.clips, args.seed, args.frames, force=args.force, extras=args.extras)
     print(f"{len(read_questions(path))} questions about {args.clips} clips: {path}")
     return 0
 

@@ -45,6 +45,18 @@ of everything else. A training chat therefore asks 4 questions (one per group, i
 over a single frame (a clip's first frame: the square sits at its start edge) it asks no
 direction and no background change, which one frame cannot show.
 
+Extras (`make_clip(..., extras=True)`, the SmolLM2 benchmark model's world, smol.py): two more
+objects whose evidence sits in a small part of the clip, so a pruner that keeps the wrong tokens
+is caught. Their draws come after every other draw, so a clip's other content is the same with
+or without them (the micro model's held-out set is unchanged).
+  flash              colour of a diamond (|dx|+|dy| <= 13 px) visible in 1 or 2 consecutive
+                     frames anywhere in the clip, off the square's band, clear of the circle
+                     and the corners                              cyan / magenta / orange / pink
+  corner_start       colour of a 16 x 16 px block in one of the four corners of frame 0 only
+                                                                  cyan / magenta / orange / pink
+The flash and the corner block draw their colours independently and uniformly; every clip has
+both (so "what colour is the flash ?" always has an answer).
+
 Randomness: every clip is drawn from a numpy Generator. `heldout_clip(i, seed)` is clip i of a
 held-out set: `np.random.default_rng([seed, i])`, so any clip can be regenerated on its own.
 Training draws from `np.random.default_rng(SeedSequence(train_seed, spawn_key=(1,)))`, a
@@ -96,6 +108,21 @@ QUESTIONS: dict[str, str] = {
 }
 QUESTION_TYPES = tuple(QUESTIONS)
 
+# The extras (module docstring): asked of the SmolLM2 benchmark model only.
+EXTRA_QUESTIONS: dict[str, str] = {
+    "flash": "what colour is the flash ?",
+    "corner_start": "what colour is the corner at the start ?",
+}
+EXTRA_QUESTION_TYPES = tuple(EXTRA_QUESTIONS)
+FLASH_COLOURS: dict[str, tuple[int, int, int]] = {
+    "cyan": (20, 225, 230),
+    "magenta": (225, 30, 225),
+    "orange": (255, 140, 0),
+    "pink": (255, 170, 200),
+}
+FLASH_RADIUS = 13  # L1 radius of the diamond, px
+CORNER_SIDE = 16  # px; the square keeps >= ACROSS_MARGIN (18) px from the edges across its motion
+
 # Training-only stepping stones for "direction" (see the module docstring).
 AUX_QUESTIONS: dict[str, str] = {
     "square_where_start": "where is the square at the start ?",
@@ -111,6 +138,7 @@ GROUPS: tuple[tuple[str, ...], ...] = (
     ("background_change", "background_start", "background_end"),
     ("circle",),
 )
+EXTRA_GROUPS: tuple[tuple[str, ...], ...] = (("flash",), ("corner_start",))
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "square_start": tuple(SQUARE_COLOURS),
@@ -121,6 +149,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "background_end": tuple(BACKGROUND_COLOURS),
     "circle": ("yes", "no"),
 }
+EXTRA_ANSWERS: dict[str, tuple[str, ...]] = {kind: tuple(FLASH_COLOURS) for kind in EXTRA_QUESTIONS}
 AUX_ANSWERS: dict[str, tuple[str, ...]] = {"square_where_start": EDGES, "square_where_end": EDGES}
 
 # Every word the micro model's tokenizer knows (besides the chat specials). Questions and answers
@@ -163,13 +192,16 @@ class WorldClip:
     circle: tuple[int, int, int] | None
     circle_frames: tuple[int, ...] = field(default_factory=tuple)
     aux_answers: dict[str, str] = field(default_factory=dict)
+    flash: tuple[int, int, int] | None = None  # (cx, cy, L1 radius) of the diamond (extras only)
+    flash_frames: tuple[int, ...] = field(default_factory=tuple)
+    corner_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) in frame 0 (extras only)
 
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
 
     def question_types(self) -> tuple[str, ...]:
-        return tuple(t for t in QUESTION_TYPES if t in self.answers)
+        return tuple(t for t in QUESTION_TYPES + EXTRA_QUESTION_TYPES if t in self.answers)
 
 
 def _change_frame(rng: np.random.Generator, num_frames: int) -> int:
@@ -186,8 +218,40 @@ def _pick_change(rng, names: tuple[str, ...], num_frames: int):
     return start, start, None
 
 
-def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int = SIZE) -> WorldClip:
-    """Draw one clip from `rng` (consumed in a fixed order, so the same state gives the same clip)."""
+def _corner_boxes(size: int) -> tuple[tuple[int, int, int, int], ...]:
+    c = CORNER_SIDE
+    return ((0, 0, c, c), (size - c, 0, size, c), (0, size - c, c, size), (size - c, size - c, size, size))
+
+
+def _draw_extras(rng, num_frames, size, across, side, direction, circle):
+    """-> (flash colour, (cx, cy, r), flash frames, corner colour, corner box). Rejection-samples
+    the flash centre: off the square's band, clear of the circle and of every corner block."""
+    flash_colour = tuple(FLASH_COLOURS)[int(rng.integers(len(FLASH_COLOURS)))]
+    length = int(rng.integers(1, 3)) if num_frames > 1 else 1
+    begin = int(rng.integers(0, num_frames - length + 1))
+    r = FLASH_RADIUS
+    for _ in range(1000):
+        on_band, off_band = (int(v) for v in rng.integers(r, size - r, size=2))
+        if not (off_band + r + 2 <= across or off_band - r - 2 >= across + side):
+            continue
+        cx, cy = (on_band, off_band) if direction in ("left", "right") else (off_band, on_band)
+        if circle is not None and abs(cx - circle[0]) + abs(cy - circle[1]) < r + 2 * circle[2] + 4:
+            continue
+        if any(cx + r > x0 and cx - r < x1 and cy + r > y0 and cy - r < y1 for x0, y0, x1, y1 in _corner_boxes(size)):
+            continue
+        break
+    else:  # pragma: no cover - the free strip beside the band always fits a diamond
+        raise RuntimeError("no room for the flash")
+    corner_colour = tuple(FLASH_COLOURS)[int(rng.integers(len(FLASH_COLOURS)))]
+    corner_box = _corner_boxes(size)[int(rng.integers(4))]
+    return flash_colour, (cx, cy, r), tuple(range(begin, begin + length)), corner_colour, corner_box
+
+
+def make_clip(
+    rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int = SIZE, extras: bool = False
+) -> WorldClip:
+    """Draw one clip from `rng` (consumed in a fixed order, so the same state gives the same clip).
+    extras: also draw the flash and the corner block (their draws come last)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     bg_start, bg_end, bg_change = _pick_change(rng, tuple(BACKGROUND_COLOURS), num_frames)
@@ -219,6 +283,12 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
         cx, cy = (on_band, off_band) if direction in ("left", "right") else (off_band, on_band)
         circle = (cx, cy, radius)
 
+    flash_colour = flash = corner_colour = corner_box = None
+    flash_frames: tuple[int, ...] = ()
+    if extras:
+        flash_colour, flash, flash_frames, corner_colour, corner_box = _draw_extras(
+            rng, num_frames, size, across, side, direction, circle)
+
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     ys, xs = np.mgrid[0:size, 0:size]
     for t in range(num_frames):
@@ -230,6 +300,12 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
             frames[t][(xs - cx) ** 2 + (ys - cy) ** 2 <= r * r] = CIRCLE_COLOUR
         x0, y0, x1, y1 = boxes[t]
         frames[t, y0:y1, x0:x1] = SQUARE_COLOURS[sq]
+        if flash is not None and t in flash_frames:
+            fx, fy, fr = flash
+            frames[t][np.abs(xs - fx) + np.abs(ys - fy) <= fr] = FLASH_COLOURS[flash_colour]
+        if corner_box is not None and t == 0:
+            x0, y0, x1, y1 = corner_box
+            frames[t, y0:y1, x0:x1] = FLASH_COLOURS[corner_colour]
 
     answers = {
         "square_start": sq_start,
@@ -241,6 +317,9 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
     if num_frames > 1:
         answers["direction"] = direction
         answers["background_change"] = "yes" if bg_change is not None else "no"
+    if extras:
+        answers["flash"] = flash_colour
+        answers["corner_start"] = corner_colour
     aux_answers = {
         "square_where_start": START_EDGE[direction],
         "square_where_end": END_EDGE[direction] if num_frames > 1 else START_EDGE[direction],
@@ -257,19 +336,24 @@ def make_clip(rng: np.random.Generator, num_frames: int = NUM_FRAMES, size: int 
         circle=circle,
         circle_frames=circle_frames,
         aux_answers=aux_answers,
+        flash=flash,
+        flash_frames=flash_frames,
+        corner_box=corner_box,
     )
 
 
 ALL_QUESTIONS: dict[str, str] = {**QUESTIONS, **AUX_QUESTIONS}
+# Every question of the SmolLM2 model's world (the micro model's vocabulary lacks the extras' words).
+SMOL_QUESTIONS: dict[str, str] = {**ALL_QUESTIONS, **EXTRA_QUESTIONS}
 
 
-def heldout_clip(index: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES) -> WorldClip:
+def heldout_clip(index: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES, extras: bool = False) -> WorldClip:
     """Clip `index` of the held-out set `seed` (independent of every other clip)."""
-    return make_clip(np.random.default_rng([seed, index]), num_frames)
+    return make_clip(np.random.default_rng([seed, index]), num_frames, extras=extras)
 
 
-def heldout_clips(n: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES) -> list[WorldClip]:
-    return [heldout_clip(i, seed, num_frames) for i in range(n)]
+def heldout_clips(n: int, seed: int = HELDOUT_SEED, num_frames: int = NUM_FRAMES, extras: bool = False) -> list[WorldClip]:
+    return [heldout_clip(i, seed, num_frames, extras) for i in range(n)]
 
 
 def write_clip(path: str | os.PathLike, clip: WorldClip, fps: float = 4.0) -> Path:
@@ -280,13 +364,15 @@ def write_clip(path: str | os.PathLike, clip: WorldClip, fps: float = 4.0) -> Pa
 
 
 def training_chat(clip: WorldClip, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """(question, answer) turns for one training chat: one question per group, random order."""
+    """(question, answer) turns for one training chat: one question per group, random order
+    (the extras' groups too when the clip has them)."""
     answers = {**clip.answers, **clip.aux_answers}
     turns = []
-    for group in GROUPS:
+    groups = GROUPS + (EXTRA_GROUPS if "flash" in answers else ())
+    for group in groups:
         options = [t for t in group if t in answers]  # a single frame has no change/direction
         if options:
             kind = options[int(rng.integers(len(options)))]
-            turns.append((ALL_QUESTIONS[kind], answers[kind]))
+            turns.append((SMOL_QUESTIONS[kind], answers[kind]))
     order = rng.permutation(len(turns))
     return [turns[i] for i in order]
