@@ -17,6 +17,10 @@ from typer.testing import CliRunner  # noqa: E402
 
 from vidqa.synthetic import moving_square_frames, write_video  # noqa: E402
 from vidqa.testing import build_tiny_llava_onevision  # noqa: E402
+from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm  # noqa: E402
+
+# the three families a preset's end-to-end tests run on, by their test-id names
+FAMILY_BUILDERS = {"llava": build_tiny_llava_onevision, "qwen": build_tiny_qwen2_5_vl, "smol": build_tiny_smolvlm}
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +66,19 @@ def assert_one_line_error(result: CliResult, *fragments: str, exit_code: int = 2
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory):
+    """One tiny checkpoint per FAMILY_BUILDERS entry, built once for the whole run."""
+    return {name: build(tmp_path_factory.mktemp(f"family-{name}")) for name, build in FAMILY_BUILDERS.items()}
+
+
+def ask_json(run_cli, model, video, *extra, question: str = "what happens in this video ?") -> dict:
+    """`vidqa ask --json` on 8 frames and 6 new tokens; the record, after asserting exit 0."""
+    import json
+
+    result = run_cli(["ask", video, question, "--model", model, "--frames", "8", "--max-new-tokens", "6",
+                      "--json", *extra])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)

@@ -3,14 +3,13 @@ changes and attention hot spots, budgets, and the preset's --keep/--flops mappin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error
+from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
 from vidqa.errors import BadInput
 from vidqa.models.base import VisualTokens
 from vidqa.pruning.dyseg import dyseg_cuts, dyseg_segments
@@ -18,8 +17,6 @@ from vidqa.pruning.presets import load_preset
 from vidqa.pruning.segments import similarity_segments
 from vidqa.pruning.stages.fastvid import DySegStage, STPruneStage
 from vidqa.pruning.stprune import merge_into_centres, stprune, stprune_plan
-from vidqa.testing import build_tiny_llava_onevision
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fastvid"
 
@@ -202,20 +199,13 @@ def test_preset_defaults_are_the_authors_llava_ov_script():
 # --- every family, end to end -----------------------------------------------------------------
 
 QUESTION = "what happens in this video ?"
-BUILDERS = {"llava": build_tiny_llava_onevision, "qwen": build_tiny_qwen2_5_vl, "smol": build_tiny_smolvlm}
+BUILDERS = FAMILY_BUILDERS
 UNITS = {"llava": 8, "qwen": 4, "smol": 8}  # frame units at --frames 8 (Qwen: 2-frame temporal patches), 16 tokens each
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {name: build(tmp_path_factory.mktemp(f"fastvid-{name}")) for name, build in BUILDERS.items()}
-
-
-def ask_json(run_cli, checkpoint, video, *extra):
-    result = run_cli(["ask", video, QUESTION, "--model", checkpoint, "--frames", "8", "--max-new-tokens", "6",
-                      "--json", *extra])
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+def checkpoints(family_checkpoints):
+    return family_checkpoints
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))

@@ -4,14 +4,13 @@ expansion), parity with `none`, and the preset end to end on every family."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error
+from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
 from vidqa.errors import BadInput
 from vidqa.models.base import VisualTokens
 from vidqa.pruning.dyseg import dyseg_segments
@@ -20,8 +19,6 @@ from vidqa.pruning.presets import load_preset
 from vidqa.pruning.pruner import PresetPruner
 from vidqa.pruning.stages.fastvid import DySegStage
 from vidqa.pruning.stages.flashvid import ADTSTreeMerge
-from vidqa.testing import build_tiny_llava_onevision
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 
 FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "flashvid" / "flashvid.pt")
 
@@ -243,20 +240,13 @@ def test_keep_scales_the_pre_llm_ratio_by_their_expansion():
 # --- every family, end to end -----------------------------------------------------------------
 
 QUESTION = "what happens in this video ?"
-BUILDERS = {"llava": build_tiny_llava_onevision, "qwen": build_tiny_qwen2_5_vl, "smol": build_tiny_smolvlm}
+BUILDERS = FAMILY_BUILDERS
 UNITS = {"llava": 8, "qwen": 4, "smol": 8}  # frame units at --frames 8 (Qwen: 2-frame temporal patches), 16 tokens each
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {name: build(tmp_path_factory.mktemp(f"flashvid-{name}")) for name, build in BUILDERS.items()}
-
-
-def ask_json(run_cli, checkpoint, video, *extra):
-    result = run_cli(["ask", video, QUESTION, "--model", checkpoint, "--frames", "8", "--max-new-tokens", "6",
-                      "--json", *extra])
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+def checkpoints(family_checkpoints):
+    return family_checkpoints
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
