@@ -74,11 +74,12 @@ def family_checkpoints(tmp_path_factory):
     return {name: build(tmp_path_factory.mktemp(f"family-{name}")) for name, build in FAMILY_BUILDERS.items()}
 
 
-def ask_json(run_cli, model, video, *extra, question: str = "what happens in this video ?") -> dict:
-    """`vidqa ask --json` on 8 frames and 6 new tokens; the record, after asserting exit 0."""
+def ask_json(run_cli, model, video, *extra, question: str = "what happens in this video ?",
+             max_new_tokens: int = 6) -> dict:
+    """`vidqa ask --json` on 8 frames (6 new tokens by default); the record, after asserting exit 0."""
     import json
 
-    result = run_cli(["ask", video, question, "--model", model, "--frames", "8", "--max-new-tokens", "6",
-                      "--json", *extra])
+    result = run_cli(["ask", video, question, "--model", model, "--frames", "8", "--max-new-tokens",
+                      str(max_new_tokens), "--json", *extra])
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)

@@ -4,18 +4,19 @@ segmentation, parity with `none` at identity settings, and the --keep budget end
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import ask_json
 from vidqa.models.base import VisualTokens
 from vidqa.pruning.budgets import adatp_segment_budgets
 from vidqa.pruning.decoder import LayerContext
 from vidqa.pruning.presets import load_preset
 from vidqa.pruning.stages.adatp import DebiasedSegmentSelect, SegmentDedup
 from vidqa.pruning.stages.fastv import LastTokenAttention
+
 
 FRAMES, ROWS, COLS = 8, 4, 4
 PER_FRAME = ROWS * COLS
@@ -201,13 +202,6 @@ def test_preset_loads_with_its_parameters():
 
 
 # --- through the CLI --------------------------------------------------------------------------
-
-
-def ask_json(run_cli, model, video, *extra):
-    result = run_cli(["ask", video, QUESTION, "--model", model, "--frames", "8", "--max-new-tokens", "6",
-                      "--json", *extra])
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_identity_settings_match_none(run_cli, tiny_llava, square_video):

@@ -8,16 +8,14 @@ authors' released methods (cokeshao/HoliTom) on seeded inputs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error
+from conftest import ask_json, assert_one_line_error
 from vidqa import engine
-from vidqa.errors import BadInput
 from vidqa.models import VisualTokens, load_model
 from vidqa.models.base import weighted_row_means
 from vidqa.pruning.decoder import DecoderPruning, Selection, _Prefill
@@ -300,13 +298,6 @@ def test_qwen3_vl_runs_both_merges(tmp_path_factory, square_video):
 
 
 # --- budgets and the CLI --------------------------------------------------------------------
-
-
-def ask_json(run_cli, checkpoint, video, *extra):
-    result = run_cli(["ask", video, QUESTION, "--model", checkpoint, "--frames", "8", "--max-new-tokens", "6",
-                      "--json", *extra])
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_keep_is_layer_averaged_and_sets_the_outer_ratio(run_cli, checkpoints, square_video):

@@ -94,6 +94,28 @@ def test_training_runs_a_few_steps_and_writes_small_weights(tmp_path, llm_dir):
     json.loads((tmp_path / "smol_train.json").read_text())
 
 
+def test_training_continues_from_init_weights_and_stops_after(tmp_path, llm_dir):
+    """--init starts from a run's trained tensors (its loss is the trained model's, not a fresh
+    one's), --stop-after cuts the run while its schedule stays laid out for --steps."""
+    from safetensors.torch import load_file
+
+    from vidqa.micro.smol import SMOL_WEIGHTS
+    from vidqa.micro.train_smol import train
+
+    quiet = dict(batch=2, eval_every=0, save_every=1, log_every=1, threads=1, log=lambda *a, **k: None)
+    fresh = train(tmp_path / "fresh", seed=5, steps=4, stop_after=1, **quiet)
+    assert fresh["steps_done"] == 1 and fresh["stop_after"] == 1
+    resumed = train(tmp_path / "resumed", seed=5, steps=4, stop_after=1, init=SMOL_WEIGHTS,
+                    emphasis={"direction": 2.0}, **quiet)
+    assert resumed["init"] == str(SMOL_WEIGHTS) and resumed["emphasis"] == {"direction": 2.0}
+    assert resumed["history"][0]["loss"] < 0.5 * fresh["history"][0]["loss"]
+    # one small step moved the trained tensors a little from where they started
+    start, after = load_file(str(SMOL_WEIGHTS)), load_file(str(tmp_path / "resumed" / "weights.safetensors"))
+    name = "model.connector.modality_projection.proj.weight"
+    moved = (after[name] - start[name]).norm() / start[name].norm()
+    assert 0 < moved < 0.05
+
+
 def test_assembly_is_bit_identical_and_merges_lora(assembled, tmp_path):
     from safetensors.torch import load_file
 

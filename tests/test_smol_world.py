@@ -70,6 +70,36 @@ def test_extra_answers_are_balanced_and_asked_in_training():
     assert not set(plain) & set(world.EXTRA_QUESTIONS.values())
 
 
+def test_emphasis_weights_a_type_within_its_group_and_none_draws_as_before():
+    clips = world.heldout_clips(200, extras=True)
+
+    def picks(emphasis, seed=0):
+        rng = np.random.default_rng(seed)
+        return [q for c in clips for q, _ in world.training_chat(c, rng, emphasis)]
+
+    change = world.SMOL_QUESTIONS["background_change"]
+    uniform, weighted = picks(None), picks({"background_change": 3.0})
+    assert 0.25 <= uniform.count(change) / len(clips) <= 0.42  # 1 of 3
+    assert 0.52 <= weighted.count(change) / len(clips) <= 0.68  # 3 of 5
+    assert len(weighted) == len(uniform)  # still one question per group
+    # the same as the draw without the argument (old runs reproduce)
+    rng = np.random.default_rng(0)
+    assert uniform == [q for c in clips for q, _ in world.training_chat(c, rng)]
+
+
+def test_emphasis_flag_rejects_unknown_types_and_bad_weights():
+    import pytest
+
+    from vidqa.micro.train_smol import parse_emphasis
+
+    assert parse_emphasis("direction=2, background_change=3") == {"direction": 2.0, "background_change": 3.0}
+    assert parse_emphasis(None) is None
+    for bad, said in (("colour=2", "unknown question type 'colour'"), ("direction", "not TYPE=WEIGHT"),
+                      ("direction=0", "must be > 0")):
+        with pytest.raises(ValueError, match=said):
+            parse_emphasis(bad)
+
+
 def test_attention_bias_counts_the_top_tokens_per_eighth():
     """benchmarks/micro/attention_bias.py: planted scores land in the eighths they were put in,
     and AdaTP's frame debiasing spreads a per-frame trend."""

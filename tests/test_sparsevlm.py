@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error
+from conftest import ask_json, assert_one_line_error
 from vidqa.errors import BadInput
 from vidqa.pruning.cluster import dpc_knn
 from vidqa.pruning.decoder import DecoderPruning, LayerContext, _Prefill
@@ -38,12 +37,6 @@ def deep_llava(tmp_path_factory):
 def ask(run_cli, model, video, *extra, max_new_tokens=6):
     args = ["ask", video, QUESTION, "--model", model, "--frames", "8", "--max-new-tokens", str(max_new_tokens)]
     return run_cli(args + list(extra))
-
-
-def ask_json(run_cli, model, video, *extra, max_new_tokens=6):
-    result = ask(run_cli, model, video, "--json", *extra, max_new_tokens=max_new_tokens)
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 # --- a simulated prefill through the real row bookkeeping (DecoderPruning._apply) -----------

@@ -254,11 +254,17 @@ def selection_tasks(keeps: Sequence[float], sensitivity: bool = True, references
 def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
                    tasks: Sequence[tuple[str, int, float]], frames: int = FRAMES, done: Iterable = (),
                    write=None) -> list[dict]:
-    """Answer every row under every (selection, budget) through vidqa.engine.answer -> records
-    shaped like `vidqa batch`'s (id, preset = selection, keep, answer, expected, correct, stats...)."""
+    """Answer every row under every (selection, budget) -> records shaped like `vidqa batch`'s
+    (id, preset = selection, keep, answer, expected, correct, stats...).
+
+    A selection acts before the LLM and never reads the question, so each (clip, selection) is
+    one `VideoSession`: the pruned video prefix is prefilled once and its questions answered from
+    that cache, as `vidqa batch` does for question-agnostic presets (on the SmolLM2 model that
+    is most of the cost: about 230 of a question's 250 rows)."""
     from vidqa import engine
     from vidqa.batch_summary import normalize_keep, score
     from vidqa.report import ask_record
+    from vidqa.session import VideoSession
 
     done = set(done)
     generation = engine.GenerationOptions(max_new_tokens=MAX_NEW_TOKENS)
@@ -267,31 +273,34 @@ def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
     for row in rows:
         by_video.setdefault(row["video"], []).append(row)
     for video, questions in by_video.items():
-        todo = [(row, task) for row in questions for task in tasks
-                if (row["id"], task[0], normalize_keep(task[2])) not in done]
-        if not todo:
+        if all((row["id"], task[0], normalize_keep(task[2])) in done for row in questions for task in tasks):
             continue
         clip = engine.decode_video(str(folder / video), engine.FrameOptions(frames=frames))
+        index = int(questions[0]["clip"])
         cache: dict = {}
-        for row, (name, budget, keep) in todo:
-            index = int(row["clip"])
+        for name, budget, keep in tasks:
+            todo = [row for row in questions if (row["id"], name, normalize_keep(keep)) not in done]
+            if not todo:
+                continue
             pruner = SubsetPruner(name, budget, manifest["clips"][index], seed=index)
-            expected = row.get("expected", row.get("answer"))  # `answer`: a folder made before the rename
-            record = {"schema": 2, "id": row["id"], "video": video, "question": row["question"], "options": None,
-                      "expected": expected, "answer": None, "correct": None, "preset": name, "keep": keep,
-                      "error": None, "model": None, "parameters": {"frames": frames, "tokens_kept": budget},
-                      "stats": None, "pruning": {}, "notes": []}
-            try:
-                result = engine.answer(adapter, clip, row["question"], generation, pruner=pruner, encoded_cache=cache)
-            except Exception as error:  # noqa: BLE001 - record it, as vidqa batch does
-                record["error"] = f"{type(error).__name__}: {error}"
-            else:
-                built = ask_record(result, model="", preset=name, parameters={})
-                record.update(answer=result.text, correct=score(result.text, expected, []),
-                              stats=built["stats"])
-            records.append(record)
-            if write is not None:
-                write(record)
+            session = VideoSession(adapter, clip, pruner, generation, encoded_cache=cache)
+            for row in todo:
+                expected = row.get("expected", row.get("answer"))  # `answer`: a folder made before the rename
+                record = {"schema": 2, "id": row["id"], "video": video, "question": row["question"], "options": None,
+                          "expected": expected, "answer": None, "correct": None, "preset": name, "keep": keep,
+                          "error": None, "model": None, "parameters": {"frames": frames, "tokens_kept": budget},
+                          "stats": None, "pruning": {}, "notes": []}
+                try:
+                    result = session.ask(row["question"])
+                except Exception as error:  # noqa: BLE001 - record it, as vidqa batch does
+                    record["error"] = f"{type(error).__name__}: {error}"
+                else:
+                    built = ask_record(result, model="", preset=name, parameters={})
+                    record.update(answer=result.text, correct=score(result.text, expected, []),
+                                  stats=built["stats"])
+                records.append(record)
+                if write is not None:
+                    write(record)
     return records
 
 

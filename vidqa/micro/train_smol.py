@@ -79,9 +79,10 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def frames_for_step(step: int, steps: int, rng: np.random.Generator, frames: int = FRAMES) -> int:
+def frames_for_step(step: int, steps: int, rng: np.random.Generator, frames: int = FRAMES,
+                    curriculum: bool = True) -> int:
     fraction = step / max(1, steps)
-    for end, count in CURRICULUM:
+    for end, count in CURRICULUM if curriculum else ():
         if fraction < end:
             return count if count else (2, 4)[int(rng.integers(2))]
     if rng.random() < MIX_SHORT:
@@ -132,9 +133,9 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return labels
 
 
-def video_batch(rng, batch: int, num_frames: int, processor):
+def video_batch(rng, batch: int, num_frames: int, processor, emphasis: dict[str, float] | None = None):
     clips = [world.make_clip(rng, num_frames, extras=True) for _ in range(batch)]
-    texts = [processor.apply_chat_template(conversation(world.training_chat(c, rng))) for c in clips]
+    texts = [processor.apply_chat_template(conversation(world.training_chat(c, rng, emphasis))) for c in clips]
     inputs = encode(processor, texts, [c.frames for c in clips])
     inputs["labels"] = answer_labels(inputs["input_ids"], processor.tokenizer)
     return inputs
@@ -181,6 +182,25 @@ def first_token_accuracy(model, embedding, processor, n_clips: int, seed: int = 
     return result
 
 
+def load_trained(model, embedding: GrownEmbedding, path: Path) -> None:
+    """Start from a run's weights.safetensors (trained_state's keys) in the training layout:
+    vision, connector and LoRA factors copied, the new token rows into `embedding.new`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = [name for name in own if (name.startswith(("model.vision_model.", "model.connector.")) or ".lora_" in name)
+               and name not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} trained tensors (e.g. {missing[0]}); not a train_smol weights file")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name == "new_token_rows":
+                embedding.new.copy_(tensor)
+            else:
+                own[name].copy_(tensor)
+
+
 def save_weights(model, embedding: GrownEmbedding, out: Path) -> Path:
     from safetensors.torch import save_file
 
@@ -193,7 +213,8 @@ def save_weights(model, embedding: GrownEmbedding, out: Path) -> Path:
 
 def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 1e-3, warmup: int = 30,
           weight_decay: float = 0.01, clip_norm: float = 1.0, eval_every: int = 200, eval_clips: int = 32,
-          save_every: int = 50, log_every: int = 10, threads: int | None = 2, log=print) -> dict:
+          save_every: int = 50, log_every: int = 10, threads: int | None = 2, init: Path | None = None,
+          stop_after: int | None = None, emphasis: dict[str, float] | None = None, log=print) -> dict:
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -213,6 +234,8 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
     text_model.embed_tokens = embedding
     torch.manual_seed(seed)
     add_lora(model)
+    if init is not None:
+        load_trained(model, embedding, Path(init))
     vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_model.", "model.connector."))]
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     for p in vision + lora:
@@ -224,16 +247,19 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
     trainable = decay + no_decay
     log(f"smol model: {sum(p.numel() for p in trainable):,} trained parameters; seed {seed}, {steps} steps, "
         f"batch {batch}, setup {time.time() - began:.0f}s", flush=True)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    # A continuation (--init) draws from its own stream, so it does not replay the first run's clips.
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,) if init else (1,)))
     history: list[dict] = []
     record = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
               "clip_norm": clip_norm, "curriculum": CURRICULUM, "mix_short": MIX_SHORT, "frames": FRAMES,
-              "threads": threads, "history": history}
+              "threads": threads, "init": str(init) if init else None, "stop_after": stop_after,
+              "emphasis": emphasis,
+              "history": history}
     model.train()
     running, count, t0 = 0.0, 0, time.time()
-    for step in range(steps):
-        num_frames = frames_for_step(step, steps, rng)
-        inputs = video_batch(rng, batch, num_frames, processor)
+    for step in range(min(steps, stop_after or steps)):
+        num_frames = frames_for_step(step, steps, rng, curriculum=init is None)
+        inputs = video_batch(rng, batch, num_frames, processor, emphasis)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -243,7 +269,7 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
         torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
         optimizer.step()
         running, count = running + loss.item(), count + 1
-        last = step == steps - 1
+        last = step == min(steps, stop_after or steps) - 1
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s", flush=True)
@@ -264,6 +290,26 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
     return record
 
 
+def parse_emphasis(text: str | None) -> dict[str, float] | None:
+    """'direction=2,background_change=3' -> {'direction': 2.0, 'background_change': 3.0}."""
+    if not text:
+        return None
+    known = set(world.SMOL_QUESTIONS) | set(world.AUX_QUESTIONS)
+    weights = {}
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        kind = kind.strip()
+        if kind not in known:
+            raise ValueError(f"--emphasis: unknown question type '{kind}' (one of: {', '.join(sorted(known))})")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--emphasis: '{item}' is not TYPE=WEIGHT") from None
+        if weights[kind] <= 0:
+            raise ValueError(f"--emphasis: the weight of '{kind}' must be > 0")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vidqa.micro.train_smol", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for weights.safetensors + smol_train.json")
@@ -277,14 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this weights.safetensors: no curriculum (8-frame phase throughout), "
+                             "fresh optimizer and schedule, a clip stream of its own")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps, the schedule still laid out for --steps")
+    parser.add_argument("--emphasis", default=None, metavar="TYPE=W,...",
+                        help="weight question types within their group, e.g. direction=2,background_change=3 "
+                             "(default: uniform)")
     args = parser.parse_args(argv)
+    try:
+        emphasis = parse_emphasis(args.emphasis)
+    except ValueError as error:
+        parser.error(str(error))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .smol import MissingGGUF
 
     try:
         train(args.out, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
               eval_every=args.eval_every, eval_clips=args.eval_clips, save_every=args.save_every,
-              log_every=args.log_every, threads=args.threads)
+              log_every=args.log_every, threads=args.threads, init=args.init, stop_after=args.stop_after,
+              emphasis=emphasis)
     except MissingGGUF as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

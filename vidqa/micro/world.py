@@ -363,16 +363,24 @@ def write_clip(path: str | os.PathLike, clip: WorldClip, fps: float = 4.0) -> Pa
     return write_video(path, clip.frames, fps=fps)
 
 
-def training_chat(clip: WorldClip, rng: np.random.Generator) -> list[tuple[str, str]]:
+def training_chat(clip: WorldClip, rng: np.random.Generator,
+                  emphasis: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """(question, answer) turns for one training chat: one question per group, random order
-    (the extras' groups too when the clip has them)."""
+    (the extras' groups too when the clip has them). `emphasis` weights a question type's
+    chance of being its group's pick (default weight 1; None draws exactly as before, so old
+    runs reproduce)."""
     answers = {**clip.answers, **clip.aux_answers}
     turns = []
     groups = GROUPS + (EXTRA_GROUPS if "flash" in answers else ())
     for group in groups:
         options = [t for t in group if t in answers]  # a single frame has no change/direction
-        if options:
+        if not options:
+            continue
+        if emphasis is None:
             kind = options[int(rng.integers(len(options)))]
-            turns.append((SMOL_QUESTIONS[kind], answers[kind]))
+        else:
+            weights = np.array([float(emphasis.get(t, 1.0)) for t in options])
+            kind = options[int(rng.choice(len(options), p=weights / weights.sum()))]
+        turns.append((SMOL_QUESTIONS[kind], answers[kind]))
     order = rng.permutation(len(turns))
     return [turns[i] for i in order]
