@@ -21,6 +21,9 @@ GENERATION = engine.GenerationOptions(max_new_tokens=8)
 # positions (positions: compact), which matters for 1-D RoPE
 CASES = [(family, preset, keep) for family in ("llava", "qwen", "smol") for preset, keep in (("none", None), ("evs", 0.5))]
 CASES.append(("llava", "vidcom2", 0.5))
+# VisionZip and FastVID rank tokens by vision-encoder attention: the session must ask the encoder
+# for it, as engine.answer does (a session that encoded without it failed every question)
+CASES += [(family, preset, 0.3) for family in ("llava", "qwen", "smol") for preset in ("visionzip", "fastvid")]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +162,19 @@ def test_batch_rows_sharing_a_video_reuse_its_prefix(run_cli, tiny_llava, square
         extra = [] if record["preset"] == "none" else ["--prune", record["preset"], "--keep", "0.5"]
         asked = run_cli(["ask", tmp_path / "square.mp4", record["question"], *fast, "-q", *extra])
         assert asked.stdout.strip() == record["answer"], record["id"]
+
+
+def test_a_cached_encoding_without_vision_attention_is_redone_for_a_preset_that_reads_it(adapters, clips):
+    """batch shares one encoding per clip across presets: `none` encodes first, without the
+    encoder attention VisionZip reads; VisionZip's session must encode again, not fail."""
+    adapter, clip = adapters["llava"], clips["llava"]
+    shared: dict = {}
+    VideoSession(adapter, clip, pruner_for(adapter, "none", None), GENERATION, encoded_cache=shared).ask(QUESTIONS[0])
+    assert "vision_attention" not in shared[id(clip)].meta
+    pruner = pruner_for(adapter, "visionzip", 0.3)
+    got = VideoSession(adapter, clip, pruner, GENERATION, encoded_cache=shared).ask(QUESTIONS[0])
+    assert "vision_attention" in shared[id(clip)].meta
+    assert got.text == engine.answer(adapter, clip, QUESTIONS[0], GENERATION, pruner=pruner).text
 
 
 def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(adapters):

@@ -91,6 +91,21 @@ def decode_video(path: str, options: FrameOptions) -> Clip:
                      sampling=options.sampling or UniformFrames(32))
 
 
+def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, encoded_cache: dict | None = None):
+    """The clip's vision-encoder tokens, with the encoder attention the pruner's pre-LLM stages
+    read (`pruner.vision_layer`). `encoded_cache` (id(clip) -> tokens) lets one clip asked under
+    several presets be encoded once; a cached encoding made without that layer's attention is
+    redone."""
+    cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
+    layer = getattr(pruner, "vision_layer", None)
+    if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
+        cached = None
+    tokens = cached if cached is not None else adapter.encode_video_for(prompt, vision_layer=layer)
+    if encoded_cache is not None:
+        encoded_cache[id(clip)] = tokens
+    return tokens
+
+
 def answer(
     adapter: ModelAdapter,
     clip: Clip,
@@ -113,21 +128,15 @@ def answer(
     if not question.strip():
         raise BadInput("the question is empty; pass it as an argument or on stdin")
     stats = stats or Stats()
-    model, device = adapter.model, adapter.model.device
+    device = adapter.model.device
     total_start = time.perf_counter()
     memory = RequestMemory(device).start()
 
     with timed(stats.time, "preprocess_s", device):
         prompt = adapter.prompt_for_clip(clip, question, history=history)
     with torch.inference_mode():
-        cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
-        layer = getattr(pruner, "vision_layer", None)  # the encoder layer whose attention a pre-LLM stage reads
-        if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
-            cached = None  # encoded without that layer's attention
         with timed(stats.time, "vision_encoder_s", device):
-            tokens = cached if cached is not None else adapter.encode_video_for(prompt, vision_layer=layer)
-        if encoded_cache is not None:
-            encoded_cache[id(clip)] = tokens
+            tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache)
         state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
         state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):

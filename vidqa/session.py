@@ -156,10 +156,8 @@ class VideoSession:
         """The video's tokens after the pre-LLM stages, computed once; the cost goes to `stats`."""
         adapter, device = self.adapter, self.adapter.model.device
         state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device)
-        cached = self._encoded.get(id(self.clip))
         with timed(stats.time, "vision_encoder_s", device):
-            tokens = cached if cached is not None else adapter.encode_video(prompt)
-        self._encoded[id(self.clip)] = tokens
+            tokens = engine.encoded_video(adapter, self.clip, prompt, self.pruner, self._encoded)
         state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = self.pruner.before_llm(tokens, state)
