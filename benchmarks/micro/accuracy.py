@@ -2,8 +2,9 @@
 
     python benchmarks/micro/accuracy.py                       # everything; ~6 min on 2 idle CPU cores
     python benchmarks/micro/accuracy.py --skip-run            # only re-read the results, redo tables + plot
-    python benchmarks/micro/accuracy.py --world smol          # the SmolLM2-135M model (vidqa.micro.smol):
-                                                              # 9 question types, its own held-out folder and doc block
+    python benchmarks/micro/accuracy.py --world smol --clips 24   # the SmolLM2-135M model (vidqa.micro.smol):
+                                            # 9 question types, its own held-out folder and doc block; ~1 h
+                                            # on 2 cores (the in-LLM presets prefill the 135 M model per question)
 
 Steps (each resumable: rerunning skips the records already in the results files):
 1. the held-out set (benchmarks/micro/heldout.py): --clips clips of seed --seed as mp4, 7
@@ -21,7 +22,7 @@ Steps (each resumable: rerunning skips the records already in the results files)
      even frames (0, 2, 4, 6), per-frame checkerboard (8 of 16 per frame), per-frame random
      (8 per frame, seeded per clip), oracle (8 per frame, from the ground-truth object masks);
    - per sweep budget (keep R -> round(128 R) tokens before the LLM): `random` (uniform over
-     all frame tokens) and `oracle` (per frame, the cells the square / circle cover most, then
+     all frame tokens), `per-frame-random` (spread evenly over the frames) and `oracle` (per frame, the cells the square / circle cover most, then
      the purest background cell, then by coverage; budgets spread evenly over frames). The
      oracle is a reference from privileged information, not a proven upper bound.
 4. tables (markdown, stdout; --update-doc rewrites the generated block of docs/accuracy.md),
@@ -56,7 +57,7 @@ FRAMES = 8
 MAX_NEW_TOKENS = 3  # one answer word + <|im_end|>, as vidqa.micro.train.evaluate
 SENSITIVITY_TOKENS = 64
 SENSITIVITY = ("start-only", "end-only", "even-frames", "checkerboard", "per-frame-random", "oracle")
-REFERENCES = ("random", "oracle")  # per sweep budget
+REFERENCES = ("random", "per-frame-random", "oracle")  # per sweep budget
 DOC_BEGIN = "<!-- accuracy.py:begin -->"
 DOC_END = "<!-- accuracy.py:end -->"
 SMOL_DOC_BEGIN = "<!-- accuracy.py smol:begin -->"
@@ -454,7 +455,8 @@ def plot(summary: dict, path: str | Path, presets: Sequence[str], types: Sequenc
                                 dpi=110, sharex=True, sharey=True)
     names = list(dict.fromkeys([p for p in presets if p != "none"] + [r["preset"] for r in rows
                                                                         if r["preset"] not in presets]))
-    style = {name: (f"C{i}", "-" if name not in REFERENCES else ":") for i, name in enumerate(names)}
+    palette = plt.get_cmap("tab20").colors  # more presets than the 10 default colours
+    style = {name: (palette[i % len(palette)], "-" if name not in REFERENCES else ":") for i, name in enumerate(names)}
     markers = {0.1: "o", 0.25: "s", 0.5: "^"}
     none = next((r for r in rows if r["preset"] == "none"), None)
     for ax, panel in zip(axes.ravel(), panels):

@@ -2,6 +2,11 @@
 (q/v) on the synthetic world (with the extras), the pretrained SmolLM2 weights frozen.
 
     python -m vidqa.micro.train_smol --out DIR --seed S [--steps 1400 --batch 6 ...]
+    python -m vidqa.micro.train_smol --out DIR2 --seed S --init DIR/weights.safetensors ...   # continue
+
+The committed weights are three phases of this script (benchmarks/micro/README.md has the
+commands): the curriculum, then two continuations on 8-frame clips, the last one asking the
+comparison questions more often (--emphasis).
 
 Recipe:
 - AdamW (betas 0.9/0.98, weight decay 0.01 on the vision / connector matrices, 0 elsewhere),
