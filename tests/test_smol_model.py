@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers
 import torch
 
 from vidqa.micro import world
@@ -65,6 +66,26 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _old_transformers() -> bool:
+    from vidqa.micro.train_smol import MIN_TRANSFORMERS
+
+    return tuple(int(p) for p in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS
+
+
+TRAINS = pytest.mark.skipif(_old_transformers(), reason="train_smol needs transformers >= 5.24 (older "
+                                                        "SmolVLMProcessor releases drop the answers from training chats)")
+
+
+def test_training_refuses_transformers_that_drop_the_answers(monkeypatch, tmp_path):
+    from vidqa.micro import train_smol
+
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    with pytest.raises(RuntimeError, match="needs transformers >= 5.24"):
+        train_smol.train(tmp_path, steps=1)
+    assert train_smol.main(["--out", str(tmp_path), "--steps", "1"]) == 2
+
+
+@TRAINS
 def test_training_runs_a_few_steps_and_writes_small_weights(tmp_path, llm_dir):
     from safetensors.torch import load_file
 
@@ -87,6 +108,7 @@ def test_training_runs_a_few_steps_and_writes_small_weights(tmp_path, llm_dir):
     json.loads((tmp_path / "smol_train.json").read_text())
 
 
+@TRAINS
 def test_training_continues_from_init_weights_and_stops_after(tmp_path, llm_dir):
     """--init starts from a run's trained tensors (its loss is the trained model's, not a fresh
     one's), --stop-after cuts the run while its schedule stays laid out for --steps."""

@@ -216,10 +216,27 @@ def save_weights(model, embedding: GrownEmbedding, out: Path) -> Path:
     return out / "weights.safetensors"
 
 
+# The oldest transformers whose SmolVLMProcessor keeps the assistant answers when it encodes a
+# training chat: on 5.18 the answer words come out as empty tokens (checked by token diff), so
+# the labels hold no answers. Evaluation and `vidqa ask` are not affected (no answers in them).
+MIN_TRANSFORMERS = (5, 24)
+
+
+def check_transformers() -> None:
+    import transformers
+
+    found = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if found < MIN_TRANSFORMERS:
+        raise RuntimeError(f"training the SmolLM2 benchmark model needs transformers >= "
+                           f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): older "
+                           "SmolVLMProcessor releases drop the answers from the training chats")
+
+
 def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 1e-3, warmup: int = 30,
           weight_decay: float = 0.01, clip_norm: float = 1.0, eval_every: int = 200, eval_clips: int = 32,
           save_every: int = 50, log_every: int = 10, threads: int | None = 2, init: Path | None = None,
           stop_after: int | None = None, emphasis: dict[str, float] | None = None, log=print) -> dict:
+    check_transformers()
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
               eval_every=args.eval_every, eval_clips=args.eval_clips, save_every=args.save_every,
               log_every=args.log_every, threads=args.threads, init=args.init, stop_after=args.stop_after,
               emphasis=emphasis)
-    except MissingGGUF as error:
+    except (MissingGGUF, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
