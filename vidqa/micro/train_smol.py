@@ -222,12 +222,16 @@ def save_weights(model, embedding: GrownEmbedding, out: Path) -> Path:
 MIN_TRANSFORMERS = (5, 24)
 
 
+class UnsupportedTransformers(RuntimeError):
+    """The installed transformers cannot build correct training chats (MIN_TRANSFORMERS)."""
+
+
 def check_transformers() -> None:
     import transformers
 
     found = tuple(int(part) for part in transformers.__version__.split(".")[:2])
     if found < MIN_TRANSFORMERS:
-        raise RuntimeError(f"training the SmolLM2 benchmark model needs transformers >= "
+        raise UnsupportedTransformers(f"training the SmolLM2 benchmark model needs transformers >= "
                            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): older "
                            "SmolVLMProcessor releases drop the answers from the training chats")
 
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
               eval_every=args.eval_every, eval_clips=args.eval_clips, save_every=args.save_every,
               log_every=args.log_every, threads=args.threads, init=args.init, stop_after=args.stop_after,
               emphasis=emphasis)
-    except (MissingGGUF, RuntimeError) as error:
+    except (MissingGGUF, UnsupportedTransformers) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
