@@ -74,6 +74,26 @@ def family_checkpoints(tmp_path_factory):
     return {name: build(tmp_path_factory.mktemp(f"family-{name}")) for name, build in FAMILY_BUILDERS.items()}
 
 
+# frames per family giving 128, 64 (4 two-frame temporal patches) and 64 video tokens
+FAMILY_FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
+
+
+@pytest.fixture(scope="module")
+def family_adapters(family_checkpoints):
+    """The family checkpoints loaded (CPU, float32, SDPA); per module, so no test sees another module's hooks."""
+    from vidqa.models import load_model
+
+    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in family_checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def family_clips(square_video):
+    """square_video decoded at FAMILY_FRAMES frames, per family."""
+    from vidqa.video import load_clip
+
+    return {name: load_clip(square_video, num_frames=count) for name, count in FAMILY_FRAMES.items()}
+
+
 def ask_json(run_cli, model, video, *extra, question: str = "what happens in this video ?",
              max_new_tokens: int = 6) -> dict:
     """`vidqa ask --json` on 8 frames (6 new tokens by default); the record, after asserting exit 0."""

@@ -13,18 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FAMILY_FRAMES
 from vidqa import engine
 from vidqa.models import VisualTokens, load_model
 from vidqa.pruning.decode_kv import DecodeKVSelection, decode_attention, top_visual_entries
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.stages.dycoke import WindowTemporalMerge, dycoke_keep, window_plan
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dycoke"
 QUESTION = "what happens in this video ?"
-FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
 IDENTITY = ["merge_ratio=0", "decode_keep=1"]
 
 
@@ -107,28 +105,13 @@ def test_decode_scores_match_eager_attention(tiny_llava):
 # --- every family ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_llava):
-    paths = {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")),
-    }
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
-
-
 def ask(adapter, clip, pruner=NO_PRUNING, tokens=8):
     return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=tokens), pruner=pruner)
 
 
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_identity_settings_match_none(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_identity_settings_match_none(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     reference = ask(adapter, clip)
     for pruner in (build_pruner(load_preset("dycoke", IDENTITY), adapter),
                    build_pruner(load_preset("dycoke", ["decode_keep=1"]), adapter, keep=1.0)):
@@ -146,9 +129,9 @@ def reference_visual(adapter, clip):
     return adapter.build_prompt(clip.frames, clip.timestamps, QUESTION).visual_index
 
 
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     answer = ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter))
     merged = answer.stats.tokens.visual_tokens_after
     frames, rows, cols = adapter.encode_video(adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)).grid
@@ -160,27 +143,27 @@ def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(adapters, clips, 
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.75])
-def test_keep_sets_the_prefill_retention(adapters, clips, keep):
-    adapter, clip = adapters["llava"], clips["llava"]
+def test_keep_sets_the_prefill_retention(family_adapters, family_clips, keep):
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     answer = ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter, keep=keep))
     tokens = answer.stats.tokens
     assert abs(tokens.visual_tokens_after - keep * tokens.visual_tokens_before) <= len(window_plan(8)) / 2
     assert answer.details["budget"]["stage"] == "merge"
 
 
-def test_keep_below_the_anchor_frames_is_a_clear_error(adapters, clips):
+def test_keep_below_the_anchor_frames_is_a_clear_error(family_adapters, family_clips):
     from vidqa.errors import BadInput
 
-    adapter, clip = adapters["llava"], clips["llava"]
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     with pytest.raises(BadInput, match="below what 'dycoke' can reach"):
         ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter, keep=0.2))  # 3 whole of 8 frames
 
 
-def test_entries_never_attended_do_not_matter(adapters, clips):
+def test_entries_never_attended_do_not_matter(family_adapters, family_clips):
     """Decode with 1 visual entry per step; then corrupt, in layers >= L, every visual entry no
     step chose: the generated tokens stay the same (they were really skipped), while corrupting
     the chosen ones changes them."""
-    adapter, clip = adapters["llava"], clips["llava"]
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
     tokens = adapter.encode_video(prompt)
     inputs = adapter.generation_inputs(prompt, tokens, positions="original")
@@ -223,14 +206,9 @@ def test_entries_never_attended_do_not_matter(adapters, clips):
 # --- CLI ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint_paths(adapters):
-    return {name: str(adapter.model.name_or_path) for name, adapter in adapters.items()}
-
-
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_each_family_end_to_end(run_cli, checkpoint_paths, square_video, family):
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoint_paths[family], "--frames", FRAMES[family],
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_each_family_end_to_end(run_cli, family_checkpoints, square_video, family):
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints[family], "--frames", FAMILY_FRAMES[family],
                       "--max-new-tokens", "4", "--prune", "dycoke", "--keep", "0.6", "-P", "decode_keep=0.5", "--json"])
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
@@ -250,10 +228,10 @@ def test_preset_is_listed_with_its_reference(run_cli):
     assert shown["stages"][1]["decode_keep"] == 0.3 and "decode_keep" in shown["keep"]
 
 
-def test_decode_stage_with_an_in_llm_stage_is_refused(adapters, tmp_path):
+def test_decode_stage_with_an_in_llm_stage_is_refused(family_adapters, tmp_path):
     from vidqa.errors import BadInput
 
     mixed = tmp_path / "mixed.yaml"
     mixed.write_text("name: mixed\nstages:\n  - type: last_token_attention\n  - type: decode_attention_kv\n")
     with pytest.raises(BadInput, match="decode-time stage cannot be combined"):
-        build_pruner(load_preset(str(mixed)), adapters["llava"])
+        build_pruner(load_preset(str(mixed)), family_adapters["llava"])

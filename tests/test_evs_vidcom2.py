@@ -12,18 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FAMILY_FRAMES
 from vidqa import engine
-from vidqa.models import VisualTokens, load_model
+from vidqa.models import VisualTokens
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.stages.evs import TemporalChangeSelect, evs_keep
 from vidqa.pruning.stages.vidcom2 import FrameUniquenessSelect, vidcom2_keep
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUESTION = "what happens in this video ?"
-FRAMES = {"llava": 8, "qwen": 8, "smol": 4}  # 128, 64 (4 temporal patches) and 64 video tokens
 IDENTITY = {"evs": ["pruning_rate=0"], "vidcom2": ["ratio=1"]}
 
 
@@ -114,33 +112,14 @@ def test_vidcom2_gives_the_frame_unlike_all_others_the_largest_budget(odd_frame)
 # --- every family ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_llava):
-    return {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")),
-    }
-
-
-@pytest.fixture(scope="module")
-def adapters(checkpoints):
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
-
-
 def ask(adapter, clip, pruner=NO_PRUNING):
     return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=6), pruner=pruner)
 
 
 @pytest.mark.parametrize("preset", sorted(IDENTITY))
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_identity_settings_match_none(adapters, clips, family, preset):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_identity_settings_match_none(family_adapters, family_clips, family, preset):
+    adapter, clip = family_adapters[family], family_clips[family]
     reference = ask(adapter, clip)
     for pruner in (build_pruner(load_preset(preset, IDENTITY[preset]), adapter),
                    build_pruner(load_preset(preset), adapter, keep=1.0)):
@@ -151,9 +130,9 @@ def test_identity_settings_match_none(adapters, clips, family, preset):
 
 
 @pytest.mark.parametrize("keep", [0.25, 0.5])
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_keep_sets_the_retained_fraction(adapters, clips, family, keep):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_keep_sets_the_retained_fraction(family_adapters, family_clips, family, keep):
+    adapter, clip = family_adapters[family], family_clips[family]
     evs = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=keep))
     total = evs.stats.tokens.visual_tokens_before
     assert evs.stats.tokens.visual_tokens_after == int(total * keep)  # vLLM: int(T*P*(1 - q)), q = 1 - keep
@@ -165,17 +144,17 @@ def test_keep_sets_the_retained_fraction(adapters, clips, family, keep):
     assert vidcom2.details["budget"] == {"stage": "select", "ratio": keep, "keep": keep}
 
 
-def test_flops_target_sets_a_pre_llm_budget(adapters, clips):
-    adapter, clip = adapters["llava"], clips["llava"]
+def test_flops_target_sets_a_pre_llm_budget(family_adapters, family_clips):
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     answer = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, flops=0.4))
     flops, tokens = answer.stats.flops, answer.stats.tokens
     per_token = flops.paper_vanilla_macs / tokens.visual_tokens_before
     assert abs(flops.paper_fraction - 0.4) * flops.paper_vanilla_macs <= 4 * per_token * 2
 
 
-def test_positions_follow_each_methods_code(adapters, clips):
+def test_positions_follow_each_methods_code(family_adapters, family_clips):
     """EVS keeps original 1-D positions; VidCom2 renumbers the shortened prompt (its LLaVA code)."""
-    adapter, clip = adapters["llava"], clips["llava"]
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     for preset, compact in (("evs", False), ("vidcom2", True)):
         pruner = build_pruner(load_preset(preset), adapter)
         prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
@@ -192,8 +171,8 @@ def test_positions_follow_each_methods_code(adapters, clips):
             assert torch.equal(positions, inputs.seq_index)
 
 
-def test_evs_floor_of_one_frame_is_reported(adapters, clips):
-    adapter, clip = adapters["llava"], clips["llava"]
+def test_evs_floor_of_one_frame_is_reported(family_adapters, family_clips):
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     answer = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=0.05))
     assert answer.stats.tokens.visual_tokens_after == 16  # the first frame, whole
     assert any("first frame" in note for note in answer.notes)
@@ -203,15 +182,15 @@ def test_evs_floor_of_one_frame_is_reported(adapters, clips):
 
 
 @pytest.mark.parametrize("preset", ["evs", "vidcom2"])
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_each_family_end_to_end(run_cli, checkpoints, square_video, family, preset):
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints[family], "--frames", FRAMES[family],
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_each_family_end_to_end(run_cli, family_checkpoints, square_video, family, preset):
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints[family], "--frames", FAMILY_FRAMES[family],
                       "--max-new-tokens", "2", "--prune", preset, "--keep", "0.5", "--json"])
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     tokens = record["stats"]["tokens"]
     assert record["preset"] == preset and tokens["visual_tokens_after"] < tokens["visual_tokens_before"]
-    assert abs(tokens["layer_avg_retention"] - 0.5) <= FRAMES[family] / 2 / tokens["visual_tokens_before"]
+    assert abs(tokens["layer_avg_retention"] - 0.5) <= FAMILY_FRAMES[family] / 2 / tokens["visual_tokens_before"]
     assert record["pruning"]["budget"]["keep"] == 0.5
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ask_json, assert_one_line_error
+from conftest import FAMILY_FRAMES, ask_json, assert_one_line_error
 from vidqa import engine
 from vidqa.models import VisualTokens, load_model
 from vidqa.models.base import weighted_row_means
@@ -23,13 +23,11 @@ from vidqa.pruning.holitom import holitom_merge, removable_counts, static_window
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.stages.holitom import HoliTomMergeStage, SimilarityMerge, sequential_average
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 from vidqa.testing_qwen3 import build_tiny_qwen3_vl
 from vidqa.video import load_clip
 
 FIXTURES = Path(__file__).parent / "fixtures" / "holitom"
 QUESTION = "what happens in this video ?"
-FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
 IDENTITY = ["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"]
 
 
@@ -225,32 +223,13 @@ def test_decoder_writes_the_merged_states_of_the_kept_rows():
 # --- every family ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_llava):
-    return {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")),
-    }
-
-
-@pytest.fixture(scope="module")
-def adapters(checkpoints):
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
-
-
 def ask(adapter, clip, pruner=NO_PRUNING, tokens=6):
     return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=tokens), pruner=pruner)
 
 
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_identity_settings_match_none(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_identity_settings_match_none(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     expected = ask(adapter, clip)
     pruned = ask(adapter, clip, build_pruner(load_preset("holitom", IDENTITY), adapter))
     assert pruned.stats.tokens.layer_avg_retention == 1.0
@@ -258,9 +237,9 @@ def test_identity_settings_match_none(adapters, clips, family):
     assert pruned.stats.tokens.generated_tokens == expected.stats.tokens.generated_tokens
 
 
-@pytest.mark.parametrize("family", sorted(FRAMES))
-def test_defaults_merge_outside_and_halve_inside(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_defaults_merge_outside_and_halve_inside(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     answer = ask(adapter, clip, build_pruner(load_preset("holitom"), adapter))
     per_layer = answer.stats.tokens.visual_tokens_per_layer
     entering = answer.stats.tokens.visual_tokens_per_stage["outer"]
@@ -300,28 +279,28 @@ def test_qwen3_vl_runs_both_merges(tmp_path_factory, square_video):
 # --- budgets and the CLI --------------------------------------------------------------------
 
 
-def test_keep_is_layer_averaged_and_sets_the_outer_ratio(run_cli, checkpoints, square_video):
+def test_keep_is_layer_averaged_and_sets_the_outer_ratio(run_cli, family_checkpoints, square_video):
     # no static windows (tau 1.01): every frame keeps ceil(16 * r) tokens, r = keep / f with
     # f = (3 + 1 * 0.5) / 4 on the tiny 4-layer model (inner merge from layer 3)
-    record = ask_json(run_cli, checkpoints["llava"], square_video, "--prune", "holitom", "--keep", "0.3",
+    record = ask_json(run_cli, family_checkpoints["llava"], square_video, "--prune", "holitom", "--keep", "0.3",
                       "-P", "outer.tau=1.01")
     assert record["pruning"]["budget"]["ratio"] == pytest.approx(0.3 / 0.875, abs=1e-6)
     tokens = record["stats"]["tokens"]
     assert tokens["visual_tokens_per_layer"] == [48, 48, 48, 24]  # 8 frames x ceil(16 * 0.343) = 6
-    record = ask_json(run_cli, checkpoints["llava"], square_video, "--prune", "holitom", "--flops", "0.3",
+    record = ask_json(run_cli, family_checkpoints["llava"], square_video, "--prune", "holitom", "--flops", "0.3",
                       "-P", "outer.tau=1.01")
     flops = record["stats"]["flops"]
     one_token_per_frame = flops["paper_vanilla_macs"] / 16 * 1.2  # ceil per frame: steps of 8 tokens
     assert abs(flops["paper_fraction"] - 0.3) * flops["paper_vanilla_macs"] <= one_token_per_frame
 
 
-def test_cli_end_to_end_reports_windows_and_merges(run_cli, checkpoints, square_video):
-    record = ask_json(run_cli, checkpoints["llava"], square_video, "--prune", "holitom")
+def test_cli_end_to_end_reports_windows_and_merges(run_cli, family_checkpoints, square_video):
+    record = ask_json(run_cli, family_checkpoints["llava"], square_video, "--prune", "holitom")
     outer, inner = record["pruning"]["holitom"]["outer"], record["pruning"]["holitom"]["inner"]
     assert outer["windows"][0][0] == 0 and outer["windows"][-1][1] == 8
     assert len(inner["merged_rows"]) == len(inner["into_rows"]) == inner["merged"]
     assert record["answer"] is not None
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints["llava"], "--prune", "holitom",
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints["llava"], "--prune", "holitom",
                       "-P", "outer.tau=2"])
     assert_one_line_error(result, "tau")
     shown = run_cli(["presets", "show", "holitom"])

@@ -26,7 +26,7 @@ from vidqa.models.qwen_vl_sizing import frame_pixel_limit, reference_size, resiz
 from vidqa.pruning.presets import available_presets, build_pruner, load_preset
 from vidqa.testing import DEFAULT_WORDS, build_tiny_llava_onevision
 from vidqa.testing_families import DEFAULT_WORDS as FAMILY_WORDS
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from vidqa.testing_families import build_tiny_qwen2_5_vl
 from vidqa.video import load_clip
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "qwen_vl_utils" / "reference.json").read_text())
@@ -104,25 +104,25 @@ def test_smolvlm_frames_match_its_processor(total, fps):
     assert SmolVLMFrames().plan(total, fps).offsets.tolist() == np.asarray(theirs).tolist()
 
 
-def test_rules_per_family(tmp_path_factory, checkpoints):
-    assert frame_rule_for(str(checkpoints["qwen"])) == QwenVLFrames()
-    assert frame_rule_for(str(checkpoints["smol"])) == SmolVLMFrames()
-    assert frame_rule_for(str(checkpoints["llava"])) == UniformFrames(32)
+def test_rules_per_family(tmp_path_factory, family_checkpoints):
+    assert frame_rule_for(str(family_checkpoints["qwen"])) == QwenVLFrames()
+    assert frame_rule_for(str(family_checkpoints["smol"])) == SmolVLMFrames()
+    assert frame_rule_for(str(family_checkpoints["llava"])) == UniformFrames(32)
 
 
-def test_smolvlm_rule_reads_the_checkpoints_video_sampling(tmp_path_factory, checkpoints):
+def test_smolvlm_rule_reads_the_checkpoints_video_sampling(tmp_path_factory, family_checkpoints):
     import shutil
 
     path = tmp_path_factory.mktemp("smol-sampling") / "ckpt"
-    shutil.copytree(checkpoints["smol"], path)
+    shutil.copytree(family_checkpoints["smol"], path)
     config = json.loads((path / "processor_config.json").read_text())
     config["video_processor"]["video_sampling"] = {"fps": 2, "max_frames": 5, "video_size": {"longest_edge": 64}}
     (path / "processor_config.json").write_text(json.dumps(config))
     assert frame_rule_for(str(path)) == SmolVLMFrames(fps=2.0, max_frames=5)
 
 
-def test_smolvlm_intro_gives_the_video_duration(adapters, square_video):
-    adapter = adapters["smol"]
+def test_smolvlm_intro_gives_the_video_duration(family_adapters, square_video):
+    adapter = family_adapters["smol"]
     clip = load_clip(square_video, num_frames=None, sampling=SmolVLMFrames())  # 3 s at 1 fps: frames 0, 11, 23
     assert clip.indices.tolist() == [0, 11, 23]
     tokenizer = adapter.processor.tokenizer
@@ -146,9 +146,9 @@ def test_llava_system_prompt(tmp_path_factory, square_video):
     assert off.system_prompt is None and off.prompt_for_clip(clip, QUESTION).text.startswith("<|im_start|>user")
 
 
-def test_no_default_system_prompt_a_vocabulary_cannot_spell(adapters):
-    assert adapters["llava"].system_prompt is None  # the test vocabulary has no "You", "helpful"
-    assert adapters["qwen"].system_prompt is None  # Qwen2.5-VL's own template adds its system turn
+def test_no_default_system_prompt_a_vocabulary_cannot_spell(family_adapters):
+    assert family_adapters["llava"].system_prompt is None  # the test vocabulary has no "You", "helpful"
+    assert family_adapters["qwen"].system_prompt is None  # Qwen2.5-VL's own template adds its system turn
 
 
 # --- generation_config -----------------------------------------------------------------------
@@ -211,11 +211,11 @@ def test_endoftext_stops_qwen_generation(qwen_with_generation_config, square_vid
 # --- forks naming Qwen2_5_VLImageProcessor ---------------------------------------------------
 
 
-def test_fork_with_qwen2_5_vl_image_processor_name_loads(tmp_path_factory, checkpoints, adapters, square_video):
+def test_fork_with_qwen2_5_vl_image_processor_name_loads(tmp_path_factory, family_checkpoints, family_adapters, square_video):
     import shutil
 
     fork = tmp_path_factory.mktemp("qwen-fork") / "ckpt"
-    shutil.copytree(checkpoints["qwen"], fork)
+    shutil.copytree(family_checkpoints["qwen"], fork)
     processor_config = json.loads((fork / "processor_config.json").read_text())
     image = processor_config.pop("image_processor")
     processor_config.pop("video_processor")
@@ -231,7 +231,7 @@ def test_fork_with_qwen2_5_vl_image_processor_name_loads(tmp_path_factory, check
     adapter = load_model(str(fork), device="cpu", dtype="float32")
     clip = load_clip(square_video, num_frames=4)
     options = engine.GenerationOptions(max_new_tokens=6)
-    assert engine.answer(adapter, clip, QUESTION, options).text == engine.answer(adapters["qwen"], clip, QUESTION, options).text
+    assert engine.answer(adapter, clip, QUESTION, options).text == engine.answer(family_adapters["qwen"], clip, QUESTION, options).text
 
 
 # --- device_map ------------------------------------------------------------------------------
@@ -259,10 +259,10 @@ def half_on_disk(adapter) -> dict:
 
 @pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # a bare parameter's key
 @pytest.mark.parametrize("family", ["llava", "qwen", "smol"])
-def test_every_preset_on_a_sharded_model_gives_the_unsharded_answer(checkpoints, adapters, square_video, family):
+def test_every_preset_on_a_sharded_model_gives_the_unsharded_answer(family_checkpoints, family_adapters, square_video, family):
     pytest.importorskip("accelerate")
-    whole = adapters[family]
-    sharded = load_model(str(checkpoints[family]), device="cpu", dtype="float32", device_map=half_on_disk(whole))
+    whole = family_adapters[family]
+    sharded = load_model(str(family_checkpoints[family]), device="cpu", dtype="float32", device_map=half_on_disk(whole))
     assert set(sharded.model.hf_device_map.values()) == {"cpu", "disk"}
     clip = load_clip(square_video, num_frames=8)
     options = engine.GenerationOptions(max_new_tokens=3)
@@ -273,12 +273,12 @@ def test_every_preset_on_a_sharded_model_gives_the_unsharded_answer(checkpoints,
         assert results[1].stats.tokens.visual_tokens_per_layer == results[0].stats.tokens.visual_tokens_per_layer, name
 
 
-def test_placement_decision(checkpoints, monkeypatch):
+def test_placement_decision(family_checkpoints, monkeypatch):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(checkpoints["llava"]))
+    config = AutoConfig.from_pretrained(str(family_checkpoints["llava"]))
     weights = placement_module.weight_bytes(config, torch.float32)
-    model = load_model(str(checkpoints["llava"]), device="cpu", dtype="float32").model
+    model = load_model(str(family_checkpoints["llava"]), device="cpu", dtype="float32").model
     assert weights == sum(p.numel() for p in model.parameters()) * 4
     assert plan_placement(config, "cpu", torch.float32, None).device_map is None  # CPU: one device
     assert plan_placement(config, "cpu", torch.float32, "none").device_map is None
@@ -296,31 +296,14 @@ def test_placement_decision(checkpoints, monkeypatch):
 # --- the CLI records what it did ---------------------------------------------------------------
 
 
-def test_ask_json_records_the_defaults(run_cli, checkpoints, square_video):
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints["qwen"], "--max-new-tokens", "2", "--json"])
+def test_ask_json_records_the_defaults(run_cli, family_checkpoints, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints["qwen"], "--max-new-tokens", "2", "--json"])
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["parameters"]["sampling"] == QwenVLFrames().describe()
     assert record["stats"]["tokens"]["frames"] == 6  # 3 s at 2 fps
     assert record["parameters"]["generation"]["do_sample"] is False
     assert record["parameters"]["device_map"] is None
-    explicit = json.loads(run_cli(["ask", square_video, QUESTION, "--model", checkpoints["qwen"], "--frames", "4",
+    explicit = json.loads(run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints["qwen"], "--frames", "4",
                                    "--max-new-tokens", "1", "--json", "--device-map", "none"]).stdout)
     assert explicit["parameters"]["sampling"] is None and explicit["stats"]["tokens"]["frames"] == 4
-
-
-# --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_llava):
-    return {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("defaults-qwen")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("defaults-smol")),
-    }
-
-
-@pytest.fixture(scope="module")
-def adapters(checkpoints):
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in checkpoints.items()}

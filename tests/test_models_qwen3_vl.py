@@ -14,7 +14,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 
 from conftest import assert_one_line_error
 from vidqa import engine, flops
-from vidqa.errors import BadInput
 from vidqa.models import load_model
 from vidqa.models.qwen3_vl import frame_pixel_budget
 from vidqa.pruning.compat import cache_keyword, returned_cache

@@ -20,11 +20,9 @@ from vidqa.models import load_model
 from vidqa.pruning.decoder import DecoderPruning, Selection
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
 
 QUESTION = "what happens in this video ?"
-FRAMES = {"qwen": 8, "smol": 4}  # Qwen: 8 frames = 4 temporal patches x 16 tokens; SmolVLM: 4 x 16
+FRAMES = {"qwen": 8, "smol": 4}  # as FAMILY_FRAMES: Qwen 8 frames = 4 temporal patches x 16 tokens; SmolVLM 4 x 16
 # the repo's identity settings (tests/test_pruning_engine.py, test_sparsevlm.py, test_adatp.py)
 IDENTITY = {
     "fastv": ([], 1.0),
@@ -32,24 +30,6 @@ IDENTITY = {
     "sparsevlm": ([], 1.0),
     "adatp": (["tau_l=1.01"], 1.0),
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")),
-    }
-
-
-@pytest.fixture(scope="module")
-def adapters(checkpoints):
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
 
 
 def ask(adapter, clip, pruner=NO_PRUNING, max_new_tokens=6):
@@ -71,8 +51,8 @@ def prepare(adapter, clip, pruner=NO_PRUNING):
 
 
 @pytest.mark.parametrize("family", ["qwen", "smol"])
-def test_visual_tokens_grid(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+def test_visual_tokens_grid(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
     frames = 4  # Qwen: 8 frames = 4 temporal patches (2 frames each); SmolVLM: 4 frames
@@ -85,9 +65,9 @@ def test_visual_tokens_grid(adapters, clips, family):
 
 
 @pytest.mark.parametrize("family", ["qwen", "smol"])
-def test_none_matches_the_models_own_generate(adapters, clips, family):
+def test_none_matches_the_models_own_generate(family_adapters, family_clips, family):
     """Our path (encoder output fed back, explicit positions) = transformers' own path."""
-    adapter, clip = adapters[family], clips[family]
+    adapter, clip = family_adapters[family], family_clips[family]
     ours = ask(adapter, clip, max_new_tokens=8)
     prompt = adapter.prompt_for_clip(clip, QUESTION)
     if family == "qwen":
@@ -102,8 +82,8 @@ def test_none_matches_the_models_own_generate(adapters, clips, family):
 
 @pytest.mark.parametrize("preset", sorted(IDENTITY))
 @pytest.mark.parametrize("family", ["qwen", "smol"])
-def test_identity_settings_match_none(adapters, clips, family, preset):
-    adapter, clip = adapters[family], clips[family]
+def test_identity_settings_match_none(family_adapters, family_clips, family, preset):
+    adapter, clip = family_adapters[family], family_clips[family]
     reference = ask(adapter, clip)
     params, keep = IDENTITY[preset]
     pruned = ask(adapter, clip, build_pruner(load_preset(preset, params), adapter, keep=keep))
@@ -125,8 +105,8 @@ def unpruned_positions(adapter, prompt) -> torch.Tensor:
     return positions  # (3, 1, N)
 
 
-def test_qwen_pre_llm_positions_are_the_unpruned_ones(adapters, clips):
-    adapter, clip = adapters["qwen"], clips["qwen"]
+def test_qwen_pre_llm_positions_are_the_unpruned_ones(family_adapters, family_clips):
+    adapter, clip = family_adapters["qwen"], family_clips["qwen"]
     pruner = build_pruner(load_preset("adatp", ["tau_l=0.5"]), adapter)  # dedup drops tokens before the LLM
     prompt, inputs, state = prepare(adapter, clip, pruner)
     tokens = state.llm_tokens
@@ -148,9 +128,9 @@ def test_qwen_pre_llm_positions_are_the_unpruned_ones(adapters, clips):
     assert adapter.model.model.rope_deltas.item() == int(full.max()) + 1 - len(ids)
 
 
-def test_qwen_in_llm_position_embeddings_are_the_unpruned_rows(adapters, clips):
+def test_qwen_in_llm_position_embeddings_are_the_unpruned_rows(family_adapters, family_clips):
     """After FastV drops tokens at layer K, layer K's rotary tables are the unpruned ones at the kept columns."""
-    adapter, clip = adapters["qwen"], clips["qwen"]
+    adapter, clip = family_adapters["qwen"], family_clips["qwen"]
     pruner = build_pruner(load_preset("fastv"), adapter, keep=0.5)
     prompt, inputs, state = prepare(adapter, clip, pruner)
     manager = pruner.inside_llm(inputs, state)
@@ -174,10 +154,10 @@ def test_qwen_in_llm_position_embeddings_are_the_unpruned_rows(adapters, clips):
     assert torch.allclose(seen["cos_sin"][0], cos) and torch.allclose(seen["cos_sin"][1], sin)
 
 
-def test_qwen_decode_continues_the_unpruned_positions(adapters, clips):
+def test_qwen_decode_continues_the_unpruned_positions(family_adapters, family_clips):
     """Logits of the first decoded tokens of a pruned run = a reference with explicit positions
     that continue the UNPRUNED sequence (and differ from positions continuing the pruned length)."""
-    adapter, clip = adapters["qwen"], clips["qwen"]
+    adapter, clip = family_adapters["qwen"], family_clips["qwen"]
     model = adapter.model
     prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
@@ -215,11 +195,11 @@ def test_qwen_decode_continues_the_unpruned_positions(adapters, clips):
     assert not torch.allclose(generated[1:], reference(length)[1:], atol=1e-4)
 
 
-def test_qwen_recomputed_attention_rows_equal_eager(checkpoints, adapters, clips):
+def test_qwen_recomputed_attention_rows_equal_eager(family_checkpoints, family_adapters, family_clips):
     """The in-LLM scorers' attention rows under M-RoPE = eager attention's."""
-    sdpa = adapters["qwen"]
-    eager = load_model(str(checkpoints["qwen"]), device="cpu", dtype="float32", attn="eager")
-    _, inputs, state = prepare(sdpa, clips["qwen"])
+    sdpa = family_adapters["qwen"]
+    eager = load_model(str(family_checkpoints["qwen"]), device="cpu", dtype="float32", attn="eager")
+    _, inputs, state = prepare(sdpa, family_clips["qwen"])
     seen = {}
 
     class Probe:
@@ -241,8 +221,8 @@ def test_qwen_recomputed_attention_rows_equal_eager(checkpoints, adapters, clips
 # --- SmolVLM2: per-frame spans --------------------------------------------------------------
 
 
-def test_smolvlm_pre_llm_pruning_keeps_every_text_token(adapters, clips):
-    adapter, clip = adapters["smol"], clips["smol"]
+def test_smolvlm_pre_llm_pruning_keeps_every_text_token(family_adapters, family_clips):
+    adapter, clip = family_adapters["smol"], family_clips["smol"]
     pruner = build_pruner(load_preset("prunevid", ["positions=original"]), adapter)  # merges before the LLM
     prompt, inputs, state = prepare(adapter, clip, pruner)
     image = adapter.image_token_id
@@ -262,8 +242,8 @@ def test_smolvlm_pre_llm_pruning_keeps_every_text_token(adapters, clips):
     assert torch.equal(positions[inputs.visual_rows], state.llm_tokens.seq_index)
 
 
-def test_smolvlm_in_llm_pruning_touches_only_visual_rows(adapters, clips):
-    adapter, clip = adapters["smol"], clips["smol"]
+def test_smolvlm_in_llm_pruning_touches_only_visual_rows(family_adapters, family_clips):
+    adapter, clip = family_adapters["smol"], family_clips["smol"]
     pruner = build_pruner(load_preset("fastv"), adapter, keep=0.5)
     prompt, inputs, state = prepare(adapter, clip, pruner)
     manager = pruner.inside_llm(inputs, state)
@@ -291,9 +271,9 @@ def test_smolvlm_in_llm_pruning_touches_only_visual_rows(adapters, clips):
     assert len(survivors) - len(text_rows) == manager.budgets[bound.layer] < len(image_rows)
 
 
-def test_smolvlm_tokens_out_of_frame_order_go_to_their_own_frames(adapters, clips):
+def test_smolvlm_tokens_out_of_frame_order_go_to_their_own_frames(family_adapters, family_clips):
     """Tokens handed over in any order land in their frame's span; stages see rows and meta aligned."""
-    adapter, clip = adapters["smol"], clips["smol"]
+    adapter, clip = family_adapters["smol"], family_clips["smol"]
     prompt = adapter.prompt_for_clip(clip, QUESTION)
     tokens = adapter.encode_video(prompt)
     shuffled = tokens.select(torch.arange(len(tokens)).flip(0)[::3].contiguous())
@@ -324,8 +304,8 @@ def test_smolvlm_tokens_out_of_frame_order_go_to_their_own_frames(adapters, clip
 
 @pytest.mark.parametrize("preset", ["fastv", "prunevid", "sparsevlm", "adatp"])
 @pytest.mark.parametrize("family", ["qwen", "smol"])
-def test_each_preset_end_to_end(run_cli, checkpoints, square_video, family, preset):
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints[family], "--frames", FRAMES[family],
+def test_each_preset_end_to_end(run_cli, family_checkpoints, square_video, family, preset):
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints[family], "--frames", FRAMES[family],
                       "--max-new-tokens", "2", "--prune", preset, "--keep", "0.5", "--json"])
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
@@ -335,8 +315,8 @@ def test_each_preset_end_to_end(run_cli, checkpoints, square_video, family, pres
     assert record["stats"]["flops"]["paper_fraction"] < 1
 
 
-def test_qwen_max_pixels(run_cli, checkpoints, square_video):
-    base = ["ask", square_video, QUESTION, "--model", checkpoints["qwen"], "--frames", "8", "--max-new-tokens", "1"]
+def test_qwen_max_pixels(run_cli, family_checkpoints, square_video):
+    base = ["ask", square_video, QUESTION, "--model", family_checkpoints["qwen"], "--frames", "8", "--max-new-tokens", "1"]
     result = run_cli(base + ["--max-pixels", "3136", "--json"])  # 56 x 56: 2x2 tokens per temporal patch
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
@@ -345,8 +325,8 @@ def test_qwen_max_pixels(run_cli, checkpoints, square_video):
     assert_one_line_error(run_cli(base + ["--max-pixels", "100"]), "--max-pixels", "784")
 
 
-def test_max_pixels_is_refused_for_fixed_size_families(run_cli, checkpoints, square_video):
-    result = run_cli(["ask", square_video, QUESTION, "--model", checkpoints["smol"], "--max-pixels", "50000"])
+def test_max_pixels_is_refused_for_fixed_size_families(run_cli, family_checkpoints, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", family_checkpoints["smol"], "--max-pixels", "50000"])
     assert_one_line_error(result, "--max-pixels", "SmolVLM2")
 
 
@@ -364,23 +344,23 @@ def test_models_command(run_cli):
 # --- FLOPs ----------------------------------------------------------------------------------
 
 
-def test_flops_shapes_from_both_configs(adapters):
-    qwen_llm, qwen_vision = flops.shapes_from_model_config(adapters["qwen"].model.config)
+def test_flops_shapes_from_both_configs(family_adapters):
+    qwen_llm, qwen_vision = flops.shapes_from_model_config(family_adapters["qwen"].model.config)
     assert (qwen_llm.num_layers, qwen_llm.hidden, qwen_llm.num_heads, qwen_llm.num_kv_heads, qwen_llm.head_dim) == (4, 64, 4, 2, 16)
     assert qwen_vision is None  # dynamic-resolution windowed ViT: not modelled, reported as 0
-    smol_llm, smol_vision = flops.shapes_from_model_config(adapters["smol"].model.config)
+    smol_llm, smol_vision = flops.shapes_from_model_config(family_adapters["smol"].model.config)
     assert (smol_llm.num_layers, smol_llm.num_kv_heads, smol_llm.intermediate) == (4, 2, 128)
     assert smol_vision.tokens_per_image == 64 and smol_vision.projector == "linear"
 
 
-def test_smolvlm_vision_flops_match_flop_counter(adapters, clips):
-    adapter = adapters["smol"]
-    prompt = adapter.build_prompt(clips["smol"].frames, clips["smol"].timestamps, QUESTION)
+def test_smolvlm_vision_flops_match_flop_counter(family_adapters, family_clips):
+    adapter = family_adapters["smol"]
+    prompt = adapter.build_prompt(family_clips["smol"].frames, family_clips["smol"].timestamps, QUESTION)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         adapter.encode_video(prompt)
     llm, vision = flops.shapes_from_model_config(adapter.model.config)
     analytic = flops.vision_encoder_macs(vision, FRAMES["smol"], projector_hidden=llm.hidden)
     assert abs(counter.get_total_flops() - flops.macs_to_flops(analytic)) / flops.macs_to_flops(analytic) < 0.02
-    answer = ask(adapter, clips["smol"], max_new_tokens=1)
+    answer = ask(adapter, family_clips["smol"], max_new_tokens=1)
     assert answer.stats.flops.vision_encoder_macs == analytic
-    assert ask(adapters["qwen"], clips["qwen"], max_new_tokens=1).stats.flops.vision_encoder_macs == 0
+    assert ask(family_adapters["qwen"], family_clips["qwen"], max_new_tokens=1).stats.flops.vision_encoder_macs == 0

@@ -8,14 +8,10 @@ import pytest
 import torch
 
 from vidqa import engine
-from vidqa.models import load_model
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.session import VideoSession, prefix_reusable
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
 
 QUESTIONS = ["what happens in this video ?", "which colour is the square ?", "is it moving left or right ?"]
-FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
 GENERATION = engine.GenerationOptions(max_new_tokens=8)
 # (family, preset, keep): none and EVS (original positions) everywhere; VidCom2 compacts the
 # positions (positions: compact), which matters for 1-D RoPE
@@ -26,28 +22,13 @@ CASES.append(("llava", "vidcom2", 0.5))
 CASES += [(family, preset, 0.3) for family in ("llava", "qwen", "smol") for preset in ("visionzip", "fastvid")]
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_llava, tmp_path_factory):
-    paths = {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("session-qwen")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("session-smol")),
-    }
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
-
-
 def pruner_for(adapter, preset, keep):
     return build_pruner(load_preset(preset), adapter, keep=keep)
 
 
 @pytest.mark.parametrize("family,preset,keep", CASES)
-def test_reused_prefix_answers_are_token_identical(adapters, clips, family, preset, keep):
-    adapter, clip = adapters[family], clips[family]
+def test_reused_prefix_answers_are_token_identical(family_adapters, family_clips, family, preset, keep):
+    adapter, clip = family_adapters[family], family_clips[family]
     pruner = pruner_for(adapter, preset, keep)
     expected = [engine.answer(adapter, clip, q, GENERATION, pruner=pruner) for q in QUESTIONS]
     session = VideoSession(adapter, clip, pruner, GENERATION)
@@ -67,8 +48,8 @@ def test_reused_prefix_answers_are_token_identical(adapters, clips, family, pres
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_prepare_prefills_before_the_first_question(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+def test_prepare_prefills_before_the_first_question(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     session = VideoSession(adapter, clip, generation=GENERATION)
     cost = session.prepare()
     assert cost.time.video_prefill_s > 0 and cost.tokens.visual_tokens_after == cost.tokens.visual_tokens_before
@@ -78,8 +59,8 @@ def test_prepare_prefills_before_the_first_question(adapters, clips, family):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "smol"])
-def test_history_matches_the_multi_turn_prompt(adapters, clips, family):
-    adapter, clip = adapters[family], clips[family]
+def test_history_matches_the_multi_turn_prompt(family_adapters, family_clips, family):
+    adapter, clip = family_adapters[family], family_clips[family]
     pruner = pruner_for(adapter, "evs", 0.5)
     session = VideoSession(adapter, clip, pruner, GENERATION, history=True)
     turns = []
@@ -92,15 +73,15 @@ def test_history_matches_the_multi_turn_prompt(adapters, clips, family):
     assert got.stats.prefix_reused and got.stats.tokens.llm_prompt_tokens == expected.stats.tokens.llm_prompt_tokens
 
 
-def test_history_prompt_holds_the_earlier_turns(adapters, clips):
-    adapter, clip = adapters["llava"], clips["llava"]
+def test_history_prompt_holds_the_earlier_turns(family_adapters, family_clips):
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     prompt = adapter.build_prompt(clip.frames, clip.timestamps, "is it red ?", history=(("what colour ?", "blue"),))
     assert prompt.text.index("what colour ?") < prompt.text.index("blue") < prompt.text.index("is it red ?")
     assert prompt.text.count("<|im_start|>user") == 2 and prompt.text.count("<|im_start|>assistant") == 2
 
 
-def test_in_llm_presets_are_not_reused_but_answer_the_same(adapters, clips):
-    adapter, clip = adapters["llava"], clips["llava"]
+def test_in_llm_presets_are_not_reused_but_answer_the_same(family_adapters, family_clips):
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     pruner = pruner_for(adapter, "fastv", None)
     assert not prefix_reusable(pruner) and prefix_reusable(pruner_for(adapter, "evs", 0.5))
     session = VideoSession(adapter, clip, pruner, GENERATION)
@@ -110,9 +91,9 @@ def test_in_llm_presets_are_not_reused_but_answer_the_same(adapters, clips):
     assert got[1].stats.time.vision_encoder_s < got[0].stats.time.vision_encoder_s  # still encoded once
 
 
-def test_a_different_prefix_is_prefilled_in_full(adapters, clips):
+def test_a_different_prefix_is_prefilled_in_full(family_adapters, family_clips):
     """If a prompt's prefix rows ever differ from the cached ones, the cache is not used."""
-    adapter, clip = adapters["llava"], clips["llava"]
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     session = VideoSession(adapter, clip, generation=GENERATION)
     session.ask(QUESTIONS[0])
     session.prefix.ids = session.prefix.ids.clone()
@@ -122,8 +103,8 @@ def test_a_different_prefix_is_prefilled_in_full(adapters, clips):
     assert got.text == engine.answer(adapter, clip, QUESTIONS[1], GENERATION).text
 
 
-def test_the_cached_prefix_is_never_written(adapters, clips):
-    adapter, clip = adapters["qwen"], clips["qwen"]
+def test_the_cached_prefix_is_never_written(family_adapters, family_clips):
+    adapter, clip = family_adapters["qwen"], family_clips["qwen"]
     session = VideoSession(adapter, clip, generation=GENERATION)
     session.prepare()
     cache = session.prefix.cache
@@ -164,10 +145,10 @@ def test_batch_rows_sharing_a_video_reuse_its_prefix(run_cli, tiny_llava, square
         assert asked.stdout.strip() == record["answer"], record["id"]
 
 
-def test_a_cached_encoding_without_vision_attention_is_redone_for_a_preset_that_reads_it(adapters, clips):
+def test_a_cached_encoding_without_vision_attention_is_redone_for_a_preset_that_reads_it(family_adapters, family_clips):
     """batch shares one encoding per clip across presets: `none` encodes first, without the
     encoder attention VisionZip reads; VisionZip's session must encode again, not fail."""
-    adapter, clip = adapters["llava"], clips["llava"]
+    adapter, clip = family_adapters["llava"], family_clips["llava"]
     shared: dict = {}
     VideoSession(adapter, clip, pruner_for(adapter, "none", None), GENERATION, encoded_cache=shared).ask(QUESTIONS[0])
     assert "vision_attention" not in shared[id(clip)].meta
@@ -177,11 +158,11 @@ def test_a_cached_encoding_without_vision_attention_is_redone_for_a_preset_that_
     assert got.text == engine.answer(adapter, clip, QUESTIONS[0], GENERATION, pruner=pruner).text
 
 
-def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(adapters):
+def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(family_adapters):
     from dataclasses import fields
     from dataclasses import replace as replace_field
 
-    pruner = pruner_for(adapters["llava"], "evs", 0.5)
+    pruner = pruner_for(family_adapters["llava"], "evs", 0.5)
     name, stage = pruner.preset.before_llm[0]
 
     class TextGuided(type(stage)):

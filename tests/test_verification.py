@@ -15,32 +15,13 @@ import torch
 
 from conftest import assert_one_line_error
 from vidqa import engine
-from vidqa.models import load_model
 from vidqa.pruning import decoder, verify
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.compat import TESTED_TRANSFORMERS, PruningMismatch, transformers_version
 from vidqa.pruning.verify import CHECKS, _cache_lengths
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
 
 QUESTION = "what happens in this video ?"
 PRESETS = ["none", "fastv", "prunevid", "sparsevlm", "adatp"]
-FRAMES = {"llava": 8, "qwen": 8, "smol": 4}
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_llava, tmp_path_factory):
-    paths = {
-        "llava": tiny_llava,
-        "qwen": build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("verify-qwen")),
-        "smol": build_tiny_smolvlm(tmp_path_factory.mktemp("verify-smol")),
-    }
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def clips(square_video):
-    return {name: load_clip(square_video, num_frames=count) for name, count in FRAMES.items()}
 
 
 def ask(adapter, clip, preset="none", params=(), max_new_tokens=3):
@@ -82,11 +63,11 @@ def assert_silent_without_the_check(monkeypatch, rerun):
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "smol"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_passes_verification_on_every_family(adapters, clips, family, preset):
-    result = ask(adapters[family], clips[family], preset)
+def test_every_preset_passes_verification_on_every_family(family_adapters, family_clips, family, preset):
+    result = ask(family_adapters[family], family_clips[family], preset)
     verified = result.stats.verified
     assert verified["transformers"] == transformers_version()
-    assert verified["layers"] == adapters[family].text_config.num_hidden_layers
+    assert verified["layers"] == family_adapters[family].text_config.num_hidden_layers
     in_llm = preset != "none"  # every shipped pruning preset has an in-LLM stage
     expected = [c for c in CHECKS if c != "stages" or in_llm]
     assert verified["checks"] == expected
@@ -95,10 +76,10 @@ def test_every_preset_passes_verification_on_every_family(adapters, clips, famil
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_data_dependent_budget_and_prune_cache_variants_pass(adapters, clips, family):
-    rank = ask(adapters[family], clips[family], "sparsevlm", ["budget=rank", "rank_lambda=0.5"])
+def test_data_dependent_budget_and_prune_cache_variants_pass(family_adapters, family_clips, family):
+    rank = ask(family_adapters[family], family_clips[family], "sparsevlm", ["budget=rank", "rank_lambda=0.5"])
     assert "stages" in rank.stats.verified["checks"]
-    no_cache_slicing = ask(adapters[family], clips[family], "prunevid", ["prune_cache=false"])
+    no_cache_slicing = ask(family_adapters[family], family_clips[family], "prunevid", ["prune_cache=false"])
     assert "kv_cache" in no_cache_slicing.stats.verified["checks"]
 
 
@@ -185,8 +166,8 @@ class ReplaceLLMInput:
         self.handle.remove()
 
 
-def test_features_not_scattered_into_the_prompt_stop_the_request(adapters, clips):
-    adapter = adapters["llava"]
+def test_features_not_scattered_into_the_prompt_stop_the_request(family_adapters, family_clips):
+    adapter = family_adapters["llava"]
     embed = adapter.language_model.get_input_embeddings()
 
     def placeholders_only(module, args, kwargs):  # the model embedded the ids and skipped the scatter
@@ -196,30 +177,30 @@ def test_features_not_scattered_into_the_prompt_stop_the_request(adapters, clips
         return args, kwargs
 
     with ReplaceLLMInput(adapter, placeholders_only), pytest.raises(PruningMismatch, match="visual features were not inserted"):
-        ask(adapter, clips["llava"], "prunevid")
+        ask(adapter, family_clips["llava"], "prunevid")
 
 
-def test_recomputed_qwen_positions_stop_the_request(adapters, clips):
+def test_recomputed_qwen_positions_stop_the_request(family_adapters, family_clips):
     """Qwen2.5-VL given no position ids computes its own from the pruned prompt: 1-D or wrong 3-D."""
-    adapter = adapters["qwen"]
+    adapter = family_adapters["qwen"]
 
     def drop_positions(module, args, kwargs):
         kwargs["position_ids"] = None
         return args, kwargs
 
     with ReplaceLLMInput(adapter, drop_positions), pytest.raises(PruningMismatch) as error:
-        ask(adapter, clips["qwen"], "adatp")
+        ask(adapter, family_clips["qwen"], "adatp")
     message = str(error.value)
     assert "did not receive the planned position ids" in message and "preset 'adatp'" in message
     assert "\n" not in message and re.search(r"transformers \d+\.\d+", message)
 
 
-def test_an_unreadable_cache_fails_only_where_pruning_needs_it(adapters, clips, monkeypatch):
+def test_an_unreadable_cache_fails_only_where_pruning_needs_it(family_adapters, family_clips, monkeypatch):
     monkeypatch.setattr(verify, "_cache_lengths", lambda cache, num_layers: None)
-    plain = ask(adapters["smol"], clips["smol"], "none")
+    plain = ask(family_adapters["smol"], family_clips["smol"], "none")
     assert "kv_cache" not in plain.stats.verified["checks"]
     with pytest.raises(PruningMismatch, match="KV cache could not be read"):
-        ask(adapters["smol"], clips["smol"], "fastv")
+        ask(family_adapters["smol"], family_clips["smol"], "fastv")
 
 
 def test_cache_lengths_reads_layers_and_refuses_other_layouts():
