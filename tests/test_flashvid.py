@@ -140,7 +140,7 @@ def test_tstm_lower_bound_raises_the_threshold():
 
 
 def test_selected_tokens_never_anchor_a_merge():
-    features = torch.randn(1, 4, 6).repeat(2, 1, 1)
+    features = torch.eye(4, 6).expand(2, 4, 6)  # orthogonal tokens, so each matches only its own copy
     free = torch.ones(2, 4, dtype=torch.bool)
     free[0, 1] = False  # frame 0's token 1 was selected by ADTS: frame 1's copy must not merge into it
     tree = tstm(features, free, 0.8, lower_bound=0)
