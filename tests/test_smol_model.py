@@ -21,7 +21,7 @@ import pytest
 import transformers
 import torch
 
-from vidqa.micro import world
+from vidqa.micro import train_smol, world
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
@@ -66,19 +66,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _old_transformers() -> bool:
-    from vidqa.micro.train_smol import MIN_TRANSFORMERS
-
-    return tuple(int(p) for p in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS
-
-
-TRAINS = pytest.mark.skipif(_old_transformers(), reason="train_smol needs transformers >= 5.24 (older "
+TRAINS = pytest.mark.skipif(train_smol.transformers_too_old(), reason="train_smol needs transformers >= 5.24 (older "
                                                         "SmolVLMProcessor releases drop the answers from training chats)")
 
 
 def test_training_refuses_transformers_that_drop_the_answers(monkeypatch, tmp_path):
-    from vidqa.micro import train_smol
-
     monkeypatch.setattr(transformers, "__version__", "5.18.0")
     with pytest.raises(RuntimeError, match="needs transformers >= 5.24"):
         train_smol.train(tmp_path, steps=1)

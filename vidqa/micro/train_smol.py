@@ -226,11 +226,16 @@ class UnsupportedTransformers(RuntimeError):
     """The installed transformers cannot build correct training chats (MIN_TRANSFORMERS)."""
 
 
+def transformers_too_old() -> bool:
+    import transformers
+
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS
+
+
 def check_transformers() -> None:
     import transformers
 
-    found = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    if found < MIN_TRANSFORMERS:
+    if transformers_too_old():
         raise UnsupportedTransformers(f"training the SmolLM2 benchmark model needs transformers >= "
                            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): older "
                            "SmolVLMProcessor releases drop the answers from the training chats")
