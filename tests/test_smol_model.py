@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import transformers
 import torch
 
 from vidqa.micro import train_smol, world
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
 START_TYPES = ("square_start", "background_start", "corner_start")
 END_TYPES = ("square_end", "background_end")
 BEHAVIOUR_CLIPS = 12  # x 9 question types; the committed weights miss 3 of these 108 (0.972)
@@ -53,13 +48,8 @@ def assembled(llm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("vidqa_bench_micro_accuracy_smol", ACCURACY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def acc(load_script):
+    return load_script("benchmarks/micro/accuracy.py")
 
 
 def _sha(path: Path) -> str:
@@ -71,10 +61,15 @@ TRAINS = pytest.mark.skipif(train_smol.transformers_too_old(), reason="train_smo
 
 
 def test_training_refuses_transformers_that_drop_the_answers(monkeypatch, tmp_path):
-    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    # the installed distribution's version (as the engine reads it), not the `transformers` module
+    # object: building a processor can swap sys.modules["transformers"] for a new module object
+    monkeypatch.setattr(train_smol, "transformers_version", lambda: "5.18.0")
     with pytest.raises(RuntimeError, match="needs transformers >= 5.24"):
         train_smol.train(tmp_path, steps=1)
     assert train_smol.main(["--out", str(tmp_path), "--steps", "1"]) == 2
+    for allowed in ("5.24.0", "5.30.1", "6.0.0"):
+        monkeypatch.setattr(train_smol, "transformers_version", lambda v=allowed: v)
+        assert not train_smol.transformers_too_old()
 
 
 @TRAINS
@@ -150,7 +145,8 @@ def test_assembly_is_bit_identical_and_merges_lora(assembled, tmp_path):
 def test_training_prompt_is_the_one_vidqa_ask_builds(assembled, tmp_path):
     """Same token ids from the training encoder and from the SmolVLM2 adapter on the decoded mp4."""
     from vidqa import engine
-    from vidqa.micro.train_smol import conversation, encode
+    from vidqa.micro.chat import conversation
+    from vidqa.micro.train_smol import encode
     from vidqa.models import load_model
 
     adapter = load_model(str(assembled), device="cpu", dtype="float32")

@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pruning.compat import transformers_version
 from . import world
+from .chat import conversation, reply_labels
 from .smol import (
     FRAMES,
     NEW_TOKENS,
@@ -101,16 +103,6 @@ def video_metadata(num_frames: int, fps: float = FPS) -> dict:
             "frames_indices": [i / fps for i in range(num_frames)], "duration": num_frames / fps}
 
 
-def conversation(turns: list[tuple[str, str | None]]) -> list[dict]:
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        content = ([{"type": "video"}] if i == 0 else []) + [{"type": "text", "text": question}]
-        messages.append({"role": "user", "content": content})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
 def encode(processor, texts: list[str], videos: list[np.ndarray]):
     return dict(processor(
         text=texts, videos=[[v] for v in videos], video_metadata=[video_metadata(len(v)) for v in videos],
@@ -122,20 +114,7 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """Labels = input_ids on each assistant reply (after 'Assistant:' up to and including its
     <end_of_utterance>), -100 elsewhere."""
     marker = tokenizer("\nAssistant:", add_special_tokens=False)["input_ids"][1:]  # ['Ass', 'istant', ':']
-    end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    labels = torch.full_like(input_ids, -100)
-    m = len(marker)
-    for row in range(input_ids.shape[0]):
-        ids = input_ids[row].tolist()
-        inside = False
-        for j, token in enumerate(ids):
-            if inside:
-                labels[row, j] = token
-                inside = token != end
-            elif j >= m and ids[j - m : j] == marker:
-                labels[row, j] = token
-                inside = token != end
-    return labels
+    return reply_labels(input_ids, marker, tokenizer.convert_tokens_to_ids("<end_of_utterance>"))
 
 
 def video_batch(rng, batch: int, num_frames: int, processor, emphasis: dict[str, float] | None = None):
@@ -227,17 +206,13 @@ class UnsupportedTransformers(RuntimeError):
 
 
 def transformers_too_old() -> bool:
-    import transformers
-
-    return tuple(int(part) for part in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS
+    return tuple(int(part) for part in transformers_version().split(".")[:2]) < MIN_TRANSFORMERS
 
 
 def check_transformers() -> None:
-    import transformers
-
     if transformers_too_old():
         raise UnsupportedTransformers(f"training the SmolLM2 benchmark model needs transformers >= "
-                           f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): older "
+                           f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers_version()}): older "
                            "SmolVLMProcessor releases drop the answers from the training chats")
 
 
