@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import world
+from .chat import conversation, reply_labels
 from .model import build_micro_model, save_checkpoint, size_dict
 
 TEXT_WORDS = tuple(w for w in world.VOCABULARY if w not in ("?", ".", ","))
@@ -72,36 +73,11 @@ def frames_for_step(
     return world.NUM_FRAMES
 
 
-def _conversation(turns: list[tuple[str, str]], video: bool) -> list[dict]:
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        content = ([{"type": "video"}] if video and i == 0 else []) + [{"type": "text", "text": question}]
-        messages.append({"role": "user", "content": content})
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
 def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """Labels = input_ids on each assistant reply (after '<|im_start|> assistant', up to and
     including its '<|im_end|>'), -100 everywhere else."""
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assistant = tokenizer.convert_tokens_to_ids("assistant")
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    labels = torch.full_like(input_ids, -100)
-    for row in range(input_ids.shape[0]):
-        ids = input_ids[row].tolist()
-        inside = False
-        for j, token in enumerate(ids):
-            if inside:
-                labels[row, j] = token
-                if token == end:
-                    inside = False
-            elif j >= 2 and ids[j - 2] == start and ids[j - 1] == assistant:
-                inside = True
-                labels[row, j] = token
-                if token == end:
-                    inside = False
-    return labels
+    marker = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant"])
+    return reply_labels(input_ids, marker, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
 def text_batch(rng: np.random.Generator, batch: int, processor, turns: int = 4):
@@ -118,7 +94,7 @@ def text_batch(rng: np.random.Generator, batch: int, processor, turns: int = 4):
             else:
                 question = templates[int(rng.integers(len(templates)))]
             chat.append((question, question.split()[-2]))
-        texts.append(processor.apply_chat_template(_conversation(chat, video=False)))
+        texts.append(processor.apply_chat_template(conversation(chat, video=False)))
     inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
     inputs = dict(inputs)
     inputs["labels"] = answer_labels(inputs["input_ids"], processor.tokenizer)
@@ -128,7 +104,7 @@ def text_batch(rng: np.random.Generator, batch: int, processor, turns: int = 4):
 def video_batch(rng: np.random.Generator, batch: int, num_frames: int, processor):
     """`batch` fresh clips of `num_frames` frames, each as one multi-turn chat."""
     clips = [world.make_clip(rng, num_frames) for _ in range(batch)]
-    texts = [processor.apply_chat_template(_conversation(world.training_chat(c, rng), video=True)) for c in clips]
+    texts = [processor.apply_chat_template(conversation(world.training_chat(c, rng))) for c in clips]
     inputs = dict(processor(text=texts, videos=[c.frames for c in clips], padding=True, return_tensors="pt"))
     inputs["labels"] = answer_labels(inputs["input_ids"], processor.tokenizer)
     return inputs
