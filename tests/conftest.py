@@ -5,7 +5,10 @@ Nothing here touches the network: HF_HUB_OFFLINE is set before transformers is i
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +21,31 @@ from typer.testing import CliRunner  # noqa: E402
 from vidqa.synthetic import moving_square_frames, write_video  # noqa: E402
 from vidqa.testing import build_tiny_llava_onevision  # noqa: E402
 from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """`load("benchmarks/prefill.py")` -> that script (not in a package) imported as a module,
+    once per session, registered in sys.modules while the session runs (dataclasses and pickling
+    look a module up by name)."""
+    loaded: dict[str, object] = {}
+
+    def load(relative: str):
+        if relative not in loaded:
+            name = "vidqa_script_" + "_".join(Path(relative).with_suffix("").parts)
+            spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            loaded[relative] = module
+        return loaded[relative]
+
+    yield load
+    for module in loaded.values():
+        sys.modules.pop(module.__name__, None)
+
 
 # the three families a preset's end-to-end tests run on, by their test-id names
 FAMILY_BUILDERS = {"llava": build_tiny_llava_onevision, "qwen": build_tiny_qwen2_5_vl, "smol": build_tiny_smolvlm}

@@ -5,26 +5,17 @@ Structure only: a benchmark measures, a test never asserts on timings.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill.py"
 PRESETS = ("fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2")
 KEEPS = (0.1, 0.5)
 
 
 @pytest.fixture(scope="module")
-def prefill_bench():
-    spec = importlib.util.spec_from_file_location("vidqa_bench_prefill", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def prefill_bench(load_script):
+    return load_script("benchmarks/prefill.py")
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +91,9 @@ def test_plot_is_written(bench_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reuse_benchmark_runs_and_reports_identical_answers(tiny_llava, square_video, tmp_path):
+def test_reuse_benchmark_runs_and_reports_identical_answers(tiny_llava, square_video, tmp_path, load_script):
     """benchmarks/reuse.py end to end on the tiny model: structure and answer identity, no timings."""
-    spec = importlib.util.spec_from_file_location("vidqa_bench_reuse", BENCH.parent / "reuse.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/reuse.py")
     out = tmp_path / "reuse-out"
     results = module.main(["--model", str(tiny_llava), "--video", str(square_video), "--frames", "4",
                            "--questions", "3", "--presets", "none,evs", "--keep", "0.5", "--decode-tokens", "2",

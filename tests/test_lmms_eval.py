@@ -22,7 +22,6 @@ import pytest
 from vidqa.micro import world
 
 ROOT = Path(__file__).resolve().parents[1]
-HELDOUT = ROOT / "benchmarks" / "micro" / "heldout.py"
 CLIPS = (0, 1, 2)
 TYPES = ("square_end", "direction", "circle")
 # the same answer-changing options on both sides
@@ -94,12 +93,10 @@ def process_results(doc, results):
 
 
 @pytest.fixture(scope="module")
-def local_task(tmp_path_factory):
+def local_task(tmp_path_factory, load_script):
     """-> (include dir for --include_path, questions CSV for vidqa batch, the ids in doc_id order)."""
     folder = tmp_path_factory.mktemp("lmms_task")
-    spec = importlib.util.spec_from_file_location("vidqa_bench_micro_heldout", HELDOUT)
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
+    heldout = load_script("benchmarks/micro/heldout.py")
     csv_path = heldout.generate(folder / "heldout", list(CLIPS), types=TYPES)
     docs = []
     for row in heldout.read_questions(csv_path):

@@ -9,10 +9,8 @@ The held-out subsets are generated from the seed in tmp_path (cheap), never comm
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +20,14 @@ import torch
 from vidqa.micro import CHECKPOINT as MICRO_CHECKPOINT
 from vidqa.micro import world
 
-ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or MICRO_CHECKPOINT)
-ACCURACY = ROOT / "benchmarks" / "micro" / "accuracy.py"
 START_TYPES = ("square_start", "background_start")
 END_TYPES = ("square_end", "background_end")
 
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("vidqa_bench_micro_accuracy", ACCURACY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses / pickling look the module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def acc(load_script):
+    return load_script("benchmarks/micro/accuracy.py")
 
 
 def checkpoint() -> Path:

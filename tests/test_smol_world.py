@@ -100,20 +100,15 @@ def test_emphasis_flag_rejects_unknown_types_and_bad_weights():
             parse_emphasis(bad)
 
 
-def test_attention_bias_counts_the_top_tokens_per_eighth():
+def test_attention_bias_counts_the_top_tokens_per_eighth(load_script):
     """benchmarks/micro/attention_bias.py: planted scores land in the eighths they were put in,
     and AdaTP's frame debiasing spreads a per-frame trend."""
-    import importlib.util
-    from pathlib import Path
 
     import torch
 
     from vidqa.pruning.stages.adatp import frame_debiased_scores
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "attention_bias.py"
-    spec = importlib.util.spec_from_file_location("vidqa_bench_attention_bias", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/micro/attention_bias.py")
     scores = torch.rand(128, generator=torch.Generator().manual_seed(0))
     scores[112:] += 10.0  # the last frame wins
     counts = module.top_eighths(scores)
