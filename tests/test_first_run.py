@@ -215,7 +215,13 @@ def test_ctrl_c_exits_130_quietly(delay):
     out, err = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip("the answer came before the signal (a very fast machine)")
-    assert process.returncode == 130, err
+    if process.returncode == -signal.SIGINT:
+        # The signal landed after Python restored SIGINT's default action in its own shutdown
+        # (the last ~0.8 s of torch teardown): killed by SIGINT, which a shell reports as 130 too.
+        # Only acceptable once the answer is out.
+        assert out.strip(), f"killed by SIGINT before answering: {err}"
+    else:
+        assert process.returncode == 130, err
     assert "Traceback" not in err and len(error_lines(err)) <= 1
 
 

@@ -39,3 +39,8 @@ def main() -> None:
         run()
     except KeyboardInterrupt:
         interrupted()
+    finally:
+        # Leaving (the command's SystemExit or a return): the interpreter's shutdown (torch's
+        # threads, atexit) can take a second, and a Ctrl-C there would otherwise kill the process
+        # by SIGINT after the answer was printed, instead of exiting 130.
+        signal.signal(signal.SIGINT, interrupted)
