@@ -50,6 +50,35 @@ DEFAULT_WORDS = (
 ).split()
 
 
+def qwen_tokenizer(words: list[str] | None = None, extra_words: list[str] = ()):
+    """The word-level tokenizer of the tiny Qwen-VL checkpoints (Qwen2.5-VL and Qwen3-VL)."""
+    return build_word_level_tokenizer(
+        QWEN_SPECIAL_TOKENS, "<|im_end|>", list(words or DEFAULT_WORDS) + list(extra_words),
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def qwen_text_config(tokenizer, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                     mrope_section: tuple[int, int, int], **rope_extra) -> dict:
+    """The tiny Qwen-VL LLM's config dict; M-RoPE's sections must cover head_dim / 2."""
+    head_dim = hidden // heads
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section),
+                            **rope_extra},
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_qwen2_5_vl(
     path: str | Path,
     *,
@@ -86,27 +115,12 @@ def build_tiny_qwen2_5_vl(
     )
 
     path = Path(path)
-    tokenizer = build_word_level_tokenizer(
-        QWEN_SPECIAL_TOKENS, "<|im_end|>", words or DEFAULT_WORDS,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tokenizer = qwen_tokenizer(words)
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = text_hidden // text_heads
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": text_hidden,
-        "intermediate_size": text_intermediate,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": text_heads,
-        "num_key_value_heads": text_kv_heads,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-    }
+    text_config = qwen_text_config(tokenizer, hidden=text_hidden, layers=text_layers, heads=text_heads,
+                                   kv_heads=text_kv_heads, intermediate=text_intermediate,
+                                   mrope_section=mrope_section)
+    text_config["bos_token_id"] = None
     vision_config = {
         "depth": vision_layers,
         "hidden_size": vision_hidden,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .testing import build_word_level_tokenizer, init_random_model, scale_weight_matrices
-from .testing_families import DEFAULT_WORDS, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
+from .testing import init_random_model, scale_weight_matrices
+from .testing_families import QWEN_CHAT_TEMPLATE, qwen_text_config, qwen_tokenizer
 
 # the timestamp text "<1.2 seconds>" splits into "<", "1", ".", "2", "seconds", ">"
 TIMESTAMP_WORDS = ["<", ">", "seconds"] + [str(n) for n in range(100)]
@@ -55,30 +55,12 @@ def build_tiny_qwen3_vl(
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     path = Path(path)
-    tokenizer = build_word_level_tokenizer(
-        QWEN_SPECIAL_TOKENS, "<|im_end|>", (words or DEFAULT_WORDS) + TIMESTAMP_WORDS,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tokenizer = qwen_tokenizer(words, TIMESTAMP_WORDS)
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = text_hidden // text_heads
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": text_hidden,
-        "intermediate_size": text_intermediate,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": text_heads,
-        "num_key_value_heads": text_kv_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
-            "rope_type": "default", "rope_theta": 10000.0,
-            "mrope_section": list(mrope_section), "mrope_interleaved": True,
-        },
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    text_config = qwen_text_config(tokenizer, hidden=text_hidden, layers=text_layers, heads=text_heads,
+                                   kv_heads=text_kv_heads, intermediate=text_intermediate,
+                                   mrope_section=mrope_section, mrope_interleaved=True)
+    text_config["head_dim"] = text_hidden // text_heads
     if moe:
         text_config.update(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
                            moe_intermediate_size=moe_intermediate, decoder_sparse_step=1, mlp_only_layers=[])
