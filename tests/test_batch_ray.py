@@ -126,3 +126,25 @@ def test_cli_batch_with_ray_writes_the_plain_records(cluster, run_cli, tasks_and
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert by_key(records) == by_key(plain_records(tasks, settings))
+
+
+def test_cli_batch_with_ray_draws_what_each_record_kept(cluster, run_cli, tasks_and_settings, tmp_path):
+    """--show-kept with --ray: the replicas draw each record's image into the folder (a local
+    cluster shares the filesystem), one PNG per record, named as a plain run names them."""
+    import json
+
+    from vidqa.show_kept import image_name
+
+    tasks, settings = tasks_and_settings
+    csv = tasks[0].row.video_path.parent / "q.csv"
+    output, images = tmp_path / "ray.jsonl", tmp_path / "kept"
+    result = run_cli(["batch", csv, "-o", output, "--model", settings.model, "--frames", "4", "--max-new-tokens", "3",
+                      "--prune", "evs", "--keep", "0.5", "--device", "cpu", "--dtype", "float32", "--ray", "local",
+                      "--show-kept", images])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 4 and not any(r.get("notes") for r in records)
+    expected = {image_name(r["id"], r["preset"], r["keep"]) for r in records}
+    drawn = {path.name for path in images.iterdir()}
+    assert drawn == expected
+    assert all((images / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in drawn)
