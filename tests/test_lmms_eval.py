@@ -103,7 +103,7 @@ def local_task(tmp_path_factory, load_script):
         options = list(world.ANSWERS[row["type"]])
         docs.append({
             "id": row["id"], "video": str((csv_path.parent / row["video"]).resolve()), "question": row["question"],
-            "options": options, "answer": string.ascii_uppercase[options.index(row["answer"])],
+            "options": options, "answer": string.ascii_uppercase[options.index(row["expected"])],
         })
     data = folder / "docs.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
@@ -154,7 +154,7 @@ def test_local_task_through_lmms_eval_matches_vidqa_batch(local_task, tmp_path, 
     for doc_id, sample in by_id.items():
         record = records[doc_id]
         response = sample["filtered_resps"]
-        assert (response if isinstance(response, str) else response[0]) == record["prediction"], doc_id
+        assert (response if isinstance(response, str) else response[0]) == record["answer"], doc_id
         assert sample["accuracy"] == float(bool(record["correct"])), doc_id
         logged = sample["token_counts"][0]["vidqa"]
         assert logged["error"] is None and logged["preset"] == PRESET and logged["keep"] == KEEP

@@ -175,7 +175,7 @@ class VidqaLMM(lmms):
             visual = doc_to_visual(self.task_dict[task][split][doc_id])
             record = self.answer(context, _video_path(visual, task, doc_id), gen_kwargs or {},
                                  record_id=f"{task}/{split}/{doc_id}", number=number)
-            text = _cut_at_stops(record.get("prediction") or "", (gen_kwargs or {}).get("until"))
+            text = _cut_at_stops(record.get("answer") or "", (gen_kwargs or {}).get("until"))
             sample = sample_stats(record)
             samples.append(sample)
             stats = record.get("stats") or {}
@@ -197,7 +197,7 @@ class VidqaLMM(lmms):
     # --- one request ---------------------------------------------------------------------------
 
     def answer(self, question: str, video: str, gen_kwargs: dict, record_id: str = "1", number: int = 1) -> dict:
-        """One question about one video -> the `vidqa batch` record (prediction, stats, error)."""
+        """One question about one video -> the `vidqa batch` record (answer, stats, error)."""
         self.runner.settings = dataclasses.replace(self.settings, generation=self._generation(gen_kwargs))
         row = batching.Row(number=number, line=0, id=record_id, video=video, video_path=Path(video),
                            question=question)
