@@ -40,7 +40,8 @@ def main() -> None:
     except KeyboardInterrupt:
         interrupted()
     finally:
-        # Leaving (the command's SystemExit or a return): the interpreter's shutdown (torch's
-        # threads, atexit) can take a second, and a Ctrl-C there would otherwise kill the process
-        # by SIGINT after the answer was printed, instead of exiting 130.
+        # Leaving (the command's SystemExit or a return): a Ctrl-C while the interpreter still
+        # runs Python code on its way out (atexit callbacks) exits 130 instead of printing a
+        # KeyboardInterrupt traceback. In the last part of shutdown Python has restored SIGINT's
+        # default action, so a Ctrl-C there kills the process by the signal (a shell shows 130).
         signal.signal(signal.SIGINT, interrupted)
