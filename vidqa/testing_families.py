@@ -12,6 +12,7 @@ they load through the same `from_pretrained` path users take. Nothing here downl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .testing import build_word_level_tokenizer, init_random_model, scale_weight_matrices
@@ -50,7 +51,7 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def qwen_tokenizer(words: list[str] | None = None, extra_words: list[str] = ()):
+def qwen_tokenizer(words: list[str] | None = None, extra_words: Sequence[str] = ()):
     """The word-level tokenizer of the tiny Qwen-VL checkpoints (Qwen2.5-VL and Qwen3-VL)."""
     return build_word_level_tokenizer(
         QWEN_SPECIAL_TOKENS, "<|im_end|>", list(words or DEFAULT_WORDS) + list(extra_words),
