@@ -9,7 +9,6 @@ authors' released methods (cokeshao/HoliTom) on seeded inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from conftest import FAMILY_FRAMES, ask_json, assert_one_line_error
 from vidqa import engine
 from vidqa.models import VisualTokens, load_model
 from vidqa.models.base import weighted_row_means
-from vidqa.pruning.decoder import DecoderPruning, Selection, _Prefill
+from vidqa.pruning.decoder import DecoderPruning, LayerContext, Selection, _Prefill
 from vidqa.pruning.holitom import holitom_merge, removable_counts, static_windows
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
@@ -59,8 +58,14 @@ def layer_context(hidden, visual, last_row_attention, budget, state):
     """What the decoder hands an in-LLM stage, with the last row's attention given."""
     probs = torch.zeros(last_row_attention.shape[0], 1, hidden.shape[1])
     probs[:, 0] = last_row_attention
-    return SimpleNamespace(visual_rows=visual, hidden=hidden, attention=lambda rows: probs, budget=budget,
-                           row_source=torch.arange(hidden.shape[1]), state=state, layer=3)
+
+    def attend(rows):
+        assert rows.tolist() == [hidden.shape[1] - 1]  # the last prompt row, exactly
+        return probs
+
+    return LayerContext(layer=3, hidden=hidden, visual_rows=visual, text_rows=torch.zeros(0, dtype=torch.long),
+                        visual_meta={}, embeddings=hidden, row_source=torch.arange(hidden.shape[1]), budget=budget,
+                        state=state, _attention=attend)
 
 
 # --- the released code's outputs ------------------------------------------------------------

@@ -10,9 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import assert_one_line_error
-from vidqa import flops
+from vidqa import engine, flops
 from vidqa.models import VisualTokens, load_model
-from vidqa.pruning.decoder import Selection
+from vidqa.pruning.decoder import LayerContext, Selection
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import RequestState
 from vidqa.pruning.stages.prunevid import SpatioTemporalMerge, top_k_per_group
@@ -124,6 +124,27 @@ def test_fastv_keeps_what_the_last_token_attends_to(tmp_path, clip):
     scores = attention[:, -1, inputs.visual_rows].mean(dim=0)
     expected = torch.topk(scores, 32).indices.sort().values
     assert torch.equal(selection.keep, expected)
+
+
+def test_fastv_in_bfloat16_past_256_rows(tiny_llava, square_video):
+    """Found on the first GPU run: FastV (and HoliTom) made the last row's number from the bf16
+    hidden states, where 267 rounds to 268, one past the end of a 268-row prompt (a CUDA index
+    assert; at other lengths it rounds down and silently scores another token)."""
+    bf16 = load_model(str(tiny_llava), device="cpu", dtype="bfloat16")
+    clip16 = load_clip(square_video, num_frames=16)
+    pruner = build_pruner(load_preset("fastv"), bf16)
+    result = engine.answer(bf16, clip16, QUESTION, engine.GenerationOptions(max_new_tokens=2), pruner=pruner)
+    last = result.stats.tokens.prompt_tokens - 1
+    assert torch.tensor(float(last), dtype=torch.bfloat16).item() > last  # the case that failed
+    assert result.stats.tokens.visual_tokens_per_layer[-1] < result.stats.tokens.visual_tokens_before
+
+
+def test_the_last_row_is_exact_whatever_the_dtype():
+    hidden = torch.zeros(1, 6295, 4, dtype=torch.bfloat16)
+    context = LayerContext(layer=2, hidden=hidden, visual_rows=torch.arange(6272), text_rows=torch.arange(6272, 6295),
+                           visual_meta={}, embeddings=hidden, row_source=torch.arange(6295), budget=0, state=None)
+    row = context.last_row()
+    assert row.dtype == torch.long and row.tolist() == [6294]
 
 
 def test_fastv_keeps_planted_tokens(adapter, clip):

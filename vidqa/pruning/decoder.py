@@ -65,6 +65,11 @@ class LayerContext:
         """(heads, r, n) attention probabilities of `query_rows` at layer K-1 (recomputed)."""
         return self._attention(query_rows)
 
+    def last_row(self) -> torch.Tensor:
+        """(1,) long: the last prompt row. Made as an integer tensor, never from `hidden`: in
+        bf16 a row number above 256 rounds (6294 -> 6304), an index past the end on a GPU."""
+        return torch.tensor([self.hidden.shape[1] - 1], device=self.hidden.device)
+
 
 @dataclass
 class _Prefill:

@@ -22,7 +22,6 @@ class LastTokenAttention(InsideLLM):
         return round(ratio * num_in)
 
     def select(self, context, ratio):
-        last_row = context.hidden.new_tensor([context.hidden.shape[1] - 1]).long()
-        probs = context.attention(last_row)  # (heads, 1, n)
+        probs = context.attention(context.last_row())  # (heads, 1, n)
         scores = probs.mean(dim=0)[0, context.visual_rows]  # (v,)
         return Selection(keep=top_k_sorted(scores, context.budget))

@@ -119,8 +119,7 @@ class SimilarityMerge(InsideLLM):
 
     def select(self, context, ratio):
         visual = context.visual_rows
-        last_row = context.hidden.new_tensor([context.hidden.shape[1] - 1]).long()
-        scores = context.attention(last_row).mean(dim=0)[0, visual]  # (v,)
+        scores = context.attention(context.last_row()).mean(dim=0)[0, visual]  # (v,)
         keep = top_k_sorted(scores, context.budget)
         dropped = torch.ones(len(visual), dtype=torch.bool, device=keep.device)
         dropped[keep] = False

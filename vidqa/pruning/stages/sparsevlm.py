@@ -152,7 +152,7 @@ class RaterAttentionPrune(InsideLLM):
         sources = torch.tensor(details["rater_rows"], dtype=torch.long, device=context.row_source.device)
         rows = current_rows(context, sources)
         if len(rows) == 0:  # no text after the video: fall back to the last row
-            rows = torch.tensor([context.hidden.shape[1] - 1], device=context.hidden.device)
+            rows = context.last_row()
         num_in = len(context.visual_rows)
         if num_in == 0:
             details["recycled"][str(context.layer)] = 0
