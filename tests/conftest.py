@@ -96,6 +96,27 @@ def assert_one_line_error(result: CliResult, *fragments: str, exit_code: int = 2
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def split_layers(adapter, first, second) -> dict:
+    """An accelerate device map: everything on `first` except the second half of the decoder
+    layers and the final norm, which go to `second` ("cpu", "disk" or a GPU index; accelerate's
+    hooks move the activations, or load offloaded weights on the fly)."""
+    language_model = adapter.language_model
+    prefix = next(name for name, module in adapter.model.named_modules() if module is language_model)
+    mapping = {name: first for name, _ in adapter.model.named_children() if name != "model"}
+    for name, module in adapter.model.model.named_children():
+        if module is not language_model:
+            mapping[f"model.{name}"] = first
+    layers = len(adapter.decoder_layers)
+    for name, _ in language_model.named_children():
+        if name != "layers":
+            mapping[f"{prefix}.{name}"] = second if name == "norm" else first
+    for index in range(layers):
+        mapping[f"{prefix}.layers.{index}"] = first if index < layers // 2 else second
+    for name, _ in adapter.model.model.named_parameters(recurse=False):  # LLaVA-OV's image_newline
+        mapping[f"model.{name}"] = first
+    return mapping
+
+
 @pytest.fixture(scope="session")
 def family_checkpoints(tmp_path_factory):
     """One tiny checkpoint per FAMILY_BUILDERS entry, built once for the whole run."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import split_layers
 from vidqa import engine
 from vidqa.errors import BadInput
 from vidqa.frame_rules import QwenVLFrames, SmolVLMFrames, UniformFrames
@@ -237,32 +238,12 @@ def test_fork_with_qwen2_5_vl_image_processor_name_loads(tmp_path_factory, famil
 # --- device_map ------------------------------------------------------------------------------
 
 
-def half_on_disk(adapter) -> dict:
-    """accelerate device map: everything on the CPU except the second half of the decoder layers
-    and the final norm, offloaded to disk (loaded on the fly by accelerate's hooks)."""
-    language_model = adapter.language_model
-    prefix = next(name for name, module in adapter.model.named_modules() if module is language_model)
-    mapping = {name: "cpu" for name, _ in adapter.model.named_children() if name != "model"}
-    for name, module in adapter.model.model.named_children():
-        if module is not language_model:
-            mapping[f"model.{name}"] = "cpu"
-    layers = len(adapter.decoder_layers)
-    for name, _ in language_model.named_children():
-        if name != "layers":
-            mapping[f"{prefix}.{name}"] = "disk" if name == "norm" else "cpu"
-    for index in range(layers):
-        mapping[f"{prefix}.layers.{index}"] = "cpu" if index < layers // 2 else "disk"
-    for name, _ in adapter.model.model.named_parameters(recurse=False):  # LLaVA-OV's image_newline
-        mapping[f"model.{name}"] = "cpu"
-    return mapping
-
-
 @pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # a bare parameter's key
 @pytest.mark.parametrize("family", ["llava", "qwen", "smol"])
 def test_every_preset_on_a_sharded_model_gives_the_unsharded_answer(family_checkpoints, family_adapters, square_video, family):
     pytest.importorskip("accelerate")
     whole = family_adapters[family]
-    sharded = load_model(str(family_checkpoints[family]), device="cpu", dtype="float32", device_map=half_on_disk(whole))
+    sharded = load_model(str(family_checkpoints[family]), device="cpu", dtype="float32", device_map=split_layers(whole, "cpu", "disk"))
     assert set(sharded.model.hf_device_map.values()) == {"cpu", "disk"}
     clip = load_clip(square_video, num_frames=8)
     options = engine.GenerationOptions(max_new_tokens=3)
