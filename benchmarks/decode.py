@@ -7,7 +7,10 @@ after warm-up and with repetitions interleaved across configurations:
 - none: every visual token, every decode step attends to all of them;
 - dycoke: the preset's defaults (merge before the LLM + decode KV selection);
 - dycoke merge only (-P decode_keep=1): the merge's shorter cache, full attention at decode;
-- dycoke decode only (--keep 1): the full cache, each step attends to decode_keep of it.
+- dycoke decode only (--keep 1): the full cache, each step attends to decode_keep of it;
+- transformers generate (no vidqa): the same unpruned inputs through `model.generate` with no
+  vidqa hook, streamer or clock, timed as (wall(N tokens) - wall(1 token)) / (N - 1): what the
+  engine's own decode costs is `none` against it. Its "prefill s" is the one-token wall time.
 
 Per configuration: decode tokens/s (engine: decoding steps / time from the end of the prefill
 to the last forward; median, min, max), prefill seconds, visual tokens in the cache, visual KV
@@ -36,7 +39,7 @@ for path in (HERE, HERE.parent):  # prefill.py beside us; vidqa from a checkout 
 
 import torch  # noqa: E402
 
-from prefill import QUESTION, bench_clip_path, bench_model_dir, machine  # noqa: E402
+from prefill import BENCH_DIMS, QUESTION, bench_clip_path, bench_model_dir, machine  # noqa: E402
 
 CONFIGS = (  # (label, preset, -P overrides, keep)
     ("none", "none", (), None),
@@ -55,10 +58,46 @@ def run_once(adapter, clip, question, preset, overrides, keep, tokens):
     return engine.answer(adapter, clip, question, generation, pruner=pruner)
 
 
+PLAIN = "transformers generate (no vidqa)"
+
+
+def plain_generate(adapter, clip, question, tokens) -> tuple[float, float]:
+    """(decode tokens/s, seconds for one token) of transformers' own `generate` on the request's
+    inputs, with none of vidqa's hooks, streamer or step clock: the per-token time is
+    (wall(N tokens) - wall(1 token)) / (N - 1). The baseline the engine's decode rate is read against."""
+    import time
+
+    from vidqa import engine
+    from vidqa.generation_settings import generation_overrides
+    from vidqa.pruning.runtime import NO_PRUNING
+    from vidqa.stats import synchronize
+
+    device = adapter.model.device
+    prompt = adapter.prompt_for_clip(clip, question)
+    with torch.inference_mode():
+        visual = engine.encoded_video(adapter, clip, prompt, NO_PRUNING)
+        inputs = adapter.generation_inputs(prompt, visual, positions=NO_PRUNING.positions)
+
+        def wall(count: int) -> float:
+            kwargs = {**inputs.kwargs, **generation_overrides(adapter, engine.GenerationOptions(max_new_tokens=count))}
+            synchronize(device)
+            start = time.perf_counter()
+            adapter.model.generate(**kwargs, min_new_tokens=count)
+            synchronize(device)
+            return time.perf_counter() - start
+
+        one, many = wall(1), wall(tokens)
+    return (tokens - 1) / max(many - one, 1e-9), one
+
+
 def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]:
     samples = {label: [] for label, *_ in CONFIGS}
+    samples[PLAIN] = []
     info = {}
     for round_index in range(warmup + repeats):
+        rate, one_token = plain_generate(adapter, clip, question, tokens)
+        if round_index >= warmup:
+            samples[PLAIN].append((rate, one_token))
         for label, preset, overrides, keep in CONFIGS:
             result = run_once(adapter, clip, question, preset, overrides, keep, tokens)
             decode = result.details.get("dycoke", {}).get("decode")
@@ -71,8 +110,9 @@ def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]
             if round_index >= warmup:
                 samples[label].append((result.stats.time.decode_tokens_per_s, result.stats.time.prefill_s))
         log(f"round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}")
+    info[PLAIN] = {**info["none"], "generated": tokens}
     rows = []
-    for label, *_ in CONFIGS:
+    for label in [PLAIN] + [config[0] for config in CONFIGS]:
         rates = [rate for rate, _ in samples[label]]
         rows.append({
             "config": label, **info[label],
@@ -95,6 +135,8 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="hub id or checkpoint directory (default: build the CPU bench model)")
+    parser.add_argument("--bench-dims", default="qwen2-0.5b", choices=sorted(BENCH_DIMS),
+                        help="the bench model's dimensions, without --model (qwen2-7b: llava-onevision-qwen2-7b's, for GPUs)")
     parser.add_argument("--video", help="video file (default: the generated bench clip)")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--frames", type=int, default=32)
@@ -122,7 +164,7 @@ def main(argv=None) -> dict:
 
     workdir = Path(args.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    model_id = args.model or str(bench_model_dir(workdir))
+    model_id = args.model or str(bench_model_dir(workdir, args.bench_dims))
     adapter = load_model(model_id, device=args.device, dtype=args.dtype)
     adapter.model.generation_config.min_new_tokens = args.decode_tokens  # a random model may stop at once
     size = getattr(getattr(adapter.model.config, "vision_config", None), "image_size", None) or 384

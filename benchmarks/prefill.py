@@ -31,9 +31,13 @@ the text dimensions of llava-onevision-qwen2-0.5b (Qwen2-0.5B: hidden 896, 24 la
 2 KV heads, FFN 4864), a word-level vocabulary and a 1-layer SigLIP (hidden 32) at 384 px /
 patch 14 (27x27 patches -> 14x14 = 196 tokens per frame), so that the LLM dominates. The clip is
 generated (vidqa.synthetic): a textured static half, a moving square, a bouncing disc and a
-sliding bar, so PruneVid and AdaTP meet realistic redundancy.
+sliding bar, so PruneVid and AdaTP meet realistic redundancy. `--bench-dims qwen2-7b` builds
+every dimension of llava-onevision-qwen2-7b instead (Qwen2-7B text, the 26-layer SigLIP-so400m
+tower): 8 B random parameters drawn on the GPU and saved in bf16, for GPUs
+(benchmarks/gpu_round.sh runs it with the CUDA tests and the decode benchmark).
 
     python benchmarks/prefill.py --threads 2                         # CPU, bench model
+    python benchmarks/prefill.py --bench-dims qwen2-7b --device cuda --frames 32   # GPU, 7B dims
     python benchmarks/prefill.py --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf \
         --device cuda --frames 32                                     # a real model on a GPU
 
@@ -76,19 +80,34 @@ BENCH_MODEL = dict(
     weight_scale=1.0,  # HF's own init (std 0.02): well-scaled activations, distinct patch features
 )
 BENCH_MODEL_VERSION = 2  # 2: the real model's context (32768), which the context check needs
+# --bench-dims qwen2-7b: every dimension of llava-onevision-qwen2-7b-ov (Qwen2-7B text, the
+# 26-layer SigLIP-so400m tower it reads), random weights drawn on the GPU and saved in bf16
+# (15 GiB); a GPU model: its prefill, not a toy vision tower, is what users wait for.
+BENCH_MODEL_7B = dict(
+    image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304,
+    text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+    max_positions=32768, weight_scale=1.0,
+)
+BENCH_DIMS = {"qwen2-0.5b": BENCH_MODEL, "qwen2-7b": BENCH_MODEL_7B}
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def bench_model_dir(workdir: Path) -> Path:
+def bench_model_dir(workdir: Path, dims: str = "qwen2-0.5b") -> Path:
     """Build the bench checkpoint once; later runs reuse it (a marker file says it is complete)."""
     from vidqa.testing import build_tiny_llava_onevision
 
-    path = workdir / f"llava-ov-qwen2-0.5b-dims-v{BENCH_MODEL_VERSION}"
+    spec = BENCH_DIMS[dims]
+    path = workdir / f"llava-ov-{dims}-dims-v{BENCH_MODEL_VERSION}"
     marker = path / ".complete"
     if not marker.exists():
         print(f"building the bench model in {path} (once) ...", file=sys.stderr, flush=True)
-        build_tiny_llava_onevision(path, **BENCH_MODEL)
-        marker.write_text(json.dumps(BENCH_MODEL))
+        large = dims != "qwen2-0.5b"
+        build_tiny_llava_onevision(
+            path, **spec,
+            init_device="cuda" if large and torch.cuda.is_available() else "cpu",
+            save_dtype=torch.bfloat16 if large else None,
+        )
+        marker.write_text(json.dumps(spec))
     return path
 
 
@@ -599,6 +618,8 @@ def _cpu_name() -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="hub id or checkpoint directory (default: build the CPU bench model)")
+    parser.add_argument("--bench-dims", default="qwen2-0.5b", choices=sorted(BENCH_DIMS),
+                        help="the bench model's dimensions, without --model (qwen2-7b: llava-onevision-qwen2-7b's, for GPUs)")
     parser.add_argument("--video", help="video file (default: the generated bench clip)")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--frames", type=int, default=8)
@@ -646,7 +667,7 @@ def main(argv=None) -> dict:
     from vidqa.models import load_model
     from vidqa.video import load_clip
 
-    model_id = args.model or str(bench_model_dir(workdir))
+    model_id = args.model or str(bench_model_dir(workdir, args.bench_dims))
     adapter = load_model(model_id, device=args.device, dtype=args.dtype, attn=args.attn)
     # Decode exactly --decode-tokens tokens: a random model may otherwise stop at once.
     adapter.model.generation_config.min_new_tokens = args.decode_tokens
@@ -680,7 +701,7 @@ def main(argv=None) -> dict:
     table = markdown_table(rows)
     text = adapter.text_config
     results = {
-        "model": model_id if args.model else "bench model (random weights, Qwen2-0.5B text dimensions)",
+        "model": model_id if args.model else f"bench model (random weights, llava-onevision {args.bench_dims} dimensions)",
         "model_config": {
             "hidden": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
             "kv_heads": text.num_key_value_heads, "ffn": text.intermediate_size, "vocab": text.vocab_size,

@@ -104,3 +104,30 @@ def test_reuse_benchmark_runs_and_reports_identical_answers(tiny_llava, square_v
         assert len(row["ttft_full_s"]) == len(row["ttft_reuse_s"]) == 3
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
     assert (out / "table.md").read_text().startswith("| preset |")
+
+
+def test_decode_bench_reads_the_engine_against_plain_generate(load_script, tiny_llava, square_video, tmp_path):
+    decode_bench = load_script("benchmarks/decode.py")
+    results = decode_bench.main(["--model", str(tiny_llava), "--video", str(square_video), "--frames", "4",
+                                 "--decode-tokens", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                 "--threads", "1", "--out", str(tmp_path / "out")])
+    rows = {row["config"]: row for row in results["rows"]}
+    assert list(rows) == [decode_bench.PLAIN] + [label for label, *_ in decode_bench.CONFIGS]
+    assert rows[decode_bench.PLAIN]["visual_tokens_in_cache"] == rows["none"]["visual_tokens_in_cache"]
+    for row in rows.values():
+        assert row["generated"] == 4 and row["decode_tokens_per_s"] > 0
+    assert rows["dycoke decode only"]["attended_per_step"] < rows["none"]["attended_per_step"]
+
+
+def test_large_bench_dims_draw_on_the_init_device_and_save_in_bf16(prefill_bench, monkeypatch, tmp_path):
+    from safetensors import safe_open
+
+    small = dict(prefill_bench.BENCH_MODEL_7B, image_size=56, vision_hidden=32, vision_layers=1, vision_heads=2,
+                 vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2,
+                 text_intermediate=128)  # the qwen2-7b path at toy size: the real one is 15 GiB
+    monkeypatch.setitem(prefill_bench.BENCH_DIMS, "qwen2-7b", small)
+    path = prefill_bench.bench_model_dir(tmp_path, "qwen2-7b")
+    assert path.name == "llava-ov-qwen2-7b-dims-v2" and (path / ".complete").exists()
+    with safe_open(str(path / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes == {"BF16"}

@@ -87,14 +87,16 @@ def scale_weight_matrices(model, weight_scale: float) -> None:
                 weight.mul_(weight_scale)
 
 
-def init_random_model(model_class, config, tokenizer, *, seed: int, attn_implementation: str):
-    """Instantiate `model_class(config)` under `seed`, with the tokenizer's eos/pad ids wired into
-    the config and the generation config (generate stops on the chat template's end marker)."""
+def init_random_model(model_class, config, tokenizer, *, seed: int, attn_implementation: str, device: str = "cpu"):
+    """Instantiate `model_class(config)` under `seed` on `device` (a GPU initialises billions of
+    weights in seconds), with the tokenizer's eos/pad ids wired into the config and the
+    generation config (generate stops on the chat template's end marker)."""
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = model_class(config)
+    with torch.device(device):
+        model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -192,6 +194,8 @@ def build_tiny_llava_onevision(
     patch_size: int = 14,
     vision_hidden: int = 32,
     vision_layers: int = 1,
+    vision_heads: int = 2,
+    vision_intermediate: int | None = None,
     text_hidden: int = 64,
     text_layers: int = 4,
     text_heads: int = 4,
@@ -202,11 +206,15 @@ def build_tiny_llava_onevision(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     weight_scale: float = 15.0,
+    init_device: str = "cpu",
+    save_dtype: torch.dtype | None = None,
 ) -> Path:
     """Save a random LlavaOnevisionForConditionalGeneration + processor under `path`.
 
     With the defaults a frame is 112 px -> 8x8 SigLIP patches -> 4x4 = 16 pooled video tokens.
-    weight_scale: see `scale_weight_matrices`.
+    vision_intermediate: None = 4 x vision_hidden. weight_scale: see `scale_weight_matrices`.
+    init_device / save_dtype: where the weights are drawn and the dtype they are saved in (None:
+    float32), for benchmark models of billions of parameters.
     """
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -216,7 +224,8 @@ def build_tiny_llava_onevision(
         patch_size=patch_size,
         vision_hidden=vision_hidden,
         vision_layers=vision_layers,
-        vision_intermediate=vision_hidden * 4,
+        vision_heads=vision_heads,
+        vision_intermediate=vision_intermediate or vision_hidden * 4,
         text_hidden=text_hidden,
         text_layers=text_layers,
         text_heads=text_heads,
@@ -231,8 +240,11 @@ def build_tiny_llava_onevision(
         tokenizer,
         seed=seed,
         attn_implementation=attn_implementation,
+        device=init_device,
     ).eval()
     scale_weight_matrices(model, weight_scale)
+    if save_dtype is not None:
+        model.to(save_dtype)
     model.save_pretrained(path)
     llava_onevision_processor(size, tokenizer).save_pretrained(path)
     return path
