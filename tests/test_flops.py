@@ -19,6 +19,7 @@ from vidqa.flops import (
     vision_encoder_macs,
     visual_prefill_macs,
 )
+from vidqa.pruning.compat import cache_keyword
 
 # LLaVA-OneVision-7B (Qwen2-7B LLM), 32 frames x 196 tokens.
 OV7B = LLMShape(
@@ -211,10 +212,11 @@ def test_layer_macs_with_kv_cache_matches_flop_counter(tiny_qwen2) -> None:
     shape = LLMShape.from_config(config)
     past_len, new_len = 100, 20
     cache = transformers.DynamicCache(config=config)
+    keyword = cache_keyword(model)  # `cache` from transformers 5.24, `past_key_values` before
     with torch.no_grad():
-        model(inputs_embeds=torch.randn(1, past_len, config.hidden_size), past_key_values=cache)
+        model(inputs_embeds=torch.randn(1, past_len, config.hidden_size), **{keyword: cache})
     new_embeds = torch.randn(1, new_len, config.hidden_size)
-    counted = _counted_flops(lambda: model(inputs_embeds=new_embeds, past_key_values=cache))
+    counted = _counted_flops(lambda: model(inputs_embeds=new_embeds, **{keyword: cache}))
     predicted = macs_to_flops(
         config.num_hidden_layers * layer_macs(shape, new_len, past_len + new_len)
     )

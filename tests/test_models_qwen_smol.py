@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from conftest import assert_one_line_error
 from vidqa import engine, flops
 from vidqa.models import load_model
+from vidqa.pruning.compat import cache_keyword, returned_cache
 from vidqa.pruning.decoder import DecoderPruning, Selection
 from vidqa.pruning.presets import build_pruner, load_preset
 from vidqa.pruning.runtime import NO_PRUNING, RequestState
@@ -179,14 +180,14 @@ def test_qwen_decode_continues_the_unpruned_positions(family_adapters, family_cl
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=full[:, :, inputs.seq_index],
                         mm_encoder_outputs=features, use_cache=True)
             logits.append(out.logits[0, -1])
-            cache = out.past_key_values
+            cache = returned_cache(out)
             for step in range(steps - 1):
                 token = output.sequences[:, length + step : length + step + 1]
                 position = torch.full((3, 1, 1), first_decode_position + step)
                 out = model(input_ids=token, attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
-                            position_ids=position, past_key_values=cache, use_cache=True)
+                            position_ids=position, use_cache=True, **{cache_keyword(model): cache})
                 logits.append(out.logits[0, -1])
-                cache = out.past_key_values
+                cache = returned_cache(out)
         return torch.stack(logits)
 
     generated = torch.stack([step[0] for step in output.logits])
