@@ -96,6 +96,21 @@ def test_training_runs_a_few_steps_and_writes_small_weights(tmp_path, llm_dir):
 
 
 @TRAINS
+def test_the_same_seed_trains_the_same_weights_on_one_machine(tmp_path, llm_dir):
+    """The recipe is reproducible from its seed where the arithmetic is the same (one machine,
+    one thread count): two runs give byte-identical weights; another seed does not. Across
+    CPUs bf16 rounding differs, so the weights do (benchmarks/micro/README.md, Seeds)."""
+    from vidqa.micro.train_smol import train
+
+    quiet = dict(steps=2, batch=1, eval_every=0, save_every=1, log_every=1, threads=1, log=lambda *a, **k: None)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(tmp_path / name, seed=seed, **quiet)
+    weights = {name: (tmp_path / name / "weights.safetensors").read_bytes() for name in "abc"}
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["c"]
+
+
+@TRAINS
 def test_training_continues_from_init_weights_and_stops_after(tmp_path, llm_dir):
     """--init starts from a run's trained tensors (its loss is the trained model's, not a fresh
     one's), --stop-after cuts the run while its schedule stays laid out for --steps."""
