@@ -123,6 +123,18 @@ def test_heldout_set_is_regenerable_and_ids_name_the_type(acc, tmp_path):
     assert manifest["clips"][1]["square_boxes"] == world.heldout_clip(1).square_boxes.tolist()
 
 
+
+def test_first_clip_extends_a_sweep_with_the_next_clips(acc, tmp_path):
+    """--first-clip 2 --clips 2 asks about clips 2 and 3, the same clips a 4-clip set holds there."""
+    folder = tmp_path / "more"
+    with pytest.raises(SystemExit, match="no records"):  # nothing run: only the held-out set is made
+        acc.main(["--first-clip", "2", "--clips", "2", "--heldout", str(folder), "--model", str(MICRO_CHECKPOINT),
+                  "--skip-sweep", "--skip-references"])
+    rows = acc.heldout.read_questions(folder / acc.heldout.CSV_NAME)
+    assert sorted({int(row["clip"]) for row in rows}) == [2, 3]
+    whole = acc.heldout.read_questions(acc.heldout.generate(tmp_path / "whole", clips=4))
+    assert rows == [row for row in whole if int(row["clip"]) >= 2]
+
 def _tokens(frames=8, side=4):
     from vidqa.models.base import VisualTokens
 

@@ -5,9 +5,11 @@
     python benchmarks/micro/accuracy.py --world smol --clips 24   # the SmolLM2-135M model (vidqa.micro.smol):
                                             # 9 question types, its own held-out folder and doc block; ~1 h
                                             # on 2 cores (the in-LLM presets prefill the 135 M model per question)
+    python benchmarks/micro/accuracy.py --world smol --first-clip 24 --clips 24 --heldout H --results R
+                                            # the next 24 clips, in folders of their own
 
 Steps (each resumable: rerunning skips the records already in the results files):
-1. the held-out set (benchmarks/micro/heldout.py): --clips clips of seed --seed as mp4, 7
+1. the held-out set (benchmarks/micro/heldout.py): --clips clips (from --first-clip) of seed --seed as mp4, 7
    questions each, questions.csv;
 2. the preset sweep, by running the real CLI on it (a subprocess):
        vidqa batch questions.csv -o sweep.jsonl --model CHECKPOINT --frames 8 --max-new-tokens 3 \\
@@ -532,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=Path, default=None,
                         help=f"held-out folder (default: {heldout.DEFAULT_OUT}, or {SMOL_HELDOUT} for smol)")
     parser.add_argument("--clips", type=int, default=heldout.DEFAULT_CLIPS)
+    parser.add_argument("--first-clip", type=int, default=0,
+                        help="held-out clip index to start at: --first-clip 24 --clips 24 runs clips 24-47, "
+                             "so a sweep can be extended by more clips in another results folder")
     parser.add_argument("--seed", type=int, default=None, help="held-out seed (default 1000)")
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
     parser.add_argument("--keeps", default=",".join(f"{k:g}" for k in DEFAULT_KEEPS))
@@ -568,9 +573,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no micro checkpoint at {args.model} (config.json missing); train it first: "
                              "see benchmarks/micro/README.md")
         t0 = time.time()
-        csv_path = heldout.generate(args.heldout, args.clips, args.seed, extras=smol)
+        indices = range(args.first_clip, args.first_clip + args.clips)
+        csv_path = heldout.generate(args.heldout, indices, args.seed, extras=smol)
         rows = heldout.read_questions(csv_path)
-        print(f"held-out set: {len(rows)} questions, {args.clips} clips ({time.time() - t0:.0f}s)", file=sys.stderr)
+        print(f"held-out set: {len(rows)} questions, clips {indices.start}-{indices.stop - 1} "
+              f"({time.time() - t0:.0f}s)", file=sys.stderr)
         process = command = None
         t0 = time.time()
         if not args.skip_sweep:  # in the background, while this process runs the reference selections
