@@ -3,7 +3,7 @@
 # 7B-dimension and the 0.5B-dimension bench models at 32 frames, DyCoke's decode on the 7B one,
 # then the CUDA tests (the figures first: on a lent machine with minutes to spend, they are what
 # cannot be had elsewhere). Each step has its own time limit, so one that hangs costs only
-# itself; about 5 minutes on an H200, the 15 GiB 7B build included.
+# itself; about 5 minutes on an H200, the 13 GiB 7B build included.
 #
 #   bash benchmarks/gpu_round.sh OUT_DIR      # writes a log, results JSON and plots to OUT_DIR
 set -uo pipefail

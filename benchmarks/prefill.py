@@ -33,7 +33,7 @@ patch 14 (27x27 patches -> 14x14 = 196 tokens per frame), so that the LLM domina
 generated (vidqa.synthetic): a textured static half, a moving square, a bouncing disc and a
 sliding bar, so PruneVid and AdaTP meet realistic redundancy. `--bench-dims qwen2-7b` builds
 every dimension of llava-onevision-qwen2-7b instead (Qwen2-7B text, the 26-layer SigLIP-so400m
-tower): 8 B random parameters drawn on the GPU and saved in bf16, for GPUs
+tower): 7.0 B random parameters drawn on the GPU and saved in bf16, for GPUs
 (benchmarks/gpu_round.sh runs it with the CUDA tests and the decode benchmark).
 
     python benchmarks/prefill.py --threads 2                         # CPU, bench model
@@ -82,7 +82,7 @@ BENCH_MODEL = dict(
 BENCH_MODEL_VERSION = 2  # 2: the real model's context (32768), which the context check needs
 # --bench-dims qwen2-7b: every dimension of llava-onevision-qwen2-7b-ov (Qwen2-7B text, the
 # 26-layer SigLIP-so400m tower it reads), random weights drawn on the GPU and saved in bf16
-# (15 GiB); a GPU model: its prefill, not a toy vision tower, is what users wait for.
+# (13 GiB); a GPU model: its prefill, not a toy vision tower, is what users wait for.
 BENCH_MODEL_7B = dict(
     image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304,
     text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,

@@ -124,7 +124,7 @@ def test_large_bench_dims_draw_on_the_init_device_and_save_in_bf16(prefill_bench
 
     small = dict(prefill_bench.BENCH_MODEL_7B, image_size=56, vision_hidden=32, vision_layers=1, vision_heads=2,
                  vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2,
-                 text_intermediate=128)  # the qwen2-7b path at toy size: the real one is 15 GiB
+                 text_intermediate=128)  # the qwen2-7b path at toy size: the real one is 13 GiB
     monkeypatch.setitem(prefill_bench.BENCH_DIMS, "qwen2-7b", small)
     path = prefill_bench.bench_model_dir(tmp_path, "qwen2-7b")
     assert path.name == "llava-ov-qwen2-7b-dims-v2" and (path / ".complete").exists()
