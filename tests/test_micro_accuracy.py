@@ -196,3 +196,18 @@ def test_table_joins_types_by_id_and_shows_unreachable_cells(acc):
     line = next(line for line in markdown.splitlines() if line.startswith("| fastv | 0.1 |"))
     assert line.count("unreachable") == 3 and "R ≥ 0.25" in line
     assert "| fastv | 0.5 | 1.00 | 1.00 | 1.00 |" in markdown
+
+
+def test_the_48_clip_table_is_what_the_counts_give(load_script):
+    """docs/accuracy.md's 48-clip table: clips 0-23 recovered from the 24-clip table's cells (the
+    recovery checked on the rerun, whose records and table both exist), clips 24-47 counted."""
+    combine = load_script("benchmarks/micro/combine_clips.py")
+    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs"
+    doc = combine.DOC.read_text(encoding="utf-8")
+    rerun_table = doc[doc.index("The rerun's full table"):]
+    recovered = combine.table_counts(rerun_table[:rerun_table.index("</details>")])
+    counted = combine.record_counts(runs / "smol_sweep_rerun_clips0-23.jsonl.gz")
+    assert len(recovered) >= 40 and recovered == {key: counted[key] for key in recovered}
+    table = combine.combined_table(combine.table_counts(combine.doc_block()),
+                                   combine.record_counts(runs / "smol_sweep_seed0_clips24-47.jsonl.gz"))
+    assert table in doc
