@@ -61,10 +61,11 @@ def run_once(adapter, clip, question, preset, overrides, keep, tokens):
 PLAIN = "transformers generate (no vidqa)"
 
 
-def plain_generate(adapter, clip, question, tokens) -> tuple[float, float]:
-    """(decode tokens/s, seconds for one token) of transformers' own `generate` on the request's
-    inputs, with none of vidqa's hooks, streamer or step clock: the per-token time is
-    (wall(N tokens) - wall(1 token)) / (N - 1). The baseline the engine's decode rate is read against."""
+def plain_generate(adapter, clip, question, tokens) -> tuple[float, float, int]:
+    """(decode tokens/s, seconds for one token, tokens generated) of transformers' own `generate`
+    on the request's inputs, with none of vidqa's hooks, streamer or step clock: the per-token
+    time is (wall(N tokens) - wall(1 token)) / (N - 1). The baseline the engine's decode rate is
+    read against."""
     import time
 
     from vidqa import engine
@@ -78,16 +79,16 @@ def plain_generate(adapter, clip, question, tokens) -> tuple[float, float]:
         visual = engine.encoded_video(adapter, clip, prompt, NO_PRUNING)
         inputs = adapter.generation_inputs(prompt, visual, positions=NO_PRUNING.positions)
 
-        def wall(count: int) -> float:
+        def wall(count: int) -> tuple[float, int]:
             kwargs = {**inputs.kwargs, **generation_overrides(adapter, engine.GenerationOptions(max_new_tokens=count))}
             synchronize(device)
             start = time.perf_counter()
-            adapter.model.generate(**kwargs, min_new_tokens=count)
+            output = adapter.model.generate(**kwargs, min_new_tokens=count)
             synchronize(device)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, output.shape[1] - inputs.kwargs["input_ids"].shape[1]
 
-        one, many = wall(1), wall(tokens)
-    return (tokens - 1) / max(many - one, 1e-9), one
+        (one, _), (many, generated) = wall(1), wall(tokens)
+    return (generated - 1) / max(many - one, 1e-9), one, generated
 
 
 def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]:
@@ -95,7 +96,7 @@ def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]
     samples[PLAIN] = []
     info = {}
     for round_index in range(warmup + repeats):
-        rate, one_token = plain_generate(adapter, clip, question, tokens)
+        rate, one_token, generated = plain_generate(adapter, clip, question, tokens)
         if round_index >= warmup:
             samples[PLAIN].append((rate, one_token))
         for label, preset, overrides, keep in CONFIGS:
@@ -110,7 +111,7 @@ def measure(adapter, clip, question, tokens, repeats, warmup, log) -> list[dict]
             if round_index >= warmup:
                 samples[label].append((result.stats.time.decode_tokens_per_s, result.stats.time.prefill_s))
         log(f"round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}")
-    info[PLAIN] = {**info["none"], "generated": tokens}
+    info[PLAIN] = {**info["none"], "generated": generated}
     rows = []
     for label in [PLAIN] + [config[0] for config in CONFIGS]:
         rates = [rate for rate, _ in samples[label]]
