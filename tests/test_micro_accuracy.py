@@ -132,6 +132,9 @@ def test_first_clip_extends_a_sweep_with_the_next_clips(acc, tmp_path):
                   "--skip-sweep", "--skip-references"])
     rows = acc.heldout.read_questions(folder / acc.heldout.CSV_NAME)
     assert sorted({int(row["clip"]) for row in rows}) == [2, 3]
+    with pytest.raises(SystemExit) as refused:  # argparse's one-line error, exit 2, no traceback
+        acc.main(["--first-clip", "-1", "--heldout", str(tmp_path / "bad"), "--skip-sweep", "--skip-references"])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
     whole = acc.heldout.read_questions(acc.heldout.generate(tmp_path / "whole", clips=4))
     assert rows == [row for row in whole if int(row["clip"]) >= 2]
 

@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-doc", type=Path, default=None,
                         help="replace the generated block of this markdown file (docs/accuracy.md)")
     args = parser.parse_args(argv)
+    if args.first_clip < 0 or args.clips < 1:
+        parser.error(f"--first-clip {args.first_clip} --clips {args.clips}: clips are numbered from 0; "
+                     "give --first-clip >= 0 and --clips >= 1")
     smol = args.world == "smol"
     types = world_types(args.world)
     if args.heldout is None:
