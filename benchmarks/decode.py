@@ -1,7 +1,7 @@
 """Does decode-time KV selection (DyCoke) turn fewer attended entries into more tokens/s?
 
 For one model and one clip, generates exactly --decode-tokens tokens (greedy) with `none` and
-with DyCoke split into its two parts, through the real request path (`vidqa.engine.answer`),
+with DyCoke split into its two parts, through the real request path (`vidqa.engine.request.answer`),
 after warm-up and with repetitions interleaved across configurations:
 
 - none: every visual token, every decode step attends to all of them;
@@ -38,7 +38,6 @@ for path in (HERE, HERE.parent):  # prefill.py beside us; vidqa from a checkout 
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-
 from prefill import BENCH_DIMS, QUESTION, bench_clip_path, bench_model_dir, machine  # noqa: E402
 
 CONFIGS = (  # (label, preset, -P overrides, keep)
@@ -50,8 +49,8 @@ CONFIGS = (  # (label, preset, -P overrides, keep)
 
 
 def run_once(adapter, clip, question, preset, overrides, keep, tokens):
-    from vidqa import engine
-    from vidqa.pruning.presets import build_pruner, load_preset
+    from vidqa.engine import request as engine
+    from vidqa.pruning.core.presets import build_pruner, load_preset
 
     pruner = build_pruner(load_preset(preset, list(overrides)), adapter, keep=keep)
     generation = engine.GenerationOptions(max_new_tokens=tokens)
@@ -68,10 +67,10 @@ def plain_generate(adapter, clip, question, tokens) -> tuple[float, float, int]:
     read against."""
     import time
 
-    from vidqa import engine
-    from vidqa.generation_settings import generation_overrides
-    from vidqa.pruning.runtime import NO_PRUNING
-    from vidqa.stats import synchronize
+    from vidqa.engine import request as engine
+    from vidqa.engine.generation import generation_overrides
+    from vidqa.engine.stats import synchronize
+    from vidqa.pruning.core.runtime import NO_PRUNING
 
     device = adapter.model.device
     prompt = adapter.prompt_for_clip(clip, question)
@@ -161,7 +160,7 @@ def main(argv=None) -> dict:
         print(message, file=sys.stderr, flush=True)
 
     from vidqa.models import load_model
-    from vidqa.video import load_clip
+    from vidqa.video.decode import load_clip
 
     workdir = Path(args.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)

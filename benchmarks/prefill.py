@@ -2,7 +2,7 @@
 
 For one model and one clip, runs `none` and every pruning preset at several `--keep` budgets
 (after warm-up, repetitions interleaved across configurations so that drift in a shared machine
-hits all of them alike) through the real request path (`vidqa.engine.answer`), and reports per
+hits all of them alike) through the real request path (`vidqa.engine.request.answer`), and reports per
 configuration:
 
 - LLM prefill: the model's first forward in `generate` (embeddings -> decoder -> lm_head on the
@@ -30,7 +30,7 @@ Without --model it builds (once, cached under --workdir) a random-weight LLaVA-O
 the text dimensions of llava-onevision-qwen2-0.5b (Qwen2-0.5B: hidden 896, 24 layers, 14 heads,
 2 KV heads, FFN 4864), a word-level vocabulary and a 1-layer SigLIP (hidden 32) at 384 px /
 patch 14 (27x27 patches -> 14x14 = 196 tokens per frame), so that the LLM dominates. The clip is
-generated (vidqa.synthetic): a textured static half, a moving square, a bouncing disc and a
+generated (vidqa.testing.videos): a textured static half, a moving square, a bouncing disc and a
 sliding bar, so PruneVid and AdaTP meet realistic redundancy. `--bench-dims qwen2-7b` builds
 every dimension of llava-onevision-qwen2-7b instead (Qwen2-7B text, the 26-layer SigLIP-so400m
 tower): 7.0 B random parameters drawn on the GPU and saved in bf16, for GPUs
@@ -94,7 +94,7 @@ BENCH_DIMS = {"qwen2-0.5b": BENCH_MODEL, "qwen2-7b": BENCH_MODEL_7B}
 # -- inputs ----------------------------------------------------------------------------------
 def bench_model_dir(workdir: Path, dims: str = "qwen2-0.5b") -> Path:
     """Build the bench checkpoint once; later runs reuse it (a marker file says it is complete)."""
-    from vidqa.testing import build_tiny_llava_onevision
+    from vidqa.testing.builders import build_tiny_llava_onevision
 
     spec = BENCH_DIMS[dims]
     path = workdir / f"llava-ov-{dims}-dims-v{BENCH_MODEL_VERSION}"
@@ -113,8 +113,8 @@ def bench_model_dir(workdir: Path, dims: str = "qwen2-0.5b") -> Path:
 
 def bench_frames(num_frames: int = 32, size: int = 384, seed: int = 0) -> np.ndarray:
     """Static checkerboard on the left, a bouncing disc and a sliding bar on the right (from
-    vidqa.synthetic), a red square crossing the top, light sensor noise. uint8 [T, H, W, 3]."""
-    from vidqa.synthetic import static_left_half_frames
+    vidqa.testing.videos), a red square crossing the top, light sensor noise. uint8 [T, H, W, 3]."""
+    from vidqa.testing.videos import static_left_half_frames
 
     frames = static_left_half_frames(num_frames=num_frames, size=(size, size), seed=seed, right="shapes")
     side = size // 6
@@ -127,7 +127,7 @@ def bench_frames(num_frames: int = 32, size: int = 384, seed: int = 0) -> np.nda
 
 
 def bench_clip_path(workdir: Path, size: int) -> Path:
-    from vidqa.synthetic import write_video
+    from vidqa.testing.videos import write_video
 
     path = workdir / f"bench-clip-{size}px.mp4"
     if not path.exists():
@@ -155,7 +155,7 @@ class _FirstForward:
         self.start = self.end = None
 
     def __enter__(self):
-        from vidqa.stats import synchronize
+        from vidqa.engine.stats import synchronize
 
         def before(module, args, kwargs):
             if self.start is None:
@@ -187,7 +187,7 @@ class _StageTimer:
         self.pre_llm_s = self.setup_s = 0.0
 
     def __enter__(self):
-        from vidqa.stats import synchronize
+        from vidqa.engine.stats import synchronize
 
         before_llm, inside_llm = self.pruner.before_llm, self.pruner.inside_llm
 
@@ -231,9 +231,9 @@ def cpu_peak_bytes(run) -> tuple[object, int]:
 
 
 def run_once(adapter, clip, question, preset, keep, decode_tokens, memory=False):
-    """One request through vidqa.engine.answer -> (Sample, Answer)."""
-    from vidqa import engine
-    from vidqa.pruning.presets import build_pruner
+    """One request through vidqa.engine.request.answer -> (Sample, Answer)."""
+    from vidqa.engine import request as engine
+    from vidqa.pruning.core.presets import build_pruner
 
     device = adapter.model.device
     pruner = build_pruner(preset, adapter, keep=None if preset.name == "none" else keep)
@@ -323,7 +323,7 @@ def measure(adapter, clip, question, presets, keeps, repeats, warmup, decode_tok
     (an unpruned prompt of about the pruned length: what time the hardware needs for it)."""
     from vidqa import flops
     from vidqa.errors import BadInput
-    from vidqa.pruning.presets import load_preset
+    from vidqa.pruning.core.presets import load_preset
 
     shape, _ = flops.shapes_from_model_config(adapter.model.config)
 
@@ -367,7 +367,7 @@ def layer_cost_curve(adapter, lengths, repeats=3) -> list[dict]:
     time linear in the FLOPs at the sequence lengths the pruned prompts have? (If so, any
     shortfall of the realised speedup is the pruning's own.)"""
     from vidqa import flops
-    from vidqa.stats import synchronize
+    from vidqa.engine.stats import synchronize
 
     shape, _ = flops.shapes_from_model_config(adapter.model.config)
     model, device = adapter.model, adapter.model.device
@@ -518,7 +518,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
     measured = [r for r in rows if "unreachable" not in r and r["preset"] != "none"]
@@ -665,7 +665,7 @@ def main(argv=None) -> dict:
         return results
 
     from vidqa.models import load_model
-    from vidqa.video import load_clip
+    from vidqa.video.decode import load_clip
 
     model_id = args.model or str(bench_model_dir(workdir, args.bench_dims))
     adapter = load_model(model_id, device=args.device, dtype=args.dtype, attn=args.attn)

@@ -2,7 +2,7 @@
 
 For one model and one clip (default: the bench model of benchmarks/prefill.py, 32 frames), asks
 N questions (default 8) under `none` and pre-LLM presets (default evs and vidcom2 at --keep),
-each twice through `vidqa.session.VideoSession`: with reuse (the video prefix prefilled once,
+each twice through `vidqa.engine.session.VideoSession`: with reuse (the video prefix prefilled once,
 every question generated from its KV cache) and without (every question prefilled in full; the
 clip is encoded once in both modes, so the difference is the LLM prefill). Reports per
 configuration and mode:
@@ -55,8 +55,8 @@ def ttft(stats) -> float:
 
 
 def run_mode(adapter, clip, pruner, questions, reuse: bool, decode_tokens: int) -> dict:
-    from vidqa import engine
-    from vidqa.session import VideoSession
+    from vidqa.engine import request as engine
+    from vidqa.engine.session import VideoSession
 
     session = VideoSession(adapter, clip, pruner, engine.GenerationOptions(max_new_tokens=decode_tokens), reuse=reuse)
     answers, prefill, first_token, reused = [], [], [], []
@@ -73,7 +73,7 @@ def run_mode(adapter, clip, pruner, questions, reuse: bool, decode_tokens: int) 
 def measure(adapter, clip, questions, presets, keep, decode_tokens, repeats, log=print) -> list[dict]:
     """Modes alternate (without, with) per repeat so drift on a shared machine hits both alike;
     the repeat with the smallest total prefill is kept per mode."""
-    from vidqa.pruning.presets import build_pruner, load_preset
+    from vidqa.pruning.core.presets import build_pruner, load_preset
 
     rows = []
     for name in presets:
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     import prefill as prefill_bench  # benchmarks/prefill.py: the bench model, clip and machine info
 
     from vidqa.models import load_model
-    from vidqa.video import load_clip
+    from vidqa.video.decode import load_clip
 
     args = parse_args(argv)
     if args.threads:

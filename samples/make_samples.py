@@ -2,7 +2,7 @@
 
 Usage: python samples/make_samples.py
 
-Each clip is drawn from `vidqa.micro.world` (8 frames of 112 x 112 px, written at 4 fps, the
+Each clip is drawn from `microworld.world` (8 frames of 112 x 112 px, written at 4 fps, the
 format `--model micro` was trained on), so the bundled micro model can answer its questions
 offline. A clip is the first draw of the stream `default_rng([SEED, i])` that matches a short
 description (what the README's examples talk about); questions.csv asks every question type of
@@ -20,7 +20,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from vidqa.micro import world  # noqa: E402
+from microworld import world  # noqa: E402
 
 SEED = 2026
 FPS = 4.0

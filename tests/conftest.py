@@ -18,9 +18,9 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from vidqa.synthetic import moving_square_frames, write_video  # noqa: E402
-from vidqa.testing import build_tiny_llava_onevision  # noqa: E402
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm  # noqa: E402
+from vidqa.testing.builders import build_tiny_llava_onevision  # noqa: E402
+from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm  # noqa: E402
+from vidqa.testing.videos import moving_square_frames, write_video  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ class CliResult:
 @pytest.fixture
 def run_cli():
     """Run the real Typer app in-process: run_cli(["ask", ...], input="piped stdin")."""
-    from vidqa.cli import app
+    from vidqa.cli.app import app
 
     def run(args, input: str | None = None) -> CliResult:
         result = CliRunner().invoke(app, [str(a) for a in args], input=input)
@@ -138,7 +138,7 @@ def family_adapters(family_checkpoints):
 @pytest.fixture(scope="module")
 def family_clips(square_video):
     """square_video decoded at FAMILY_FRAMES frames, per family."""
-    from vidqa.video import load_clip
+    from vidqa.video.decode import load_clip
 
     return {name: load_clip(square_video, num_frames=count) for name, count in FAMILY_FRAMES.items()}
 

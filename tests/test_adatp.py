@@ -8,15 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ask_json
-from vidqa.models.base import VisualTokens
-from vidqa.pruning.budgets import adatp_segment_budgets
-from vidqa.pruning.decoder import LayerContext
-from vidqa.pruning.presets import load_preset
-from vidqa.pruning.stages.adatp import DebiasedSegmentSelect, SegmentDedup
-from vidqa.pruning.stages.fastv import LastTokenAttention
 
+from vidqa.pruning.core.decoder import LayerContext
+from vidqa.pruning.core.presets import load_preset
+from vidqa.pruning.methods.adatp import DebiasedSegmentSelect, SegmentDedup
+from vidqa.pruning.methods.fastv import LastTokenAttention
+from vidqa.pruning.ops.budgets import adatp_segment_budgets
+from vidqa.tensors.tokens import VisualTokens
 
 FRAMES, ROWS, COLS = 8, 4, 4
 PER_FRAME = ROWS * COLS

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error
-from vidqa import batch as batching
-from vidqa.batch_summary import (
+
+from vidqa.batch import runner as batching
+from vidqa.batch.summary import (
     build_prompt,
     exact_match,
     extract_choice,
@@ -26,7 +26,7 @@ from vidqa.batch_summary import (
     summarize,
 )
 from vidqa.errors import BadInput
-from vidqa.synthetic import three_scene_frames, write_video
+from vidqa.testing.videos import three_scene_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "4", "--max-new-tokens", "2"]
@@ -105,7 +105,7 @@ def test_row_cells_replace_the_sweep(tmp_path):
 
 
 def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monkeypatch):
-    from vidqa import engine
+    from vidqa.engine import request as engine
     from vidqa.models import ADAPTERS
 
     decoded, encoded = [], []
@@ -154,7 +154,7 @@ def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monk
 
 
 def test_real_presets_sweep(run_cli, tiny_llava, videos):
-    from vidqa.pruning.presets import load_preset
+    from vidqa.pruning.core.presets import load_preset
 
     try:
         load_preset("fastv")
@@ -182,7 +182,7 @@ def test_real_presets_sweep(run_cli, tiny_llava, videos):
 
 
 STALLING_VIDQA = (  # `python -m vidqa`, stalled after its 2nd record is written, so that the kill lands there
-    "import runpy, time, vidqa.batch_store as b; w = b.RecordWriter.write; n = [0]\n"
+    "import runpy, time, vidqa.batch.store as b; w = b.RecordWriter.write; n = [0]\n"
     "def write(self, record):\n"
     "    w(self, record); n[0] += 1\n"
     "    if n[0] == 2: time.sleep(3600)\n"
@@ -326,8 +326,8 @@ def test_missing_video_and_empty_question_are_row_errors(run_cli, tiny_llava, vi
 
 
 def test_clip_cache_bound_evicts_clip_and_encoding_together(monkeypatch, tmp_path):
-    from vidqa import engine
-    from vidqa.video import Clip
+    from vidqa.engine import request as engine
+    from vidqa.video.decode import Clip
 
     def fake_decode(path, options):
         if "bad" in path:
@@ -357,10 +357,10 @@ def test_clip_cache_bound_evicts_clip_and_encoding_together(monkeypatch, tmp_pat
 def test_out_of_memory_is_a_row_error_and_frees_the_cache(monkeypatch, tmp_path):
     import torch
 
-    from vidqa import engine
+    from vidqa.engine import request as engine
+    from vidqa.engine.session import VideoSession
     from vidqa.errors import RuntimeFailure
-    from vidqa.session import VideoSession
-    from vidqa.video import Clip
+    from vidqa.video.decode import Clip
 
     monkeypatch.setattr(engine, "decode_video", lambda path, options: Clip(
         np.zeros((4, 8, 8, 3), np.uint8), np.arange(4), np.arange(4.0), 8.0, 1.0, 8, "decord"))

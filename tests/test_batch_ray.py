@@ -10,10 +10,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install -e \".[ray]\")")
 
-from vidqa import batch as batching  # noqa: E402
-from vidqa import engine  # noqa: E402
-from vidqa.batch_ray import run_batch_ray  # noqa: E402
-from vidqa.synthetic import three_scene_frames, write_video  # noqa: E402
+from vidqa.batch import runner as batching  # noqa: E402
+from vidqa.engine import request as engine  # noqa: E402
+from vidqa.batch.ray_runner import run_batch_ray  # noqa: E402
+from vidqa.testing.videos import three_scene_frames, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("id", "video", "question", "answer", "preset", "keep", "error")
@@ -133,7 +133,7 @@ def test_cli_batch_with_ray_draws_what_each_record_kept(cluster, run_cli, tasks_
     cluster shares the filesystem), one PNG per record, named as a plain run names them."""
     import json
 
-    from vidqa.show_kept import image_name
+    from vidqa.render.show_kept import image_name
 
     tasks, settings = tasks_and_settings
     csv = tasks[0].row.video_path.parent / "q.csv"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import assert_one_line_error
+
 from vidqa import flops
-from vidqa.synthetic import moving_square_frames, write_video
+from vidqa.testing.videos import moving_square_frames, write_video
 
 QUESTION = "what happens in this video ?"
 

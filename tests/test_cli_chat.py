@@ -7,7 +7,8 @@ import io
 import json
 
 from conftest import assert_one_line_error
-from vidqa import cli_chat
+
+from vidqa.cli import chat as cli_chat
 
 QUESTIONS = ["what happens in this video ?", "which colour is the square ?", "is it moving left or right ?"]
 
@@ -72,7 +73,7 @@ def test_history_is_kept_with_the_flag(run_cli, tiny_llava, square_video):
 
 
 def test_ctrl_c_exits_130(run_cli, tiny_llava, square_video, monkeypatch):
-    from vidqa import session
+    from vidqa.engine import session
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILY_FRAMES, split_layers
-from vidqa import engine
+
+from vidqa.engine import request as engine
 from vidqa.models import load_model
-from vidqa.pruning.presets import available_presets, build_pruner, load_preset
-from vidqa.testing_qwen3 import build_tiny_qwen3_vl
-from vidqa.video import load_clip
+from vidqa.pruning.core.presets import available_presets, build_pruner, load_preset
+from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+from vidqa.video.decode import load_clip
 
 DEVICE = os.environ.get("VIDQA_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILY_FRAMES
-from vidqa import engine
-from vidqa.models import VisualTokens, load_model
-from vidqa.pruning.decode_kv import DecodeKVSelection, decode_attention, top_visual_entries
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import NO_PRUNING, RequestState
-from vidqa.pruning.stages.dycoke import WindowTemporalMerge, dycoke_keep, window_plan
+
+from vidqa.engine import request as engine
+from vidqa.models import load_model
+from vidqa.pruning.core.decode_kv import DecodeKVSelection, decode_attention, top_visual_entries
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
+from vidqa.pruning.methods.dycoke import WindowTemporalMerge, dycoke_keep, window_plan
+from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dycoke"
 QUESTION = "what happens in this video ?"

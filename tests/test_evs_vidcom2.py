@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILY_FRAMES
-from vidqa import engine
-from vidqa.models import VisualTokens
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import NO_PRUNING, RequestState
-from vidqa.pruning.stages.evs import TemporalChangeSelect, evs_keep
-from vidqa.pruning.stages.vidcom2 import FrameUniquenessSelect, vidcom2_keep
+
+from vidqa.engine import request as engine
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
+from vidqa.pruning.methods.evs import TemporalChangeSelect, evs_keep
+from vidqa.pruning.methods.vidcom2 import FrameUniquenessSelect, vidcom2_keep
+from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUESTION = "what happens in this video ?"

@@ -8,15 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
+
 from vidqa.errors import BadInput
-from vidqa.models.base import VisualTokens
-from vidqa.pruning.dyseg import dyseg_cuts, dyseg_segments
-from vidqa.pruning.presets import load_preset
-from vidqa.pruning.segments import similarity_segments
-from vidqa.pruning.stages.fastvid import DySegStage, STPruneStage
-from vidqa.pruning.stprune import merge_into_centres, stprune, stprune_plan
+from vidqa.pruning.core.presets import load_preset
+from vidqa.pruning.methods.fastvid import DySegStage, STPruneStage, merge_into_centres, stprune, stprune_plan
+from vidqa.pruning.ops.dyseg import dyseg_cuts, dyseg_segments
+from vidqa.pruning.ops.segments import similarity_segments
+from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fastvid"
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +72,7 @@ def test_samples_match_the_micro_world():
     for name, wanted in make_samples.WANTED.items():
         _, clip = make_samples.find_clip(wanted)
         mine = {row["question"]: row["expected"] for row in rows if row["video"] == name}
-        from vidqa.micro import world
+        from microworld import world
 
         assert mine == {world.QUESTIONS[kind]: answer for kind, answer in clip.answers.items()}
 
@@ -238,7 +237,7 @@ def test_ask_json_on_a_full_disk_names_the_file():
 
 
 def test_batch_on_a_full_disk_says_how_to_resume(run_cli, monkeypatch, tmp_path):
-    from vidqa import batch_store
+    from vidqa.batch import store as batch_store
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -284,7 +283,7 @@ def test_expected_and_answer_columns_together_are_refused(run_cli, tmp_path):
 def test_summary_shows_the_retention_a_preset_reached():
     from rich.console import Console
 
-    from vidqa.batch_summary import summarize, summary_table
+    from vidqa.batch.summary import summarize, summary_table
 
     def record(preset, keep, retention):
         return {"id": "1", "preset": preset, "keep": keep, "answer": "a", "expected": "a", "correct": True,

@@ -9,16 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
+
 from vidqa.errors import BadInput
-from vidqa.models.base import VisualTokens
-from vidqa.pruning.dyseg import dyseg_segments
-from vidqa.pruning.flashvid import adts_select, compress_segment, frame_budgets, tstm
-from vidqa.pruning.presets import load_preset
-from vidqa.pruning.pruner import PresetPruner
-from vidqa.pruning.stages.fastvid import DySegStage
-from vidqa.pruning.stages.flashvid import ADTSTreeMerge
+from vidqa.pruning.core.presets import load_preset
+from vidqa.pruning.core.pruner import PresetPruner
+from vidqa.pruning.methods.fastvid import DySegStage
+from vidqa.pruning.methods.flashvid import ADTSTreeMerge, adts_select, compress_segment, frame_budgets, tstm
+from vidqa.pruning.ops.dyseg import dyseg_segments
+from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "flashvid" / "flashvid.pt")
 

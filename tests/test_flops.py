@@ -19,7 +19,7 @@ from vidqa.flops import (
     vision_encoder_macs,
     visual_prefill_macs,
 )
-from vidqa.pruning.compat import cache_keyword
+from vidqa.pruning.core.compat import cache_keyword
 
 # LLaVA-OneVision-7B (Qwen2-7B LLM), 32 frames x 196 tokens.
 OV7B = LLMShape(

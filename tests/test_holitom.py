@@ -12,18 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILY_FRAMES, ask_json, assert_one_line_error
-from vidqa import engine
-from vidqa.models import VisualTokens, load_model
-from vidqa.models.base import weighted_row_means
-from vidqa.pruning.decoder import DecoderPruning, LayerContext, Selection, _Prefill
-from vidqa.pruning.holitom import holitom_merge, removable_counts, static_windows
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import NO_PRUNING, RequestState
-from vidqa.pruning.stages.holitom import HoliTomMergeStage, SimilarityMerge, sequential_average
-from vidqa.testing_qwen3 import build_tiny_qwen3_vl
-from vidqa.video import load_clip
+
+from vidqa.engine import request as engine
+from vidqa.models import load_model
+from vidqa.pruning.core.decoder import DecoderPruning, LayerContext, Selection, _Prefill
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
+from vidqa.pruning.methods.holitom import (
+    HoliTomMergeStage,
+    SimilarityMerge,
+    holitom_merge,
+    removable_counts,
+    sequential_average,
+    static_windows,
+)
+from vidqa.tensors.tokens import VisualTokens, weighted_row_means
+from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+from vidqa.video.decode import load_clip
 
 FIXTURES = Path(__file__).parent / "fixtures" / "holitom"
 QUESTION = "what happens in this video ?"

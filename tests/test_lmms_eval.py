@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vidqa.micro import world
+from microworld import world
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = (0, 1, 2)
@@ -37,7 +37,7 @@ def micro_checkpoint() -> Path:
 
 
 def test_vidqa_never_imports_lmms_eval():
-    code = "import sys, vidqa.cli, vidqa.batch, vidqa.engine, vidqa.eval; print('lmms_eval' in sys.modules)"
+    code = "import sys, vidqa.cli.app, vidqa.batch.runner, vidqa.engine.request, vidqa.eval; print('lmms_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

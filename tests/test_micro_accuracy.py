@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from microworld import world
 from vidqa.micro import CHECKPOINT as MICRO_CHECKPOINT
-from vidqa.micro import world
 
 CHECKPOINT = Path(os.environ.get("VIDQA_MICRO_CHECKPOINT") or MICRO_CHECKPOINT)
 START_TYPES = ("square_start", "background_start")
@@ -35,7 +35,7 @@ def checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").is_file():
         pytest.fail(
             f"the trained micro checkpoint is missing: {CHECKPOINT}/config.json not found. Train it with the "
-            "command in benchmarks/micro/README.md (python -m vidqa.micro.train --out vidqa/micro/checkpoint "
+            "command in benchmarks/micro/README.md (python -m microworld.train --out vidqa/micro/checkpoint "
             "--seed 0 ...), or set VIDQA_MICRO_CHECKPOINT to a checkpoint directory."
         )
     return CHECKPOINT
@@ -104,7 +104,7 @@ def test_keeping_only_one_half_of_the_clip_loses_the_other_halfs_questions(acc, 
 
 
 def test_heldout_set_is_regenerable_and_ids_name_the_type(acc, tmp_path):
-    from vidqa.batch import read_questions as batch_read
+    from vidqa.batch.runner import read_questions as batch_read
 
     a = acc.heldout.generate(tmp_path / "a", clips=3, types=("square_start", "circle"))
     b = acc.heldout.generate(tmp_path / "b", clips=3, types=("square_start", "circle"))
@@ -139,7 +139,7 @@ def test_first_clip_extends_a_sweep_with_the_next_clips(acc, tmp_path):
     assert rows == [row for row in whole if int(row["clip"]) >= 2]
 
 def _tokens(frames=8, side=4):
-    from vidqa.models.base import VisualTokens
+    from vidqa.tensors.tokens import VisualTokens
 
     n = frames * side * side
     token = torch.arange(n)

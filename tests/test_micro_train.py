@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vidqa.micro import world
-from vidqa.micro.model import build_processor
-from vidqa.micro.train import answer_labels, evaluate, frames_for_step, main, text_batch, video_batch
+from microworld import world
+from microworld.model import build_processor
+from microworld.train import answer_labels, evaluate, frames_for_step, main, text_batch, video_batch
 
 
 def _colour_counts(frame: np.ndarray) -> Counter:
@@ -219,7 +219,7 @@ def test_training_smoke_saves_a_loadable_fp16_checkpoint(tmp_path, run_cli):
 
 
 def test_written_clips_decode_close_to_the_generated_frames(tmp_path):
-    from vidqa.video import load_clip
+    from vidqa.video.decode import load_clip
 
     clip = world.heldout_clip(5)
     decoded = load_clip(world.write_clip(tmp_path / "c.mp4", clip), num_frames=8).frames

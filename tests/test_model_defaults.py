@@ -15,20 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import split_layers
-from vidqa import engine
+
+from vidqa.engine import request as engine
+from vidqa.engine.generation import generation_settings
 from vidqa.errors import BadInput
-from vidqa.frame_rules import QwenVLFrames, SmolVLMFrames, UniformFrames
-from vidqa.generation_settings import generation_settings
 from vidqa.models import frame_rule_for, load_model, plan_placement
 from vidqa.models import placement as placement_module
 from vidqa.models.qwen_vl_sizing import frame_pixel_limit, reference_size, resize_frames
-from vidqa.pruning.presets import available_presets, build_pruner, load_preset
-from vidqa.testing import DEFAULT_WORDS, build_tiny_llava_onevision
-from vidqa.testing_families import DEFAULT_WORDS as FAMILY_WORDS
-from vidqa.testing_families import build_tiny_qwen2_5_vl
-from vidqa.video import load_clip
+from vidqa.pruning.core.presets import available_presets, build_pruner, load_preset
+from vidqa.testing.builders import DEFAULT_WORDS, build_tiny_llava_onevision
+from vidqa.testing.families import DEFAULT_WORDS as FAMILY_WORDS
+from vidqa.testing.families import build_tiny_qwen2_5_vl
+from vidqa.video.decode import load_clip
+from vidqa.video.frame_rules import QwenVLFrames, SmolVLMFrames, UniformFrames
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "qwen_vl_utils" / "reference.json").read_text())
 QUESTION = "what happens in this video ?"

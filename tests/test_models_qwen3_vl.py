@@ -10,18 +10,19 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from conftest import assert_one_line_error
-from vidqa import engine, flops
+from vidqa import flops
+from vidqa.engine import request as engine
 from vidqa.models import load_model
 from vidqa.models.qwen3_vl import frame_pixel_budget
-from vidqa.pruning.compat import cache_keyword, returned_cache
-from vidqa.pruning.decoder import DecoderPruning, Selection
-from vidqa.pruning.presets import available_presets, build_pruner, load_preset
-from vidqa.pruning.runtime import NO_PRUNING, RequestState
-from vidqa.testing_qwen3 import build_tiny_qwen3_vl
-from vidqa.video import load_clip
+from vidqa.pruning.core.compat import cache_keyword, returned_cache
+from vidqa.pruning.core.decoder import DecoderPruning, Selection
+from vidqa.pruning.core.presets import available_presets, build_pruner, load_preset
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
+from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+from vidqa.video.decode import load_clip
 
 QUESTION = "what happens in this video ?"
 FRAMES = 8  # 4 temporal patches x 4x4 tokens = 64 video tokens
@@ -308,7 +309,7 @@ def test_coefficient_merge_sums_members_and_their_deepstack_rows(encoded):
 
 
 def test_affine_row_sums_in_bounded_chunks_equal_one_pass(monkeypatch):
-    from vidqa.models import base
+    from vidqa.tensors import tokens as base
 
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(50, 8, generator=generator)

@@ -10,17 +10,18 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import assert_one_line_error
-from vidqa import engine, flops
+from vidqa import flops
+from vidqa.engine import request as engine
 from vidqa.models import load_model
-from vidqa.pruning.compat import cache_keyword, returned_cache
-from vidqa.pruning.decoder import DecoderPruning, Selection
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import NO_PRUNING, RequestState
+from vidqa.pruning.core.compat import cache_keyword, returned_cache
+from vidqa.pruning.core.decoder import DecoderPruning, Selection
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
 
 QUESTION = "what happens in this video ?"
 FRAMES = {"qwen": 8, "smol": 4}  # as FAMILY_FRAMES: Qwen 8 frames = 4 temporal patches x 16 tokens; SmolVLM 4 x 16

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from vidqa.pruning.budgets import adatp_segment_budgets, round_to_total
-from vidqa.pruning.cluster import best_member, cluster_means, dpc_knn, first_member
-from vidqa.pruning.merging import local_dedup, prunevid_merge_segment
-from vidqa.pruning.raters import recycle_pruned, select_raters
-from vidqa.pruning.segments import (
+from vidqa.pruning.methods.sparsevlm import recycle_pruned, select_raters
+from vidqa.pruning.ops.budgets import adatp_segment_budgets, round_to_total
+from vidqa.pruning.ops.cluster import best_member, cluster_means, dpc_knn, first_member
+from vidqa.pruning.ops.merging import local_dedup, prunevid_merge_segment
+from vidqa.pruning.ops.segments import (
     labels_to_segments,
     prunevid_segments,
     similarity_segments,

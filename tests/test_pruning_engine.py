@@ -6,18 +6,20 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import assert_one_line_error
-from vidqa import engine, flops
-from vidqa.models import VisualTokens, load_model
-from vidqa.pruning.decoder import LayerContext, Selection
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import RequestState
-from vidqa.pruning.stages.prunevid import SpatioTemporalMerge, top_k_per_group
-from vidqa.testing import build_tiny_llava_onevision
-from vidqa.video import load_clip
+from vidqa import flops
+from vidqa.engine import request as engine
+from vidqa.models import load_model
+from vidqa.pruning.core.decoder import LayerContext, Selection
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import RequestState
+from vidqa.pruning.methods.prunevid import SpatioTemporalMerge, top_k_per_group
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.testing.builders import build_tiny_llava_onevision
+from vidqa.video.decode import load_clip
 
 QUESTION = "what happens in this video ?"
 IDENTITY = {
@@ -94,7 +96,7 @@ def test_recomputed_attention_rows_equal_eager_attention(tmp_path, clip):
             seen["rows"], seen["probs"] = rows, context.attention(rows)
             return Selection(keep=torch.arange(len(context.visual_rows)))
 
-    from vidqa.pruning.decoder import DecoderPruning
+    from vidqa.pruning.core.decoder import DecoderPruning
 
     with torch.no_grad(), DecoderPruning(sdpa, [Probe()], {3: 128}, inputs, {"frame": state.llm_tokens.frame}, state):
         sdpa.model(**inputs.kwargs)

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from vidqa.errors import BadInput
-from vidqa.models.base import VisualTokens
-from vidqa.pruning.cluster import cluster_means, dpc_knn
-from vidqa.pruning.decoder import LayerContext
-from vidqa.pruning.raters import recycle_pruned
-from vidqa.pruning.segments import labels_to_segments, make_clusters_contiguous
-from vidqa.pruning.stages.prunevid import QuestionAttentionSelect, SpatioTemporalMerge
+from vidqa.pruning.core.decoder import LayerContext
+from vidqa.pruning.methods.prunevid import QuestionAttentionSelect, SpatioTemporalMerge
+from vidqa.pruning.methods.sparsevlm import recycle_pruned
+from vidqa.pruning.ops.cluster import cluster_means, dpc_knn
+from vidqa.pruning.ops.segments import labels_to_segments, make_clusters_contiguous
+from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "prunevid" / "reference.pt", weights_only=True)
 

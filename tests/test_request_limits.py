@@ -10,12 +10,13 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error
-from vidqa import engine, stats
+
+from vidqa.engine import request as engine
+from vidqa.engine import stats
+from vidqa.engine.stats import RequestMemory
 from vidqa.models import load_model
-from vidqa.stats import RequestMemory
-from vidqa.video import load_clip
+from vidqa.video.decode import load_clip
 
 QUESTION = "what happens in this video ?"
 MIB = 2**20

@@ -1,4 +1,4 @@
-"""Reusing a video's prefill across questions (vidqa/session.py): token-identical answers on
+"""Reusing a video's prefill across questions (vidqa/engine/session.py): token-identical answers on
 every family, for `none` and pre-LLM presets (1-D positions original and compact, Qwen M-RoPE),
 with and without conversation history; in-LLM presets fall back to full prefills."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidqa import engine
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.session import VideoSession, prefix_reusable
+from vidqa.engine import request as engine
+from vidqa.engine.session import VideoSession, prefix_reusable
+from vidqa.pruning.core.presets import build_pruner, load_preset
 
 QUESTIONS = ["what happens in this video ?", "which colour is the square ?", "is it moving left or right ?"]
 GENERATION = engine.GenerationOptions(max_new_tokens=8)

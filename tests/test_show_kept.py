@@ -1,4 +1,4 @@
-"""Token provenance (VisualTokens.origin, pruning/provenance.py) and `--show-kept` images."""
+"""Token provenance (VisualTokens.origin, pruning/core/provenance.py) and `--show-kept` images."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error
-from vidqa import engine
-from vidqa.models import VisualTokens, load_model
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.provenance import DROPPED_BEFORE_LLM, DROPPED_IN_LLM, KEPT, token_fates
-from vidqa.pruning.stages.fastvid import STPruneStage
-from vidqa.pruning.stages.visionzip import VisionZip
-from vidqa.show_kept import LEGEND_ROWS, image_name, layout
-from vidqa.synthetic import static_left_half_frames, write_video
-from vidqa.video import load_clip
+
+from vidqa.engine import request as engine
+from vidqa.models import load_model
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.provenance import DROPPED_BEFORE_LLM, DROPPED_IN_LLM, KEPT, token_fates
+from vidqa.pruning.methods.fastvid import STPruneStage
+from vidqa.pruning.methods.visionzip import VisionZip
+from vidqa.render.show_kept import LEGEND_ROWS, image_name, layout
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.testing.videos import static_left_half_frames, write_video
+from vidqa.video.decode import load_clip
 
 QUESTION = "what happens in this video ?"
 FRAMES = 8  # the tiny LLaVA-OneVision: 4x4 pooled tokens per 112 px frame
@@ -197,7 +198,7 @@ def shaded_kept_counts(png, fates_grid, frames: np.ndarray) -> list[int]:
     is veiled (85% grey), which flattens the planted clip's texture (checkerboard, noise) to 15%
     of its contrast: a cell is counted kept when its pixels keep at least 40% of the contrast of
     the same part of the frame."""
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
 
     image = plt.imread(str(png))[..., :3]  # (H, W, 3) floats in 0..1
     num_frames, rows, cols = fates_grid
@@ -230,7 +231,7 @@ def test_show_kept_png_matches_the_json_counts(run_cli, tiny_llava, planted_vide
     assert result.exit_code == 0, result.stderr
     kept = json.loads(result.stdout)["kept"]
     assert kept["grid"] == [FRAMES, 4, 4]
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
 
     height, width = plt.imread(str(out)).shape[:2]
     assert (width, height) == layout(FRAMES, 112, 112, LEGEND_ROWS).size
@@ -291,8 +292,8 @@ def test_chat_draws_one_image_per_question(run_cli, tiny_llava, planted_video, t
 
 @pytest.fixture(scope="module")
 def family_adapters(tmp_path_factory):
-    from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-    from vidqa.testing_qwen3 import build_tiny_qwen3_vl
+    from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+    from vidqa.testing.qwen3 import build_tiny_qwen3_vl
 
     def load(build, name, **options):
         return load_model(str(build(tmp_path_factory.mktemp(name))), device="cpu", dtype="float32", **options)
@@ -308,7 +309,7 @@ def family_adapters(tmp_path_factory):
 def test_fates_follow_each_familys_token_grid(family_adapters, planted_video, family, frames_per_cell, tmp_path):
     """Cells are the family's tokens: Qwen's temporal patches cover two sampled frames (one panel
     each), SmolVLM2's frames are separate spans; an in-LLM and a merging preset are both tracked."""
-    from vidqa.show_kept import describe, draw_kept
+    from vidqa.render.show_kept import describe, draw_kept
 
     adapter = family_adapters[family]
     clip = load_clip(planted_video, num_frames=FRAMES)
@@ -322,7 +323,7 @@ def test_fates_follow_each_familys_token_grid(family_adapters, planted_video, fa
     assert int((merged.row >= 0).sum()) == len(merged.row)  # PruneVid merges, it does not drop before the LLM
     out = tmp_path / f"{family}.png"
     geometry = draw_kept(merged, clip.frames, clip.timestamps, out, describe("tiny", "prunevid", None, QUESTION, fastv.stats))
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
 
     assert len(geometry.panels) == fates.grid[0]
     assert plt.imread(str(out)).shape[1::-1] == geometry.size == layout(fates.grid[0], 112, 112, LEGEND_ROWS).size

@@ -1,4 +1,4 @@
-"""The SmolLM2 benchmark model (vidqa.micro.smol): training runs, the assembly is deterministic,
+"""The SmolLM2 benchmark model (microworld.smol): training runs, the assembly is deterministic,
 the training prompt is the one `vidqa ask` builds, and the committed weights answer the held-out
 questions through `vidqa batch`.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidqa.micro import train_smol, world
+from microworld import train_smol, world
 
 START_TYPES = ("square_start", "background_start", "corner_start")
 END_TYPES = ("square_end", "background_end")
@@ -35,14 +35,14 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def llm_dir():
-    from vidqa.micro.smol import converted_llm
+    from microworld.smol import converted_llm
 
     return converted_llm()
 
 
 @pytest.fixture(scope="session")
 def assembled(llm_dir, tmp_path_factory):
-    from vidqa.micro.assemble import assemble
+    from microworld.assemble import assemble
 
     return assemble(tmp_path_factory.mktemp("smol") / "model")
 
@@ -76,8 +76,8 @@ def test_training_refuses_transformers_that_drop_the_answers(monkeypatch, tmp_pa
 def test_training_runs_a_few_steps_and_writes_small_weights(tmp_path, llm_dir):
     from safetensors.torch import load_file
 
-    from vidqa.micro.smol import LORA_RANK, NEW_TOKENS, SMOL_WEIGHTS
-    from vidqa.micro.train_smol import train
+    from microworld.smol import LORA_RANK, NEW_TOKENS, SMOL_WEIGHTS
+    from microworld.train_smol import train
 
     lines = []
     record = train(tmp_path, seed=3, steps=2, batch=1, eval_every=0, save_every=1, log_every=1, threads=1,
@@ -100,7 +100,7 @@ def test_the_same_seed_trains_the_same_weights_on_one_machine(tmp_path, llm_dir)
     """The recipe is reproducible from its seed where the arithmetic is the same (one machine,
     one thread count): two runs give byte-identical weights; another seed does not. Across
     CPUs bf16 rounding differs, so the weights do (benchmarks/micro/README.md, Seeds)."""
-    from vidqa.micro.train_smol import train
+    from microworld.train_smol import train
 
     quiet = dict(steps=2, batch=1, eval_every=0, save_every=1, log_every=1, threads=1, log=lambda *a, **k: None)
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
@@ -116,8 +116,8 @@ def test_training_continues_from_init_weights_and_stops_after(tmp_path, llm_dir)
     one's), --stop-after cuts the run while its schedule stays laid out for --steps."""
     from safetensors.torch import load_file
 
-    from vidqa.micro.smol import SMOL_WEIGHTS
-    from vidqa.micro.train_smol import train
+    from microworld.smol import SMOL_WEIGHTS
+    from microworld.train_smol import train
 
     quiet = dict(batch=2, eval_every=0, save_every=1, log_every=1, threads=1, log=lambda *a, **k: None)
     fresh = train(tmp_path / "fresh", seed=5, steps=4, stop_after=1, **quiet)
@@ -136,15 +136,15 @@ def test_training_continues_from_init_weights_and_stops_after(tmp_path, llm_dir)
 def test_assembly_is_bit_identical_and_merges_lora(assembled, tmp_path):
     from safetensors.torch import load_file
 
-    from vidqa.micro.assemble import assemble
-    from vidqa.micro.smol import LORA_ALPHA, LORA_RANK, SMOL_WEIGHTS, lora_delta
+    from microworld.assemble import assemble
+    from microworld.smol import LORA_ALPHA, LORA_RANK, SMOL_WEIGHTS, lora_delta
 
     again = assemble(tmp_path / "again")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "processor_config.json"):
         assert _sha(assembled / name) == _sha(again / name), name
     built = load_file(str(assembled / "model.safetensors"))
     trained = load_file(str(SMOL_WEIGHTS))
-    from vidqa.micro.smol import converted_llm
+    from microworld.smol import converted_llm
 
     original = load_file(str(converted_llm() / "model.safetensors"))
     key = "model.text_model.layers.7.self_attn.q_proj.weight"
@@ -159,9 +159,9 @@ def test_assembly_is_bit_identical_and_merges_lora(assembled, tmp_path):
 
 def test_training_prompt_is_the_one_vidqa_ask_builds(assembled, tmp_path):
     """Same token ids from the training encoder and from the SmolVLM2 adapter on the decoded mp4."""
-    from vidqa import engine
-    from vidqa.micro.chat import conversation
-    from vidqa.micro.train_smol import encode
+    from microworld.chat import conversation
+    from microworld.train_smol import encode
+    from vidqa.engine import request as engine
     from vidqa.models import load_model
 
     adapter = load_model(str(assembled), device="cpu", dtype="float32")

@@ -1,4 +1,4 @@
-"""The extras of the synthetic world (vidqa.micro.world, `extras=True`): the flash and the corner
+"""The extras of the synthetic world (microworld.world, `extras=True`): the flash and the corner
 block the SmolLM2 benchmark model is asked about. No checkpoint needed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from vidqa.micro import world
+from microworld import world
 
 
 def _diamond(clip) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_emphasis_weights_a_type_within_its_group_and_none_draws_as_before():
 def test_emphasis_flag_rejects_unknown_types_and_bad_weights():
     import pytest
 
-    from vidqa.micro.train_smol import parse_emphasis
+    from microworld.train_smol import parse_emphasis
 
     assert parse_emphasis("direction=2, background_change=3") == {"direction": 2.0, "background_change": 3.0}
     assert parse_emphasis(None) is None
@@ -106,7 +106,7 @@ def test_attention_bias_counts_the_top_tokens_per_eighth(load_script):
 
     import torch
 
-    from vidqa.pruning.stages.adatp import frame_debiased_scores
+    from vidqa.pruning.methods.adatp import frame_debiased_scores
 
     module = load_script("benchmarks/micro/attention_bias.py")
     scores = torch.rand(128, generator=torch.Generator().manual_seed(0))

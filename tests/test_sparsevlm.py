@@ -6,19 +6,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ask_json, assert_one_line_error
+
 from vidqa.errors import BadInput
-from vidqa.pruning.cluster import dpc_knn
-from vidqa.pruning.decoder import DecoderPruning, LayerContext, _Prefill
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.stages.sparsevlm import (
+from vidqa.pruning.core.decoder import DecoderPruning, LayerContext, _Prefill
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.methods.sparsevlm import (
     RaterAttentionPrune,
     rater_source_rows,
     recycled_count,
     split_budget,
 )
-from vidqa.testing import build_tiny_llava_onevision
+from vidqa.pruning.ops.cluster import dpc_knn
+from vidqa.testing.builders import build_tiny_llava_onevision
 
 QUESTION = "what happens in this video ?"
 ALL_STAGES = ("prune1", "prune2", "prune3")

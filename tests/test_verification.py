@@ -1,5 +1,5 @@
 """Pruning never switches off silently: after every prefill the engine checks what the LLM did
-against the plan (pruning/verify.py). Normal runs of every preset pass on every family; simulated
+against the plan (pruning/core/verify.py). Normal runs of every preset pass on every family; simulated
 transformers changes (a hook that never fires, edits that are ignored, a cache that is not sliced,
 a cache argument under an unknown name, features or positions the model did not take) stop the
 request with one line naming the transformers version and the preset, exit 1."""
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error
-from vidqa import engine
-from vidqa.pruning import decoder, verify
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.compat import TESTED_TRANSFORMERS, PruningMismatch, transformers_version
-from vidqa.pruning.verify import CHECKS, _cache_lengths
+
+from vidqa.engine import request as engine
+from vidqa.pruning.core import decoder, verify
+from vidqa.pruning.core.compat import TESTED_TRANSFORMERS, PruningMismatch, transformers_version
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.verify import CHECKS, _cache_lengths
 
 QUESTION = "what happens in this video ?"
 PRESETS = ["none", "fastv", "prunevid", "sparsevlm", "adatp"]
@@ -126,7 +126,7 @@ def test_an_unsliced_cache_stops_the_request(run_cli, tiny_llava, square_video, 
 def test_a_cache_argument_under_an_unknown_name_stops_the_request(run_cli, tiny_llava, square_video, monkeypatch):
     """transformers renames the decoder modules' cache kwarg again (past_key_values -> cache happened
     in 5.24): the hooks no longer find the cache, so PruneVid's cache slicing would silently not happen."""
-    monkeypatch.setattr(decoder, "_cache_argument", lambda kwargs: None)
+    monkeypatch.setattr(decoder, "cache_argument", lambda kwargs: None)
     result = cli_ask(run_cli, tiny_llava, square_video, "prunevid")
     assert_mismatch(result, "prunevid", "KV cache holds")
     assert_silent_without_the_check(monkeypatch, lambda: cli_ask(run_cli, tiny_llava, square_video, "prunevid"))
@@ -260,7 +260,7 @@ def test_hooks_on_modules_the_model_does_not_run_stop_the_request(run_cli, tiny_
 
 
 def test_the_advice_depends_on_whether_the_version_was_tested(monkeypatch):
-    from vidqa.pruning import compat
+    from vidqa.pruning.core import compat
 
     monkeypatch.setattr(compat, "transformers_version", lambda: "5.24.0")
     assert "in the tested range, please report this" in str(PruningMismatch("x", "fastv"))

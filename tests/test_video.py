@@ -1,4 +1,4 @@
-"""vidqa.video.load_clip and vidqa.synthetic.write_video on small generated videos."""
+"""vidqa.video.decode.load_clip and vidqa.testing.videos.write_video on small generated videos."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import cv2
 import numpy as np
 import pytest
 
-from vidqa import video as video_module
 from vidqa.errors import BadInput
-from vidqa.synthetic import (
+from vidqa.testing.videos import (
     moving_square_frames,
     static_left_half_frames,
     three_scene_frames,
     write_video,
 )
-from vidqa.video import load_clip
+from vidqa.video import decode as video_module
+from vidqa.video.decode import load_clip
 
 FPS = 8.0
 T = 40  # 5 seconds at 8 fps

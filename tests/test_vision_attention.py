@@ -9,10 +9,10 @@ import torch
 from vidqa.errors import BadInput
 from vidqa.models import load_model
 from vidqa.models.vision_attention import bilinear_pool, block_mean, merge_unit_mean, resolve_vision_layer
-from vidqa.testing import build_tiny_llava_onevision
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.testing_qwen3 import build_tiny_qwen3_vl
-from vidqa.video import load_clip
+from vidqa.testing.builders import build_tiny_llava_onevision
+from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+from vidqa.video.decode import load_clip
 
 QUESTION = "what happens in this video ?"
 
@@ -260,7 +260,7 @@ class _Recorder:
 
 
 def test_engine_encodes_with_attention_only_when_a_stage_asks(checkpoints, square_video, monkeypatch):
-    from vidqa import engine
+    from vidqa.engine import request as engine
 
     adapter = load_model(str(checkpoints["smol"]), device="cpu", dtype="float32")
     clip = load_clip(square_video, num_frames=3)

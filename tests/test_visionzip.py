@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error
-from vidqa.models import VisualTokens, load_model
-from vidqa.pruning.presets import build_pruner, load_preset
-from vidqa.pruning.runtime import RequestState
-from vidqa.pruning.stages.visionzip import VisionZip, zip_tokens
-from vidqa.testing import build_tiny_llava_onevision
-from vidqa.testing_families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
-from vidqa.video import load_clip
+
+from vidqa.models import load_model
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.runtime import RequestState
+from vidqa.pruning.methods.visionzip import VisionZip, zip_tokens
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.testing.builders import build_tiny_llava_onevision
+from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from vidqa.video.decode import load_clip
 
 FIXTURES = Path(__file__).parent / "fixtures" / "visionzip"
 QUESTION = "what happens in this video ?"

@@ -1,6 +1,6 @@
 """`python -m vidqa ...`: the same as the `vidqa` command."""
 
-from .entry import main
+from vidqa.entry import main
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ def main() -> None:
             # back to KeyboardInterrupt, which the commands catch to finish cleanly (batch: the
             # records written so far are complete; it says how to resume)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        from .cli import main as run
+        from vidqa.cli.app import main as run
 
         run()
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, RuntimeFailure
+from vidqa.errors import BadInput, RuntimeFailure
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # the real default; needs the hub once
 PROBE_TIMEOUT_S = 5.0  # one request; connection refused answers at once, a silent network takes this long
@@ -32,7 +32,7 @@ class Bundled:
 
 
 def bundled_models() -> dict[str, Bundled]:
-    from . import micro
+    from vidqa import micro
 
     return {
         "micro": Bundled(micro.CHECKPOINT, "LLaVA-OneVision", micro.FRAMES,

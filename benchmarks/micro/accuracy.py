@@ -2,7 +2,7 @@
 
     python benchmarks/micro/accuracy.py                       # everything; ~6 min on 2 idle CPU cores
     python benchmarks/micro/accuracy.py --skip-run            # only re-read the results, redo tables + plot
-    python benchmarks/micro/accuracy.py --world smol --clips 24   # the SmolLM2-135M model (vidqa.micro.smol):
+    python benchmarks/micro/accuracy.py --world smol --clips 24   # the SmolLM2-135M model (microworld.smol):
                                             # 9 question types, its own held-out folder and doc block; ~1 h
                                             # on 2 cores (the in-LLM presets prefill the 135 M model per question)
     python benchmarks/micro/accuracy.py --world smol --first-clip 24 --clips 24 --heldout H --results R
@@ -17,7 +17,7 @@ Steps (each resumable: rerunning skips the records already in the results files)
    `vidqa batch` ignores the CSV's `type` column, so records are joined to their question type by
    id (`c0042-square_start`). A keep a preset cannot reach on the 4-layer micro model (e.g. FastV
    drops after layer 1 of 4, so R >= 1/4) is an error in its records: shown as "unreachable".
-3. reference selections, in process through `vidqa.engine.answer` with a small custom Pruner
+3. reference selections, in process through `vidqa.engine.request.answer` with a small custom Pruner
    whose `before_llm` keeps a subset of the 128 frame tokens (`VisualTokens.select`; kept tokens
    keep their original positions; the image_newline token is never pruned):
    - sensitivity, all at 64 of 128 tokens: start-only (frames 0-3), end-only (frames 4-7),
@@ -56,7 +56,7 @@ DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the packag
 DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 FRAMES = 8
-MAX_NEW_TOKENS = 3  # one answer word + <|im_end|>, as vidqa.micro.train.evaluate
+MAX_NEW_TOKENS = 3  # one answer word + <|im_end|>, as microworld.train.evaluate
 SENSITIVITY_TOKENS = 64
 SENSITIVITY = ("start-only", "end-only", "even-frames", "checkerboard", "per-frame-random", "oracle")
 REFERENCES = ("random", "per-frame-random", "oracle")  # per sweep budget
@@ -190,7 +190,7 @@ def selection_index(name: str, tokens, budget: int, truth: dict | None = None, s
 
 
 class SubsetPruner:
-    """A Pruner (vidqa.pruning.runtime interface) that keeps a fixed subset of the frame tokens
+    """A Pruner (vidqa.pruning.core.runtime interface) that keeps a fixed subset of the frame tokens
     before the LLM; kept tokens keep their original positions."""
 
     positions = "original"
@@ -264,10 +264,10 @@ def run_selections(adapter, rows: Sequence[dict], folder: Path, manifest: dict,
     one `VideoSession`: the pruned video prefix is prefilled once and its questions answered from
     that cache, as `vidqa batch` does for question-agnostic presets (on the SmolLM2 model that
     is most of the cost: about 230 of a question's 250 rows)."""
-    from vidqa import engine
-    from vidqa.batch_summary import normalize_keep, score
-    from vidqa.report import ask_record
-    from vidqa.session import VideoSession
+    from vidqa.batch.summary import normalize_keep, score
+    from vidqa.engine import request as engine
+    from vidqa.engine.session import VideoSession
+    from vidqa.render.report import ask_record
 
     done = set(done)
     generation = engine.GenerationOptions(max_new_tokens=MAX_NEW_TOKENS)
@@ -347,8 +347,8 @@ def cell(records: Sequence[dict]) -> dict:
 def accuracy_table(records: Sequence[dict], types: Sequence[str] | None = None,
                    order: Sequence[str] | None = None) -> list[dict]:
     """One row per (preset, keep): cells per question type and overall."""
-    from vidqa.batch_summary import normalize_keep
-    from vidqa.micro import world
+    from microworld import world
+    from vidqa.batch.summary import normalize_keep
 
     typed = join_types(records)
     types = list(types or [t for t in world.QUESTION_TYPES if any(r["type"] == t for r in typed)])
@@ -405,7 +405,7 @@ def _short(kind: str) -> str:
 
 
 def world_types(world_name: str = "micro") -> list[str]:
-    from vidqa.micro import world
+    from microworld import world
 
     return list(world.QUESTION_TYPES) + (list(world.EXTRA_QUESTION_TYPES) if world_name == "smol" else [])
 
@@ -449,7 +449,7 @@ def plot(summary: dict, path: str | Path, presets: Sequence[str], types: Sequenc
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot as plt
 
     rows = summary["presets"]
     panels = ["overall"] + list(types or world_types())
@@ -512,8 +512,8 @@ def update_doc(doc: Path, markdown: str, begin: str = DOC_BEGIN, end: str = DOC_
 
 
 def _read(path: Path) -> list[dict]:
-    from vidqa.batch_store import read_records
-    from vidqa.batch_summary import record_key
+    from vidqa.batch.store import read_records
+    from vidqa.batch.summary import record_key
 
     if not path.exists():
         return []
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         args.heldout = SMOL_HELDOUT if smol else heldout.DEFAULT_OUT
     if args.model is None and not args.skip_run:
         if smol:
-            from vidqa.micro.assemble import assemble
+            from microworld.assemble import assemble
 
             args.model = str(assemble())
         else:
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_references:
             import torch
 
-            from vidqa.batch_summary import record_key
+            from vidqa.batch.summary import record_key
             from vidqa.models import load_model
 
             torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ rows (every row after the last frame token: the question and the template), mean
 rows; take the top 10% of the 128 visual tokens and count which eighth of the visual sequence
 (16 tokens = one frame at 8 frames) each falls in. "debiased" does the same after AdaTP's
 global score debiasing (each score divided by the mean score of its frame,
-vidqa.pruning.stages.adatp.frame_debiased_scores). Shares are over all (clip, question) pairs;
+vidqa.pruning.methods.adatp.frame_debiased_scores). Shares are over all (clip, question) pairs;
 uniform is 12.5% per eighth.
 """
 
@@ -42,10 +42,10 @@ def top_eighths(scores, top: float = TOP, parts: int = EIGHTHS) -> np.ndarray:
 def measure(model_dir: str, clips: int = 8, layers=LAYERS, seed: int | None = None, threads: int = 2) -> dict:
     import torch
 
-    from vidqa.micro import world
-    from vidqa.micro.smol import FRAMES
+    from microworld import world
+    from microworld.smol import FRAMES
     from vidqa.models import load_model
-    from vidqa.pruning.stages.adatp import frame_debiased_scores
+    from vidqa.pruning.methods.adatp import frame_debiased_scores
 
     torch.set_num_threads(threads)
     adapter = load_model(model_dir, device="cpu", dtype="float32")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
-        from vidqa.micro.assemble import assemble
+        from microworld.assemble import assemble
 
         model = str(assemble())
     result = measure(model, args.clips, seed=args.seed, threads=args.threads)

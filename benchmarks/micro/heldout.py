@@ -3,7 +3,7 @@
     python benchmarks/micro/heldout.py                      # 300 clips, seed 1000 -> benchmarks/micro/heldout/
     python benchmarks/micro/heldout.py --clips 40 --out /tmp/heldout
 
-Clip i is `vidqa.micro.world.heldout_clip(i, seed)` (8 frames, 112 px), written with
+Clip i is `microworld.world.heldout_clip(i, seed)` (8 frames, 112 px), written with
 `world.write_clip` (mp4, 4 fps; lossy, so the model sees what `vidqa` decodes, as a user's file
 would be). Every clip is asked every question type of `world.QUESTIONS` (7 per clip), so the
 set is regenerable from (seed, clips) and nothing here needs to be committed.
@@ -84,7 +84,7 @@ def generate(
     world.EXTRA_QUESTION_TYPES with `extras`).
     extras: clips with the flash and the corner block (the SmolLM2 benchmark model's world).
     """
-    from vidqa.micro import world
+    from microworld import world
 
     seed = world.HELDOUT_SEED if seed is None else int(seed)
     num_frames = world.NUM_FRAMES if num_frames is None else int(num_frames)

@@ -25,11 +25,11 @@ from pathlib import Path
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
-from .. import batch as batching
-from .. import engine
-from ..errors import BadInput
-from ..models import DEFAULT_MODEL, load_model
-from ..pruning.presets import build_pruner, check_budget, load_preset
+from vidqa.batch import runner as batching
+from vidqa.engine import request as engine
+from vidqa.errors import BadInput
+from vidqa.models import DEFAULT_MODEL, load_model
+from vidqa.pruning.core.presets import build_pruner, check_budget, load_preset
 
 MODEL_NAME = "vidqa"
 LOGLIKELIHOOD_UNSUPPORTED = (

@@ -1,9 +1,9 @@
-"""The micro video LLM: a synthetic world (world), the model (model) and its training (train).
+"""The bundled micro video LLM (`--model micro`): its trained checkpoint ships inside the package.
 
-The trained checkpoint ships inside the package (checkpoint/, 2.6 MB) and loads as `--model micro`.
+Its world and training live outside the installed package, in the repository's microworld/.
 """
 
 from pathlib import Path
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
-FRAMES = 8  # the clip length it was trained on (world.NUM_FRAMES)
+FRAMES = 8  # the clip length it was trained on (microworld.world.NUM_FRAMES)

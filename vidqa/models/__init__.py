@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInput, RuntimeFailure
-from ..hub import DEFAULT_MODEL, config_error, resolve_model
-from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
-from .placement import Placement, plan_placement
-from .llava_onevision import LlavaOnevisionAdapter
-from .qwen2_5_vl import Qwen2_5_VLAdapter
-from .qwen3_vl import Qwen3VLAdapter
-from .smolvlm import SmolVLMAdapter
+from vidqa.errors import BadInput, RuntimeFailure
+from vidqa.hub import DEFAULT_MODEL, config_error, resolve_model
+from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.llava_onevision import LlavaOnevisionAdapter
+from vidqa.models.placement import Placement, plan_placement
+from vidqa.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from vidqa.models.qwen3_vl import Qwen3VLAdapter
+from vidqa.models.smolvlm import SmolVLMAdapter
+from vidqa.tensors.tokens import VisualTokens
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter)
 
@@ -79,7 +80,7 @@ def _read_config(model_id: str):
 
 def frame_rule_for(model_id: str):
     """The family's reference frame rule for a checkpoint (reads its config only, no weights):
-    what `--frames`/`--fps` replace. See `vidqa.frame_rules`."""
+    what `--frames`/`--fps` replace. See `vidqa.video.frame_rules`."""
     model_id = resolve_model(model_id)  # fast, one-line failure without the hub (vidqa.hub)
     adapter_class = adapter_for(_read_config(model_id).model_type)
     return adapter_class.reference_frame_rule(_source(model_id))

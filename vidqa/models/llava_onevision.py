@@ -12,9 +12,10 @@ import math
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..frame_rules import UniformFrames
-from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
-from .vision_attention import VisionProbe, bilinear_pool, read_siglip_attention, resolve_vision_layer
+from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.vision_attention import VisionProbe, bilinear_pool, read_siglip_attention, resolve_vision_layer
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.video.frame_rules import UniformFrames
 
 
 class LlavaOnevisionAdapter(ModelAdapter):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BadInput
+from vidqa.errors import BadInput
 
 SHARDING_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
 HEADROOM = 1.15  # weights x this + RESERVE must fit: activations, KV cache and the CUDA context

@@ -38,12 +38,13 @@ import json
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..errors import BadInput, RuntimeFailure
-from ..frame_rules import QwenVLFrames
-from . import qwen_vl_sizing
-from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
-from .mrope import gathered_positions
-from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
+from vidqa.errors import BadInput, RuntimeFailure
+from vidqa.models import qwen_vl_sizing
+from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.mrope import gathered_positions
+from vidqa.models.vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.video.frame_rules import QwenVLFrames
 
 MIN_PIXELS = 28 * 28  # one merged token
 

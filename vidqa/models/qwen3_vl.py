@@ -19,7 +19,7 @@ video token; the LLM adds feature l to the visual rows of decoder layer l's outp
 They travel in `VisualTokens.deepstack` (D, N, hidden), so every pre-LLM selection or merge
 applies to them exactly as to the main features, and are handed to `generate` with the
 (pruned) main features in the same sequence order. In-LLM stages keep them aligned through
-`pruning/deepstack.py` (`deepstack_layers` tells the decoder hooks how many layers get one).
+`pruning/core/deepstack.py` (`deepstack_layers` tells the decoder hooks how many layers get one).
 
 Positions. `get_rope_index` on the FULL prompt (each temporal patch is its own 1-frame grid
 placed after its timestamp text; the interleaved M-RoPE layout is the rotary embedding's
@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInput, RuntimeFailure
-from ..frame_rules import QwenVLFrames
-from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
-from .mrope import gathered_positions
-from .vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
+from vidqa.errors import BadInput, RuntimeFailure
+from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.mrope import gathered_positions
+from vidqa.models.vision_attention import VisionProbe, merge_unit_mean, read_qwen_vision_attention, resolve_vision_layer
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.video.frame_rules import QwenVLFrames
 
 # qwen-vl-utils (vision_process.py) constants for videos
 VIDEO_MIN_TOKENS = 128

@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..errors import RuntimeFailure
-from ..frame_rules import SmolVLMFrames
-from .base import GenerationInputs, ModelAdapter, Prompt, VisualTokens
-from .vision_attention import VisionProbe, block_mean, read_siglip_attention, resolve_vision_layer
+from vidqa.errors import RuntimeFailure
+from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.vision_attention import VisionProbe, block_mean, read_siglip_attention, resolve_vision_layer
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.video.frame_rules import SmolVLMFrames
 
 
 def span_starts(rows: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as F
 
 CHUNK_ELEMENTS = 1 << 25  # at most ~128 MB of float32 scores at once
 
@@ -64,7 +64,7 @@ class VisionAttention:
 def resolve_vision_layer(layer: int, num_layers: int, feature_layer: int | None = None) -> int:
     """Absolute encoder layer index for `layer` (>= 0: as is; < 0: counted back from the feature
     layer, the last layer whose output the projector reads; default: the last layer)."""
-    from ..errors import BadInput
+    from vidqa.errors import BadInput
 
     feature = num_layers - 1 if feature_layer is None else feature_layer
     index = layer if layer >= 0 else feature + 1 + layer

@@ -1,0 +1,197 @@
+"""What the `vidqa` commands share: the stderr console, one-line errors, option types, small checks.
+
+The command modules import this one (cli.py: the app, `ask`, `presets`, `models`; cli_batch.py:
+`batch`, `summarize`); it imports neither, so the command-line layer has no cycles. Nothing here
+imports torch or transformers: `vidqa --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from vidqa.errors import BadInput, RuntimeFailure, VidqaError
+from vidqa.hub import DEFAULT_MODEL  # noqa: F401  (re-exported: every command's --model default)
+
+EXIT_CODES = "Exit codes: 0 ok · 1 runtime failure (model load, hub unreachable, out of memory, disk full) · 2 bad input · 130 interrupted."
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def click_module():
+    """The Click that Typer runs on: recent Typer vendors it as typer._click, older ones import click."""
+    import typer.core
+
+    return getattr(typer.core, "_click", None) or typer.core.click
+
+
+def fail(error: VidqaError) -> None:
+    """Print the error as one line on stderr and exit with its code."""
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+    raise typer.Exit(error.exit_code)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def stream_name(stream) -> str:
+    """A readable name for a standard stream: the file it is redirected to, where the OS says."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{stream.fileno()}")
+    except (OSError, ValueError, AttributeError):
+        target = ""
+    return target if target.startswith("/") else getattr(stream, "name", "the output")
+
+
+def file_error(error: OSError, resumable: bool = False) -> VidqaError:
+    """A file that cannot be read or written, as one line: the user's to fix (exit 2), or a full
+    disk / failing device (exit 1)."""
+    name = error.filename or "the output"
+    if error.errno in NO_SPACE:
+        rerun = "rerun to resume" if resumable else "rerun"
+        return RuntimeFailure(f"no space left on the device writing {name}; free space, then {rerun}")
+    what = f"{name}: {error.strerror or error}" if error.filename else str(error)
+    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return BadInput(f"cannot use {what}")
+    return RuntimeFailure(f"file error: {what}")
+
+
+# --- the question ----------------------------------------------------------------------------
+
+
+def read_question(argument: str | None) -> str:
+    """The argument, with piped stdin joined before it (as `llm` does)."""
+    piped = ""
+    if not sys.stdin.isatty():
+        try:
+            piped = sys.stdin.read()
+        except (OSError, ValueError):
+            piped = ""
+    parts = [part.strip() for part in (piped, argument or "") if part and part.strip()]
+    return "\n".join(parts)
+
+
+def check_generation(max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise BadInput(f"--temperature must be 0 (greedy) or more, got {temperature}")
+
+
+def frames_for_model(model: str, frames: int | None) -> int | None:
+    """--frames as given; without it, a bundled model's own clip length, else None (the model
+    family's reference sampling then chooses, see `models.frame_rule_for`)."""
+    from vidqa.hub import bundled
+
+    found = bundled(model) if frames is None else None
+    return found.frames if found is not None else frames
+
+
+def placement(model) -> dict | None:
+    """{device: modules placed there} for a sharded model; None on one device."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping or len(set(mapping.values())) < 2:
+        return None
+    counts: dict[str, int] = {}
+    for where in mapping.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return counts
+
+
+# --- terminal helpers ------------------------------------------------------------------------
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+class nothing:
+    """A context manager that does nothing (instead of a spinner when stderr is not a terminal)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- options shared by `ask` and `batch` -----------------------------------------------------
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DeviceMap(str, Enum):
+    auto = "auto"
+    none = "none"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Attention(str, Enum):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint directory, or 'micro' (the bundled demo model: offline, answers questions about samples/).")]
+FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames sampled uniformly. Default: the model family's reference sampling (LLaVA-OneVision 32 uniform; Qwen2.5-VL 2 fps, 4-768 frames; SmolVLM2 1 fps, at most 64; --model micro: 8).", show_default=False)]
+FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --frames.")]
+StartOpt = Annotated[Optional[float], typer.Option("--start", help="Start of the window, seconds.")]
+EndOpt = Annotated[Optional[float], typer.Option("--end", help="End of the window, seconds.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda when available.")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on GPUs that support it (else fp16), fp32 on CPU.")]
+AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; pruning never needs eager.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
+MaxPixelsOpt = Annotated[
+    Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL and Qwen3-VL: most pixels per frame, e.g. 200704 (= 448x448); default: qwen-vl-utils' budget.", show_default=False)
+]
+DeviceMapOpt = Annotated[
+    Optional[DeviceMap], typer.Option("--device-map", help="auto = shard the model over the visible GPUs (CPU, then disk, as a last resort; needs accelerate); none = one device. Default: one device when the weights fit it, else auto.", show_default=False)
+]
+SystemOpt = Annotated[
+    Optional[str], typer.Option("--system", help="System prompt; \"\" for none. Default: the family's (LLaVA-OneVision: the one it was trained with; Qwen2.5-VL: its chat template's).", show_default=False)
+]
+PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
+KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
+FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
+ShowKeptOpt = Annotated[Optional[Path], typer.Option("--show-kept", metavar="PNG", help="Also draw the sampled frames with each visual token's cell shaded: kept, merged, dropped before or inside the LLM (needs matplotlib: pip install \"vidqa[plot]\").", show_default=False)]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
+
+
+def named(error: OSError, stream) -> OSError:
+    """The error with the file behind `stream` as its filename (writes to stdout carry none)."""
+    if error.filename is None:
+        error.filename = stream_name(stream)
+    return error
+
+
+def stdout_writer():
+    def write(text: str) -> None:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as error:
+            raise named(error, sys.stdout) from None
+
+    return write

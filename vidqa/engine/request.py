@@ -1,0 +1,280 @@
+"""One request end to end: decode -> preprocess -> encode -> prune -> generate (stream) -> stats."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TextStreamer
+
+from vidqa import flops as flops_model
+from vidqa.engine.generation import generation_overrides, generation_settings, sampling_note
+from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
+from vidqa.errors import BadInput, RuntimeFailure
+from vidqa.models import ModelAdapter
+from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch
+from vidqa.pruning.core.provenance import token_fates
+from vidqa.pruning.core.runtime import NO_PRUNING, Pruner, RequestState
+from vidqa.pruning.core.verify import PrefillCheck
+from vidqa.video.decode import Clip, load_clip
+from vidqa.video.frame_rules import FrameRule, UniformFrames
+
+
+@dataclass
+class FrameOptions:
+    """--frames N or --fps F choose the frames; with neither, `sampling` (the model family's
+    reference rule, `models.frame_rule_for`) does, else 32 uniform frames."""
+
+    frames: int | None = 32
+    fps: float | None = None
+    start: float | None = None
+    end: float | None = None
+    sampling: FrameRule | None = None
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    seed: int | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    stats: Stats
+    notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # the preset's method-specific stats
+    generation: dict = field(default_factory=dict)  # the generation settings in effect (`generation_settings`)
+    kept: object = None  # pruning.provenance.TokenFates: where each visual token went (None: unknown)
+
+
+class _CallbackStreamer(TextStreamer):
+    """TextStreamer that hands finished text pieces to a callback instead of print().
+
+    It runs inside generate's own loop (no thread, unlike TextIteratorStreamer), so an error in
+    generation surfaces as an ordinary exception in the caller.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self._on_text(text)
+
+
+class _StepClock:
+    """Records when each forward of the model ends: the first is the prefill."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.ends = model, device, []
+
+    def __enter__(self):
+        def record(module, args, output):
+            synchronize(self.device)
+            self.ends.append(time.perf_counter())
+
+        self._handle = self.model.register_forward_hook(record)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def decode_video(path: str, options: FrameOptions) -> Clip:
+    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end,
+                     sampling=options.sampling or UniformFrames(32))
+
+
+def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, encoded_cache: dict | None = None):
+    """The clip's vision-encoder tokens, with the encoder attention the pruner's pre-LLM stages
+    read (`pruner.vision_layer`). `encoded_cache` (id(clip) -> tokens) lets one clip asked under
+    several presets be encoded once; a cached encoding made without that layer's attention is
+    redone."""
+    cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
+    layer = getattr(pruner, "vision_layer", None)
+    if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
+        cached = None
+    tokens = cached if cached is not None else adapter.encode_video_for(prompt, vision_layer=layer)
+    if encoded_cache is not None:
+        encoded_cache[id(clip)] = tokens
+    return tokens
+
+
+def answer(
+    adapter: ModelAdapter,
+    clip: Clip,
+    question: str,
+    generation: GenerationOptions | None = None,
+    pruner: Pruner = NO_PRUNING,
+    on_text: Callable[[str], None] | None = None,
+    stats: Stats | None = None,
+    encoded_cache: MutableMapping | None = None,
+    history: tuple = (),
+) -> Answer:
+    """Answer `question` about an already decoded `clip`. `on_text` receives streamed text.
+
+    encoded_cache: optional mapping reused across calls (batch mode); the vision encoder's output
+    for a clip is stored under id(clip), so a clip asked several questions is encoded once.
+    Keep the clip object alive as long as the cache holds it.
+    history: earlier (question, answer) turns about the same clip (see ModelAdapter.build_prompt).
+    """
+    generation = generation or GenerationOptions()
+    if not question.strip():
+        raise BadInput("the question is empty; pass it as an argument or on stdin")
+    stats = stats or Stats()
+    device = adapter.model.device
+    total_start = time.perf_counter()
+    memory = RequestMemory(device).start()
+
+    with timed(stats.time, "preprocess_s", device):
+        prompt = adapter.prompt_for_clip(clip, question, history=history)
+    with torch.inference_mode():
+        with timed(stats.time, "vision_encoder_s", device):
+            tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache)
+        state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
+        state.record_stage("vision encoder", len(tokens))
+        with timed(stats.time, "pruning_s", device):
+            tokens = pruner.before_llm(tokens, state)
+        state.llm_tokens = tokens
+        inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
+        check_context(adapter, prompt, inputs, generation, state)
+        text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
+
+    stats.time.pruning_s += state.in_llm_seconds
+    _fill_counts(stats, adapter, clip, prompt, state, inputs)
+    _fill_flops(stats, adapter, clip)
+    stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
+    stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
+    return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
+                  generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs))
+
+
+def request_fates(adapter, clip, state, inputs):
+    """Where each of the video's tokens went in this request (pruning/core/provenance.py)."""
+    return token_fates(state, inputs.visual_rows, adapter.text_config.num_hidden_layers, clip.num_frames)
+
+
+def check_context(adapter, prompt, inputs, generation, state) -> None:
+    """The positions the LLM reads must fit the model's context (text_config.max_position_embeddings).
+
+    What must fit is the position range, not the row count: kept tokens keep their original
+    positions, so pruning before the LLM shortens the range only with compact positions (1-D
+    models; under Qwen's M-RoPE a position is a (time, row, col) coordinate and the range is
+    the unpruned prompt's either way). A prompt past the context is an error; an answer that
+    may run past it gets a note.
+    """
+    limit = getattr(adapter.text_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    rows = int(inputs.kwargs["input_ids"].shape[1])
+    positions = inputs.kwargs.get("position_ids")
+    if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+        positions = positions[1:]  # Qwen's (text row, t, h, w) layout: the rotary positions are t, h, w
+    extent = int(positions.max()) + 1 if positions is not None else rows
+    if extent > limit:
+        if rows < prompt.length:
+            size = (f"the prompt is {prompt.length} tokens ({rows} after pruning before the LLM, at positions "
+                    f"up to {extent - 1})")
+        else:
+            size = f"the prompt is {prompt.length} tokens" + (f" (positions up to {extent - 1})" if extent != rows else "")
+        raise BadInput(
+            f"{size}, more than the model's context of {limit}; use fewer --frames, a shorter question, "
+            "or prune before the LLM with compact positions (e.g. --prune prunevid, or -P positions=compact)"
+        )
+    if extent + generation.max_new_tokens > limit:
+        state.notes.append(
+            f"the answer may run past the model's context of {limit} tokens after {limit - extent} new tokens"
+        )
+
+
+def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify: bool = True) -> str:
+    """Run `generate`; with `verify`, the prefill is checked against the plan (PrefillCheck).
+    verify=False only for a question's rows generated from an already verified video prefix
+    (vidqa/engine/session.py): they hold no visual token and nothing is pruned there."""
+    model, device = adapter.model, adapter.model.device
+    tokenizer = adapter.processor.tokenizer
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        if on_text is not None:
+            on_text(text)
+
+    kwargs = dict(inputs.kwargs)
+    kwargs.update(generation_overrides(adapter, generation), streamer=_CallbackStreamer(tokenizer, emit))
+    note = sampling_note(adapter, generation)
+    if note:
+        state.notes.append(note)
+    if generation.seed is not None:
+        torch.manual_seed(generation.seed)
+
+    prompt_length = kwargs["input_ids"].shape[1]
+    try:
+        preset = getattr(pruner, "name", "none")
+        pruning = pruner.inside_llm(inputs, state)
+        # entered after the pruning hooks, so it sees the prefill as they left it (PrefillCheck)
+        check = PrefillCheck(adapter, inputs, state, pruning, preset=preset) if verify else contextlib.nullcontext()
+        with _StepClock(model, device) as clock, pruning, check:
+            synchronize(device)
+            start = time.perf_counter()
+            output = model.generate(**kwargs)
+    except DecoderMismatch as error:
+        raise PruningMismatch(str(error), preset) from None
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise RuntimeFailure(
+            "out of GPU memory; try fewer --frames, a pruning preset (--prune), or a smaller --model"
+        ) from None
+    if verify:
+        stats.verified = check.finish()
+    generated = output.shape[1] - prompt_length
+    stats.tokens.generated_tokens = int(generated)
+    if clock.ends:
+        stats.time.prefill_s = clock.ends[0] - start
+        stats.time.decode_s = clock.ends[-1] - clock.ends[0]
+        steps = len(clock.ends) - 1
+        stats.time.decode_tokens_per_s = steps / stats.time.decode_s if stats.time.decode_s > 0 else 0.0
+    return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
+    counts = stats.tokens
+    num_layers = adapter.text_config.num_hidden_layers
+    counts.frames = clip.num_frames
+    counts.visual_tokens_before = len(prompt.visual_index)
+    counts.visual_tokens_per_stage = dict(state.stage_counts)
+    per_layer = state.visual_tokens_per_layer(num_layers)
+    counts.visual_tokens_per_layer = per_layer
+    counts.visual_tokens_after = per_layer[-1]
+    before = max(counts.visual_tokens_before, 1)
+    counts.layer_avg_retention = sum(per_layer) / (num_layers * before)
+    counts.prompt_tokens = prompt.length
+    counts.llm_prompt_tokens = int(inputs.kwargs["input_ids"].shape[1])
+
+
+def _fill_flops(stats, adapter, clip) -> None:
+    llm, vision = flops_model.shapes_from_model_config(adapter.model.config)
+    counts = stats.tokens
+    num_layers = llm.num_layers
+    stats.flops.paper_visual_prefill_macs = flops_model.visual_prefill_macs(llm, counts.visual_tokens_per_layer)
+    stats.flops.paper_vanilla_macs = flops_model.visual_prefill_macs(llm, [counts.visual_tokens_before] * num_layers)
+    stats.flops.paper_fraction = stats.flops.paper_visual_prefill_macs / max(stats.flops.paper_vanilla_macs, 1)
+    stats.flops.prompt_prefill_macs = flops_model.prompt_prefill_macs(llm, _prompt_lengths_per_layer(stats))
+    if vision is not None:
+        stats.flops.vision_encoder_macs = flops_model.vision_encoder_macs(
+            vision, clip.num_frames, projector_hidden=llm.hidden
+        )
+
+
+def _prompt_lengths_per_layer(stats: Stats) -> list[int]:
+    """Prompt length entering each layer: the LLM prompt minus what in-LLM stages removed."""
+    counts = stats.tokens
+    removed_at = [counts.visual_tokens_per_layer[0] - n for n in counts.visual_tokens_per_layer]
+    return [counts.llm_prompt_tokens - r for r in removed_at]

@@ -1,0 +1,1 @@
+"""Pruning plumbing that method authors do not touch: presets, the pruner, decoder hooks, checks."""

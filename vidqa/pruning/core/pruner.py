@@ -1,0 +1,231 @@
+"""Running a preset for one request: pre-LLM stages, the budget `--keep`/`--flops` asks for, and
+the decoder hooks for the in-LLM stages."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from vidqa import flops as flops_model
+from vidqa.errors import BadInput
+from vidqa.pruning.core.decode_kv import DecodeKVSelection
+from vidqa.pruning.core.decoder import DecoderPruning
+from vidqa.pruning.core.runtime import Pruner, RequestState, stage_threads
+from vidqa.tensors.device import synchronize
+
+
+@dataclass(frozen=True)
+class BoundStage:
+    """An in-LLM stage fixed to an absolute layer and a ratio for one request."""
+
+    stage: object
+    layer: int
+    ratio: float
+
+    def select(self, context):
+        return self.stage.select(context, self.ratio)
+
+
+def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: int, meta: dict, ratio) -> list[int]:
+    """Visual tokens entering each layer when in-LLM stages (layer, stage) run at `ratio`
+    (None = each stage's own default)."""
+    counts, current = [], num_tokens
+    stages = dict(bound)
+    for layer in range(num_layers):
+        if layer in stages:
+            stage = stages[layer]
+            current = stage.kept_count(current, num_tokens, meta, stage.ratio if ratio is None else ratio)
+        counts.append(current)
+    return counts
+
+
+def requested_vision_layer(preset) -> int | None:
+    """The encoder layer the preset's stages read vision attention from (`vision_layer`), or None."""
+    layers = {stage.vision_layer for _, stage in preset.stages if getattr(stage, "vision_layer", None) is not None}
+    if len(layers) > 1:
+        raise BadInput(f"preset '{preset.name}': its stages ask for different vision layers {sorted(layers)}; use one")
+    return layers.pop() if layers else None
+
+
+class PresetPruner(Pruner):
+    def __init__(self, preset, adapter, keep=None, flops=None):
+        self.preset, self.adapter, self.keep, self.flops = preset, adapter, keep, flops
+        self.positions, self.name = preset.positions, preset.name
+        self.vision_layer = requested_vision_layer(preset)
+        self.num_layers = adapter.text_config.num_hidden_layers
+        self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
+        layers = [layer for layer, _ in self.bound]
+        if len(set(layers)) != len(layers):
+            raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
+        self.budget_stage = self._pre_llm_budget_stage()
+        self.decode_stage = next((s for _, s in preset.stages if s.where == "during decode"), None)
+        if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
+            raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
+        if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
+            raise BadInput(f"preset '{preset.name}' has no budget for --keep/--flops to set; use its -P parameters")
+        for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
+            reason = getattr(stage, "unsolvable", None)
+            if reason and (keep is not None or flops is not None):
+                raise BadInput(f"preset '{preset.name}': {reason}")
+        if not preset.before_llm and keep is not None:
+            lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
+            if keep < lowest - 1e-9:
+                raise BadInput(f"--keep {keep} is below what '{preset.name}' can reach on this {self.num_layers}-layer model (at least {lowest:.3f})")
+
+    # -- before the LLM ----------------------------------------------------------------------
+    def _pre_llm_budget_stage(self) -> str | None:
+        """The pre-LLM stage --keep/--flops set: the last pre-LLM stage, if it declares a budget
+        parameter (earlier stages are data-dependent), and only when the preset has no in-LLM
+        stage, unless that stage says `budget_with_inner_stages` (FlashVID: the in-LLM stages keep
+        their own ratios and the pre-LLM budget is scaled to meet the layer average)."""
+        if not self.preset.before_llm:
+            return None
+        name, stage = self.preset.before_llm[-1]
+        if self.bound and not getattr(stage, "budget_with_inner_stages", False):
+            return None
+        return name if stage.budget_param else None
+
+    def _inner_share(self) -> float:
+        """Layer-averaged fraction of the LLM's visual tokens that the in-LLM stages leave at
+        their own ratios (1 without any): a pre-LLM budget stage keeps --keep / this."""
+        if not self.bound:
+            return 1.0
+        num = 1_000_000
+        return sum(layer_counts(self.bound, num, self.num_layers, {}, None)) / (self.num_layers * num)
+
+    def _pre_llm_fraction(self, stage, tokens, original: int, state) -> float:
+        """The fraction of its input `tokens` the budget stage keeps so that the LLM gets --keep
+        of the `original` tokens (or the count meeting --flops). A stage with a
+        `kept_count(num_in, grid, ratio)` also says the lowest retention it can reach."""
+        share = self._inner_share()
+        target = self.keep / share if self.keep is not None else self._keep_for_flops(original)
+        num_in = len(tokens)
+        if hasattr(stage, "kept_count"):
+            lowest = stage.kept_count(num_in, tokens.grid, 0.0) / original
+            if target < lowest - 1e-9:
+                option = "--keep" if self.keep is not None else "--flops"
+                asked = self.keep if self.keep is not None else self.flops
+                raise BadInput(f"{option} {asked} is below what '{self.preset.name}' can reach on this clip "
+                               f"(a retention of at least {lowest * share:.3f})")
+        fraction = target * original / max(num_in, 1)
+        if fraction > 1 + 1e-9 and (share == 1.0 or num_in < original):  # else the in-LLM stages solve the rest
+            state.notes.append(
+                f"{'--keep' if self.keep is not None else '--flops'} asks for a retention of {target:.3f}{' before the LLM' if share < 1.0 else ''}, more than the "
+                f"earlier pre-LLM stages left ({num_in / original:.3f}); nothing more is dropped"
+            )
+        fraction = min(fraction, 1.0)
+        state.details["budget"] = {"stage": self.budget_stage, "ratio": round(fraction, 6), "keep": round(target, 6)}
+        if share < 1.0:  # "keep" is then the retention before the LLM, --keep / share
+            state.details["budget"]["inner_share"] = round(share, 6)
+        return fraction
+
+    def _keep_for_flops(self, original: int) -> float:
+        """The pre-LLM retention whose token counts (the in-LLM stages, if any, at their own ratios) meet --flops."""
+        llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
+        vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
+
+        def fraction(keep: float) -> float:  # the in-LLM stages (if any) at their own ratios
+            counts = layer_counts(self.bound, round(keep * original), self.num_layers, {}, None)
+            return flops_model.visual_prefill_macs(llm, counts) / vanilla
+
+        low, high = 0.0, 1.0  # fraction(low) <= flops < fraction(high), or high = 1
+        for _ in range(40):
+            middle = (low + high) / 2
+            if fraction(middle) <= self.flops:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def before_llm(self, tokens, state: RequestState):
+        budgeted = self.keep is not None or self.flops is not None
+        with stage_threads(state.device):
+            for name, stage in self.preset.before_llm:
+                if budgeted and name == self.budget_stage:
+                    stage = stage.with_retention(self._pre_llm_fraction(stage, tokens, state.stage_counts["vision encoder"], state))
+                tokens = stage.apply(tokens, state)
+                state.record_stage(name, len(tokens), origin=tokens.origin)
+        synchronize(state.device)
+        state.llm_tokens = tokens
+        return tokens
+
+    # -- inside the LLM ----------------------------------------------------------------------
+    def _prefill_hooks(self, inputs, state: RequestState):
+        if not self.bound:  # pre-LLM stages only: nothing to attach to the decoder
+            return contextlib.nullcontext()
+        tokens = state.llm_tokens
+        meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col, **tokens.meta}
+        original = state.stage_counts["vision encoder"]
+        ratio = self._solve(len(tokens), original, meta, state)
+        stages = [BoundStage(stage, layer, stage.ratio if ratio is None else ratio) for layer, stage in self.bound]
+        counts = layer_counts(self.bound, len(tokens), self.num_layers, {k: v.cpu() for k, v in meta.items()}, ratio)
+        budgets = {layer: counts[layer] for layer, _ in self.bound}
+        if self.budget_stage is not None:  # before_llm recorded the pre-LLM budget; add the layers
+            state.details.setdefault("budget", {})["layers"] = {str(layer): budgets[layer] for layer in budgets}
+        elif self.bound:
+            state.details["budget"] = {
+                "ratio": None if ratio is None else round(ratio, 6),
+                "layers": {str(layer): budgets[layer] for layer in budgets},
+            }
+        prune_cache = any(getattr(stage, "prune_cache", False) for _, stage in self.bound)
+        if prune_cache and len(self.bound) > 1:
+            raise BadInput("prune_cache works with a single in-LLM stage")
+        return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache)
+
+    # -- during decode (DyCoke) --------------------------------------------------------------
+    def inside_llm(self, inputs, state: RequestState):
+        """The prefill hooks, plus the decode-time KV selection when the preset has one."""
+        prefill = self._prefill_hooks(inputs, state)
+        if self.decode_stage is None:
+            return prefill
+        layer = self.decode_stage.resolved_layer(self.num_layers)
+        decode = DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state)
+        return _entered_together(prefill, decode)
+
+    def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
+        """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""
+        if self.keep is None and self.flops is None:
+            return None
+        meta = {k: v.cpu() for k, v in meta.items()}
+        llm, _ = flops_model.shapes_from_model_config(self.adapter.model.config)
+        vanilla = flops_model.visual_prefill_macs(llm, [original] * self.num_layers)
+
+        def measure(ratio: float) -> float:
+            counts = layer_counts(self.bound, num_tokens, self.num_layers, meta, ratio)
+            if self.keep is not None:
+                return sum(counts) / (self.num_layers * original)
+            return flops_model.visual_prefill_macs(llm, counts) / vanilla
+
+        target = self.keep if self.keep is not None else self.flops
+        option = "--keep" if self.keep is not None else "--flops"
+        if self.budget_stage is not None:  # the pre-LLM stage took the budget; the in-LLM stages
+            own = layer_counts(self.bound, num_tokens, self.num_layers, meta, None)  # keep their ratios
+            met = sum(own) / (self.num_layers * original) if self.keep is not None else flops_model.visual_prefill_macs(llm, own) / vanilla
+            if target <= met + 1e-9 or num_tokens < original:  # unless the pre-LLM stage kept all
+                return None  # and more is asked (e.g. --keep 1): then they solve the rest
+        highest, lowest = measure(1.0), measure(0.0)
+        if target >= highest - 1e-12:
+            if target > highest + 1e-9:
+                state.notes.append(
+                    f"{option} {target} asks for more than the pre-LLM stages left ({highest:.3f}); nothing more is dropped"
+                )
+            return 1.0
+        if target < lowest - 1e-9:
+            raise BadInput(f"{option} {target} is below what '{self.preset.name}' can reach on this clip (at least {lowest:.3f})")
+        low, high = 0.0, 1.0  # measure(low) <= target < measure(high)
+        for _ in range(40):
+            middle = (low + high) / 2
+            if measure(middle) <= target:
+                low = middle
+            else:
+                high = middle
+        return low if abs(measure(low) - target) <= abs(measure(high) - target) else high
+
+
+@contextlib.contextmanager
+def _entered_together(*managers):
+    """Enter the hook managers only when the engine's `with` does, and always leave them."""
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield stack

@@ -1,0 +1,103 @@
+"""Per-request pruning state and the interface the engine calls.
+
+A preset is frozen configuration; everything that belongs to one request (the prompt, which
+tokens were kept, counts per stage and per layer, time spent) lives in a fresh `RequestState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RequestState:
+    adapter: Any
+    prompt: Any
+    clip: Any
+    question: str
+    device: torch.device
+    stage_counts: dict[str, int] = field(default_factory=dict)
+    # decoder layer index -> visual tokens entering that layer, for layers where it changes
+    layer_counts: dict[int, int] = field(default_factory=dict)
+    # decoder layer index -> (n,) row of the LLM input behind each row leaving that layer's stage
+    kept_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    in_llm_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific stats for --json
+    llm_tokens: Any = None  # the VisualTokens handed to the LLM (after the pre-LLM stages)
+    # provenance (pruning/core/provenance.py): stage name -> VisualTokens.origin after that pre-LLM stage
+    stage_origins: dict[str, torch.Tensor] = field(default_factory=dict)
+    # decoder layer -> (members, into): LLM-input rows that an in-LLM stage merged at that layer, and
+    # the LLM-input row each one went into (a row that stays, or the row an inserted merge takes)
+    layer_merges: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def record_stage(self, name: str, count: int, origin: torch.Tensor | None = None) -> None:
+        self.stage_counts[name] = int(count)
+        if origin is not None:
+            self.stage_origins[name] = origin
+
+    def record_merge(self, layer: int, members: torch.Tensor, into: torch.Tensor) -> None:
+        """An in-LLM stage merged the LLM-input rows `members` (m,) into the rows `into` (m,) at `layer`."""
+        self.layer_merges[layer] = (members, into)
+
+    def record_layer(self, layer: int, count: int, rows: torch.Tensor | None = None) -> None:
+        self.layer_counts[layer] = int(count)
+        if rows is not None:
+            self.kept_rows[layer] = rows
+
+    def visual_tokens_per_layer(self, num_layers: int) -> list[int]:
+        """Visual tokens entering each decoder layer (the last stage count before the LLM holds
+        until an in-LLM stage changes it)."""
+        current = list(self.stage_counts.values())[-1] if self.stage_counts else 0
+        counts = []
+        for layer in range(num_layers):
+            current = self.layer_counts.get(layer, current)
+            counts.append(current)
+        return counts
+
+
+@contextlib.contextmanager
+def stage_threads(device):
+    """Run a pruning stage's CPU work on one intra-op thread (no-op on accelerators).
+
+    A stage is hundreds of small ops (DPC-KNN, top-k, gathers on a few hundred rows). With
+    several intra-op threads every op above PyTorch's grain size is a parallel region whose
+    barrier waits for all threads; on a CPU shared with other jobs a thread that lost its core
+    stalls the region for a scheduler time slice, and a PruneVid merge that takes ~20 ms on one
+    thread took 0.1-1.6 s with 2 threads on a loaded 2-core machine. One thread loses little
+    on an idle machine (the ops are too small to scale) and never stalls. The model's own
+    layers keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Pruner:
+    """What the engine calls. The default does nothing: that is the `none` preset."""
+
+    name = "none"  # the preset's name, for messages
+    positions = "original"
+    # vision-encoder layer whose attention a stage reads (models/vision_attention.py); None = none
+    vision_layer: int | None = None
+
+    def before_llm(self, tokens, state: RequestState):
+        """Prune/merge the video's tokens before the LLM; returns VisualTokens."""
+        return tokens
+
+    def inside_llm(self, inputs, state: RequestState):
+        """Context manager active around `generate`; attaches (and always removes) hooks."""
+        return contextlib.nullcontext()
+
+
+NO_PRUNING = Pruner()

@@ -1,0 +1,1 @@
+"""Tensor operations several methods share: clustering, temporal segments, merging, budgets."""

@@ -1,0 +1,1 @@
+"""Tiny random checkpoints of every family and generated videos, for tests and benchmarks (no hub)."""
