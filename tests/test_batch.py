@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error
 
+from vidqa import api
 from vidqa.batch import runner as batching
 from vidqa.batch.summary import (
     build_prompt,
@@ -378,7 +379,8 @@ def test_out_of_memory_is_a_row_error_and_frees_the_cache(monkeypatch, tmp_path)
                                  generation=engine.GenerationOptions(max_new_tokens=2), overrides=[], attn="sdpa")
     cache = batching.ClipCache(2**20)
     cache.encoded[123] = "stale"
-    record = batching.Runner(None, settings, cache).run(batching.Task(row, "none", None))
+    model = api.Model(None, api.Settings(model="m"))  # never called: the session's ask fails first
+    record = batching.Runner(model, settings, cache).run(batching.Task(row, "none", None))
     assert record["error"].startswith("out of GPU memory") and record["answer"] is None
     assert emptied == [1] and cache.encoded == {}
 

@@ -46,9 +46,10 @@ def tasks_and_settings(tmp_path_factory, square_video, tiny_llava):
 
 
 def plain_records(tasks, settings):
-    from vidqa.models import load_model
+    from vidqa import api
 
-    runner = batching.Runner(load_model(settings.model, device="cpu", dtype="float32"), settings, batching.ClipCache(2**30))
+    runner = batching.Runner(api.open_model(api.Settings(model=settings.model, device="cpu", dtype="float32")), settings,
+                             batching.ClipCache(2**30))
     return batching.run_batch(tasks, runner, lambda record: None)
 
 

@@ -41,11 +41,11 @@ class _ReplicaBody:
     """What runs inside a Ray actor: a loaded model and a batch Runner for it."""
 
     def __init__(self, settings, load: dict, cache_bytes: int):
+        from vidqa import api
         from vidqa.batch import runner as batching
-        from vidqa.models import load_model
 
-        adapter = load_model(settings.model, **load)
-        self.runner = batching.Runner(adapter, settings, batching.ClipCache(cache_bytes))
+        model = api.open_model(api.Settings(model=settings.model, **load))
+        self.runner = batching.Runner(model, settings, batching.ClipCache(cache_bytes))
 
     def run(self, tasks: list) -> list[dict]:
         return [self.runner.run(task) for task in tasks]
@@ -73,7 +73,7 @@ def run_batch_ray(
 ) -> list[dict]:
     """Run `tasks` on Ray replicas; every record is handed to `write` here, in the driver.
 
-    load: load_model keyword arguments (device, dtype, attn, max_pixels). replicas: how many
+    load: how each replica loads the model: `vidqa.api.Settings` fields (device, dtype, attn, max_pixels, system). replicas: how many
     (default: one per GPU when gpus_per_replica > 0, else cluster CPUs // cpus_per_replica).
     on_replicas: called with the live actor handles whenever they change (tests kill one).
     """

@@ -362,48 +362,43 @@ def _one_line(error: BaseException) -> str:
 
 
 class Runner:
-    """Runs tasks one at a time with one loaded model, a clip cache and loaded presets."""
+    """Runs tasks one at a time with one loaded model (`vidqa.api.Model`) and a clip cache."""
 
-    def __init__(self, adapter, settings: Settings, cache: ClipCache):
-        self.adapter, self.settings, self.cache = adapter, settings, cache
-        self._presets: dict[str, object] = {}
+    def __init__(self, model, settings: Settings, cache: ClipCache):
+        self.model, self.settings, self.cache = model, settings, cache
         self._sessions: dict[tuple, object] = {}  # the current clip's, per (preset, keep)
 
-    def _session(self, clip, task: Task, pruner):
+    @property
+    def adapter(self):
+        return self.model.adapter
+
+    def request_settings(self, task: Task):
+        """The `vidqa.api.Settings` of one task: the batch's options with the task's preset and keep."""
+        frames, generation = self.settings.frame_options, self.settings.generation
+        return self.model.settings.replace(
+            frames=frames.frames, fps=frames.fps, start=frames.start, end=frames.end, prune=task.preset,
+            keep=task.keep, params=tuple(overrides_for(task.preset, self.settings.overrides)),
+            max_new_tokens=generation.max_new_tokens, temperature=generation.temperature, seed=generation.seed,
+        )
+
+    def _session(self, clip, task: Task):
         """The current clip's session for this configuration: rows sharing a video and a
         question-agnostic configuration reuse its prefilled prefix (vidqa/engine/session.py); other
         presets answer in full, the clip still encoded once. Tasks come grouped by video, so
         only the current clip's sessions (and their KV caches) are kept."""
-        from vidqa.engine.session import VideoSession
-
         key = (id(clip), task.preset, normalize_keep(task.keep))
         if any(old[0] != key[0] for old in self._sessions):
             self._sessions.clear()
         if key not in self._sessions:
-            self._sessions[key] = VideoSession(self.adapter, clip, pruner, self.settings.generation,
-                                               encoded_cache=self.cache.encoded)
+            self._sessions[key] = self.model.session(clip, self.request_settings(task),
+                                                     encoded_cache=self.cache.encoded)
         return self._sessions[key]
-
-    def _preset(self, name: str):
-        from vidqa.pruning.core.presets import load_preset
-
-        if name not in self._presets:
-            try:
-                self._presets[name] = load_preset(name, overrides_for(name, self.settings.overrides))
-            except BadInput as error:
-                self._presets[name] = error
-        preset = self._presets[name]
-        if isinstance(preset, BadInput):
-            raise preset
-        return preset
 
     def run(self, task: Task) -> dict:
         """One task -> its record. Per-task failures are caught into `error`; KeyboardInterrupt is not."""
         import torch
 
         from vidqa.engine.stats import Stats, timed
-        from vidqa.pruning.core.presets import build_pruner
-        from vidqa.render.report import ask_record
 
         record = new_record(task, self.settings, self.adapter)
         row = task.row
@@ -411,10 +406,10 @@ class Runner:
         try:
             if row.error:
                 raise BadInput(row.error)
-            pruner = build_pruner(self._preset(task.preset), self.adapter, keep=task.keep)
+            self.model.pruner(self.request_settings(task))  # a preset that cannot run here fails before decoding
             with timed(stats.time, "video_decode_s"):
                 clip = self.cache.get(row.video_path, self.settings.frame_options)
-            result = self._session(clip, task, pruner).ask(build_prompt(row.question, row.options), stats=stats)
+            result = self._session(clip, task).ask(build_prompt(row.question, row.options), stats=stats)
         except VidqaError as error:
             record["error"] = _one_line(error)
             if isinstance(error, RuntimeFailure):  # out of memory, in practice
@@ -429,8 +424,7 @@ class Runner:
                 raise
             record["error"] = f"internal error: {type(error).__name__}: {_one_line(error)}"
             return record
-        built = ask_record(result, model=self.settings.model, preset=task.preset,
-                           parameters=record["parameters"], details=getattr(result, "details", None))
+        built = result.record()
         record.update(
             answer=result.text,
             correct=score(result.text, row.expected, row.options),
@@ -440,19 +434,16 @@ class Runner:
             notes=built["notes"],
         )
         if self.settings.show_kept is not None:
-            self._draw_kept(task, clip, result, record)
+            self._draw_kept(task, result, record)
         return record
 
-    def _draw_kept(self, task: Task, clip, result, record: dict) -> None:
+    def _draw_kept(self, task: Task, result, record: dict) -> None:
         """--show-kept DIR: the record's kept-token image; a failure becomes a note, the answer stands."""
-        from vidqa.render.show_kept import describe, draw_kept, image_name
+        from vidqa.render.show_kept import image_name
 
         path = self.settings.show_kept / image_name(task.row.id, task.preset, task.keep)
         try:
-            if result.kept is None:
-                raise RuntimeFailure("this request's tokens carry no provenance")
-            draw_kept(result.kept, clip.frames, clip.timestamps, path,
-                      describe(self.settings.model, task.preset, task.keep, task.row.question, result.stats))
+            result.draw_kept(path, task.row.question)
         except (VidqaError, OSError) as error:
             record["notes"] = [*record["notes"], f"--show-kept: no image: {_one_line(error)}"]
             return

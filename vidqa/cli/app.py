@@ -39,20 +39,17 @@ from vidqa.cli.common import (
     StartOpt,
     SystemOpt,
     TemperatureOpt,
-    check_generation,
     click_module,
     err_console,
     fail,
     file_error,
-    frames_for_model,
     interactive,
     named,
     nothing,
-    placement,
     read_question,
     stdout_writer,
 )
-from vidqa.errors import BadInput, RuntimeFailure, VidqaError
+from vidqa.errors import BadInput, VidqaError
 
 
 class VidqaGroup(typer.core.TyperGroup):
@@ -126,7 +123,7 @@ def _root(
 @app.command(epilog=EXIT_CODES)
 def ask(
     video: Annotated[Path, typer.Argument(help="Video file (mp4, mkv, webm, avi...).", show_default=False)],
-    question: Annotated[Optional[str], typer.Argument(help="The question; piped stdin is joined before it.")] = None,
+    question: Annotated[Optional[str], typer.Argument(help="The question; without it (or with -) it is read from stdin.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     frames: FramesOpt = None,
     fps: FpsOpt = None,
@@ -155,52 +152,40 @@ def ask(
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 
+    The question is the argument; without one (or with -), it is read from stdin.
+
     Example: vidqa ask clip.mp4 "What happens in this video?"
     """
-    from vidqa.engine import request as engine
-    from vidqa.models import frame_rule_for, load_model
-    from vidqa.pruning.core.presets import build_pruner, check_budget, load_preset
+    from vidqa import api
 
+    settings = api.Settings(
+        model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
+        device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
+        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed,
+    )
     try:
         text = read_question(question)
         if not text:
             raise BadInput("the question is empty; pass it as an argument or pipe it on stdin")
-        check_generation(max_new_tokens, temperature)
-        frames = frames_for_model(model, frames)
-        preset = load_preset(prune, param or [])
-        check_budget(keep, flops)  # fail before the model loads
-        if not preset.stages:
-            build_pruner(preset, None, keep=keep, flops=flops)
+        api.check_options(settings, video)  # before torch loads: a typo is reported at once
         if show_kept is not None:
             from vidqa.render.show_kept import check_image_path, check_matplotlib
 
             check_matplotlib()
             check_image_path(show_kept)
-        rule = frame_rule_for(model) if frames is None and fps is None else None
-        frame_options = engine.FrameOptions(frames=frames, fps=fps, start=start, end=end, sampling=rule)
-        from vidqa.engine.stats import Stats, timed
+        api.check_settings(settings)
+        from vidqa.engine.stats import Stats
 
         run_stats = Stats()
-        with timed(run_stats.time, "video_decode_s"):
-            clip = engine.decode_video(str(video), frame_options)
+        clip = api.decode_video(video, settings, run_stats)
         with err_console.status("loading model…", spinner="dots") if interactive() else nothing():
-            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
-                                 device_map=device_map.value if device_map else None, system_prompt=system)
+            loaded = api.open_model(settings)
         if not quiet and not as_json:
-            for note in adapter.placement_notes:
+            for note in loaded.notes:
                 err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-        pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
         streaming = stream and not as_json
-        on_text = stdout_writer() if streaming else None
-        result = engine.answer(
-            adapter,
-            clip,
-            text,
-            engine.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
-            pruner=pruner,
-            on_text=on_text,
-            stats=run_stats,
-        )
+        result = loaded.ask(clip, text, on_text=stdout_writer() if streaming else None, stats=run_stats)
     except VidqaError as error:
         fail(error)
         return
@@ -210,29 +195,16 @@ def ask(
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
-    parameters = {
-        "frames": frames, "fps": fps, "start": start, "end": end, "device": str(adapter.model.device),
-        "dtype": str(adapter.model.dtype).removeprefix("torch."), "attn": attn.value,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-        "keep": keep, "flops": flops, "preset_parameters": preset.parameters(), "positions": preset.positions,
-        "max_pixels": max_pixels,
-        "sampling": rule.describe() if rule is not None else None, "system_prompt": adapter.system_prompt,
-        "device_map": placement(adapter.model), "generation": result.generation,
-    }
     try:
         if as_json:
-            from vidqa.render.report import ask_record
-
-            record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
-            record["notes"] = adapter.placement_notes + record["notes"]  # e.g. that the model was sharded
-            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.write(json.dumps(result.record(loaded.notes)) + "\n")
         else:
             sys.stdout.write("\n" if streaming else result.text + "\n")
         sys.stdout.flush()  # here, not at exit: a full disk is reported, not ignored
     except OSError as error:
         fail(file_error(named(error, sys.stdout)))
     if show_kept is not None:
-        _draw_kept(result, clip, show_kept, model=model, preset=preset.name, keep=keep, question=text)
+        draw_kept(result, show_kept, text)
     if as_json or quiet:
         return
     for note in result.notes:
@@ -240,17 +212,13 @@ def ask(
     if stats if stats is not None else sys.stderr.isatty():
         from vidqa.render.report import print_stats
 
-        print_stats(result.stats, preset.name, err_console)
+        print_stats(result.stats, result.preset.name, err_console)
 
 
-def _draw_kept(result, clip, path: Path, *, model: str, preset: str, keep, question: str) -> None:
+def draw_kept(result, path: Path, question: str) -> None:
     """`--show-kept`: the request's token fates drawn over its frames (vidqa/render/show_kept.py)."""
-    from vidqa.render.show_kept import describe, draw_kept
-
     try:
-        if result.kept is None:
-            raise RuntimeFailure("--show-kept: this request's tokens carry no provenance; nothing to draw")
-        draw_kept(result.kept, clip.frames, clip.timestamps, path, describe(model, preset, keep, question, result.stats))
+        result.draw_kept(path, question)
     except VidqaError as error:
         fail(error)
     except OSError as error:

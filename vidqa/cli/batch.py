@@ -30,11 +30,9 @@ from vidqa.cli.common import (
     StartOpt,
     SystemOpt,
     TemperatureOpt,
-    check_generation,
     err_console,
     fail,
     file_error,
-    frames_for_model,
     interactive,
     nothing,
 )
@@ -106,6 +104,7 @@ def batch(
 
     Example: vidqa batch questions.csv -o results.jsonl --prune none,fastv --keep 0.1,0.3
     """
+    from vidqa import api
     from vidqa.batch import runner as batching
     from vidqa.batch.store import output_format, read_records, rewrite_records
     from vidqa.batch.summary import check_matplotlib, record_key
@@ -116,8 +115,8 @@ def batch(
         if output is None:
             raise BadInput("--output/-o is required: where to write the records, e.g. -o results.jsonl")
         output_format(output)
-        check_generation(max_new_tokens, temperature)
-        frames = frames_for_model(model, frames)
+        api.check_generation(max_new_tokens, temperature)
+        frames = api.frames_for_model(model, frames)
         # frames None and no --fps: the family's reference sampling, chosen once the inputs are checked
         check_frame_options(None if fps is not None else (frames if frames is not None else 1), fps, start, end)
         presets = batching.parse_prune_list(prune)
@@ -225,9 +224,9 @@ def _first_per_key(records: list[dict], record_key) -> list[dict]:
 
 def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwrite, quiet, verbose, max_pixels=None,
          device_map=None, system=None, ray=None, cpus_per_replica=1.0) -> list[dict]:
+    from vidqa import api
     from vidqa.batch import runner as batching
     from vidqa.batch.store import RecordWriter
-    from vidqa.models import load_model
 
     if ray is not None:  # replicas on a Ray cluster; this process writes every record
         from vidqa.batch.ray_runner import run_batch_ray
@@ -236,7 +235,7 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
             raise BadInput(f"--cpus-per-replica must be more than 0, got {cpus_per_replica}")
         gpus = 1.0 if device.value == "cuda" or (device.value == "auto" and _cluster_has_gpus(ray)) else 0.0
         load = {"device": "cuda" if gpus else "cpu", "dtype": dtype.value, "attn": attn.value, "max_pixels": max_pixels,
-                "system_prompt": system}
+                "system": system}
         with RecordWriter(output, overwrite=overwrite) as writer:
             return run_batch_ray(todo, settings, writer.write, load=load, address=None if ray == "local" else ray,
                                  cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus,
@@ -244,12 +243,12 @@ def _run(todo, total, settings, output, device, dtype, attn, cache_mb, *, overwr
 
     on_terminal = interactive()
     with err_console.status("loading model…", spinner="dots") if on_terminal and not quiet else nothing():
-        adapter = load_model(settings.model, device=device.value, dtype=dtype.value, attn=attn.value,
-                             max_pixels=max_pixels, device_map=device_map.value if device_map else None,
-                             system_prompt=system)
-    for note in adapter.placement_notes if not quiet else []:
+        model = api.open_model(api.Settings(
+            model=settings.model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
+            device_map=device_map.value if device_map else None, system=system))
+    for note in model.notes if not quiet else []:
         err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    runner = batching.Runner(adapter, settings, batching.ClipCache(cache_mb * 2**20))
+    runner = batching.Runner(model, settings, batching.ClipCache(cache_mb * 2**20))
     already = total - len(todo)
     progress = _progress() if on_terminal and not quiet else None
     counter = {"done": already}

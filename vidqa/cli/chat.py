@@ -33,13 +33,10 @@ from vidqa.cli.common import (
     StartOpt,
     SystemOpt,
     TemperatureOpt,
-    check_generation,
     err_console,
     fail,
-    frames_for_model,
     interactive,
     nothing,
-    placement,
     stdout_writer,
 )
 from vidqa.errors import VidqaError
@@ -96,20 +93,14 @@ def _show_notes(notes, shown: set) -> set:
     return shown | set(notes)
 
 
-def _draw_kept(result, clip, path: Path, *, model: str, preset: str, keep, question: str) -> str:
+def _draw_kept(result, path: Path, question: str) -> str:
     """--show-kept DIR: one question's kept-token image (vidqa/render/show_kept.py) -> its path."""
-    from vidqa.errors import RuntimeFailure
-    from vidqa.render.show_kept import describe, draw_kept
+    from vidqa.cli.common import file_error
 
-    if result.kept is None:
-        raise RuntimeFailure("--show-kept: this request's tokens carry no provenance; nothing to draw")
     try:
-        draw_kept(result.kept, clip.frames, clip.timestamps, path, describe(model, preset, keep, question, result.stats))
+        return str(result.draw_kept(path, question))
     except OSError as error:
-        from vidqa.cli.common import file_error
-
         raise file_error(error) from None
-    return str(path)
 
 
 def chat(
@@ -135,7 +126,7 @@ def chat(
     history: Annotated[bool, typer.Option("--history", help="Keep the conversation: each question sees the earlier questions and answers.")] = False,
     reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the video's prefill across questions (--no-reuse: prefill every question in full, for comparison).")] = True,
     stats: Annotated[
-        Optional[bool], typer.Option("--stats/--no-stats", help="A stats line per question on stderr \\[default: on when stderr is a terminal].", show_default=False)
+        Optional[bool], typer.Option("--stats/--no-stats", help="A stats line per question on stderr [default: on when stderr is a terminal].", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per question on stdout (answer + stats, as `ask --json`, plus the question); no streaming.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answers only.")] = False,
@@ -152,65 +143,50 @@ def chat(
 
     Example: vidqa chat clip.mp4 --prune evs --keep 0.3
     """
-    from vidqa.engine import request as engine
-    from vidqa.engine.session import VideoSession, prefix_reusable
-    from vidqa.engine.stats import Stats, timed
-    from vidqa.models import frame_rule_for, load_model
-    from vidqa.pruning.core.presets import build_pruner, check_budget, load_preset
+    from vidqa import api
 
+    settings = api.Settings(
+        model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
+        device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
+        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed,
+    )
     try:
-        check_generation(max_new_tokens, temperature)
-        frames = frames_for_model(model, frames)
-        preset = load_preset(prune, param or [])
-        check_budget(keep, flops)
-        if not preset.stages:
-            build_pruner(preset, None, keep=keep, flops=flops)
+        api.check_options(settings, video)  # before torch loads: a typo is reported at once
         if show_kept is not None:
             from vidqa.render.show_kept import check_image_dir, check_matplotlib
 
             check_matplotlib()
             check_image_dir(show_kept)
+        preset = api.check_settings(settings)
+        from vidqa.engine.session import prefix_reusable
+        from vidqa.engine.stats import Stats
+
         cost = Stats()
-        with timed(cost.time, "video_decode_s"):
-            rule = frame_rule_for(model) if frames is None and fps is None else None
-            clip = engine.decode_video(str(video), engine.FrameOptions(frames=frames, fps=fps, start=start, end=end, sampling=rule))
+        clip = api.decode_video(video, settings, cost)
         with err_console.status("loading model…", spinner="dots") if interactive() else nothing():
-            adapter = load_model(model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
-                                 device_map=device_map.value if device_map else None, system_prompt=system)
-        for note in adapter.placement_notes if not quiet and not as_json else []:
+            loaded = api.open_model(settings)
+        for note in loaded.notes if not quiet and not as_json else []:
             err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-        pruner = build_pruner(preset, adapter, keep=keep, flops=flops)
-        generation = engine.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        session = VideoSession(adapter, clip, pruner, generation, reuse=reuse, history=history)
+        session = loaded.session(clip, reuse=reuse, history=history)
         with err_console.status("encoding and prefilling the video…", spinner="dots") if interactive() else nothing():
             session.prepare(cost)
         if not quiet and not as_json:
             why_not = "--no-reuse" if not reuse else (
-                "the preset acts inside the LLM" if not prefix_reusable(pruner) else "this model's cache cannot be cropped")
+                "the preset acts inside the LLM" if not prefix_reusable(session.video.pruner)
+                else "this model's cache cannot be cropped")
             err_console.print(ready_line(cost, preset.name, session.reuse, why_not), soft_wrap=True)
         shown = set()
         if not quiet and not as_json:
-            shown = _show_notes(list(clip.notes) + session.prefix.state.notes, shown)
+            shown = _show_notes(list(clip.notes) + session.video.prefix.state.notes, shown)
         show_stats = not quiet and not as_json and (stats if stats is not None else sys.stderr.isatty())
-        parameters = {
-            "frames": frames, "fps": fps, "start": start, "end": end, "device": str(adapter.model.device),
-            "dtype": str(adapter.model.dtype).removeprefix("torch."), "attn": attn.value,
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "keep": keep, "flops": flops,
-            "preset_parameters": preset.parameters(), "positions": preset.positions, "max_pixels": max_pixels,
-            "history": history, "reuse": session.reuse,
-            "sampling": rule.describe() if rule is not None else None, "system_prompt": adapter.system_prompt,
-            "device_map": placement(adapter.model),
-        }
         for number, question in enumerate(read_questions(sys.stdin.isatty()), start=1):
             result = session.ask(question, on_text=None if as_json else stdout_writer())
             image = None
             if show_kept is not None:
-                image = _draw_kept(result, clip, show_kept / f"q{number:03d}.png", model=model, preset=preset.name,
-                                   keep=keep, question=question)
+                image = _draw_kept(result, show_kept / f"q{number:03d}.png", question)
             if as_json:
-                from vidqa.render.report import ask_record
-
-                record = ask_record(result, model=model, preset=preset.name, parameters=parameters, details=result.details)
+                record = result.record()
                 if show_kept is not None:
                     record["kept_image"] = image
                 sys.stdout.write(json.dumps({"question": question, **record}) + "\n")
@@ -220,11 +196,11 @@ def chat(
             if not quiet and not as_json:
                 shown = _show_notes(result.notes, shown)
             if show_stats:
-                err_console.print(answer_line(result.stats, session.prefix.prefill_s), style="dim", soft_wrap=True)
+                err_console.print(answer_line(result.stats, session.video.prefix.prefill_s), style="dim",
+                                  soft_wrap=True)
     except VidqaError as error:
         fail(error)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         err_console.print("interrupted")
         raise typer.Exit(130)
-

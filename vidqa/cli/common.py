@@ -70,42 +70,18 @@ def file_error(error: OSError, resumable: bool = False) -> VidqaError:
 
 
 def read_question(argument: str | None) -> str:
-    """The argument, with piped stdin joined before it (as `llm` does)."""
-    piped = ""
-    if not sys.stdin.isatty():
-        try:
-            piped = sys.stdin.read()
-        except (OSError, ValueError):
-            piped = ""
-    parts = [part.strip() for part in (piped, argument or "") if part and part.strip()]
-    return "\n".join(parts)
+    """The question: the argument; without one, or with `-`, what is piped on stdin.
 
-
-def check_generation(max_new_tokens: int, temperature: float) -> None:
-    if max_new_tokens < 1:
-        raise BadInput(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise BadInput(f"--temperature must be 0 (greedy) or more, got {temperature}")
-
-
-def frames_for_model(model: str, frames: int | None) -> int | None:
-    """--frames as given; without it, a bundled model's own clip length, else None (the model
-    family's reference sampling then chooses, see `models.frame_rule_for`)."""
-    from vidqa.hub import bundled
-
-    found = bundled(model) if frames is None else None
-    return found.frames if found is not None else frames
-
-
-def placement(model) -> dict | None:
-    """{device: modules placed there} for a sharded model; None on one device."""
-    mapping = getattr(model, "hf_device_map", None)
-    if not mapping or len(set(mapping.values())) < 2:
-        return None
-    counts: dict[str, int] = {}
-    for where in mapping.values():
-        counts[str(where)] = counts.get(str(where), 0) + 1
-    return counts
+    stdin is read only then, so `while read f; do vidqa ask "$f" "what happens?"; done < list.txt`
+    leaves the rest of the list to the loop, as shell users expect."""
+    if argument is not None and argument.strip() != "-":
+        return argument.strip()
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    try:
+        return sys.stdin.read().strip()
+    except (OSError, ValueError):
+        return ""
 
 
 # --- terminal helpers ------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from pathlib import Path
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
+from vidqa import api
 from vidqa.batch import runner as batching
 from vidqa.engine import request as engine
 from vidqa.errors import BadInput
-from vidqa.models import DEFAULT_MODEL, load_model
-from vidqa.pruning.core.presets import build_pruner, check_budget, load_preset
+from vidqa.hub import DEFAULT_MODEL
+from vidqa.pruning.core.presets import check_budget, load_preset
 
 MODEL_NAME = "vidqa"
 LOGLIKELIHOOD_UNSUPPORTED = (
@@ -129,13 +130,15 @@ class VidqaLMM(lmms):
         self.prune = str(prune)
         self.keep = keep
         overrides = parse_params(params)
-        preset = load_preset(self.prune, batching.overrides_for(self.prune, overrides))  # bad names fail before loading
+        load_preset(self.prune, batching.overrides_for(self.prune, overrides))  # bad names fail before loading
         self._max_new_tokens = _optional(max_new_tokens, int, "max_new_tokens")
         self._temperature = _optional(temperature, float, "temperature")
         self._seed = _optional(seed, int, "seed")
-        self.adapter = load_model(model, device=str(device or "auto"), dtype=dtype, attn=attn,
-                                  max_pixels=_optional(max_pixels, int, "max_pixels"))
-        build_pruner(preset, self.adapter, keep=keep)  # an unreachable keep fails here, once
+        self.model = api.open_model(api.Settings(model=model, device=str(device or "auto"), dtype=dtype, attn=attn,
+                                                 max_pixels=_optional(max_pixels, int, "max_pixels")))
+        self.adapter = self.model.adapter
+        self.model.pruner(self.model.settings.replace(prune=self.prune, keep=keep, params=tuple(
+            batching.overrides_for(self.prune, overrides))))  # an unreachable keep fails here, once
         self.settings = batching.Settings(
             model=model,
             frame_options=engine.FrameOptions(frames=frames, fps=fps, start=_optional(start, float, "start"),
@@ -144,7 +147,7 @@ class VidqaLMM(lmms):
             overrides=overrides,
             attn=attn,
         )
-        self.runner = batching.Runner(self.adapter, self.settings, batching.ClipCache(int(cache_mb) * 2**20))
+        self.runner = batching.Runner(self.model, self.settings, batching.ClipCache(int(cache_mb) * 2**20))
         self._warned: set[str] = set()
 
     # --- lmms-eval interface -------------------------------------------------------------------

@@ -77,11 +77,7 @@ def load_clip(
     over the window's frame indices, clamped (and a note) to the frames the window has. With
     neither, `sampling` (a model family's reference rule, `vidqa.video.frame_rules`) chooses.
     """
-    video = Path(path)
-    if not video.exists():
-        raise BadInput(f"video not found: {video}")
-    if video.is_dir():
-        raise BadInput(f"video path is a directory, not a file: {video}; give a video file")
+    video = check_video_path(path)
     check_frame_options(1 if num_frames is None and sampling is not None else num_frames, fps, start, end)
     if video.stat().st_size == 0:
         raise _unreadable(video, "empty file, 0 bytes")
@@ -121,6 +117,16 @@ def load_clip(
     return Clip(frames=frames, indices=indices, timestamps=indices / src_fps, fps=float(src_fps),
                 duration=total / src_fps, total_frames=int(total), decoder=decoder, notes=notes,
                 sample_fps=sample_fps if len(indices) == planned else None)  # a truncated file: no longer the rule's rate
+
+
+def check_video_path(path: str | Path) -> Path:
+    """The path as a Path when it names an existing file (checked before anything heavy loads)."""
+    video = Path(path)
+    if not video.exists():
+        raise BadInput(f"video not found: {video}")
+    if video.is_dir():
+        raise BadInput(f"video path is a directory, not a file: {video}; give a video file")
+    return video
 
 
 def _unreadable(video: Path, reason) -> BadInput:

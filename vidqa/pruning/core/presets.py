@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from vidqa.errors import BadInput
+from vidqa.pruning.core.budget import check_budget
 from vidqa.pruning.methods import STAGES, BeforeLLM, InsideLLM, Stage
 
 PRESET_KEYS = {"name", "description", "reference", "positions", "stages", "keep", "typical_keep"}
@@ -189,14 +190,6 @@ def default_retention(preset: Preset, num_layers: int = 28, num_tokens: int = 62
     bound = [(stage.resolved_layer(num_layers), stage) for _, stage in preset.inside_llm]
     counts = layer_counts(bound, num_tokens, num_layers, {}, ratio=None)
     return sum(counts) / (num_layers * num_tokens)
-
-
-def check_budget(keep: float | None, flops: float | None) -> None:
-    for option, value in (("--keep", keep), ("--flops", flops)):
-        if value is not None and not 0 < value <= 1:
-            raise BadInput(f"{option} must be in (0, 1], got {value}")
-    if keep is not None and flops is not None:
-        raise BadInput("give --keep or --flops, not both")
 
 
 def build_pruner(preset: Preset, adapter, keep: float | None = None, flops: float | None = None):
