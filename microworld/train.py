@@ -2,7 +2,7 @@
 
     python -m microworld.train --out DIR --seed S [--steps 3900 --batch 16 ...]
 
-Recipe (what made the prototype work, see design.md §8):
+Recipe (what made the prototype work; benchmarks/micro/README.md tells the story):
 - AdamW (betas 0.9/0.98, weight decay 0.01 on matrices), lr 2e-3, 150 linear warm-up steps,
   cosine to 0.1x, grad-norm clip 1.0, batch 16, loss only on the answer tokens (answer word +
   <|im_end|>).

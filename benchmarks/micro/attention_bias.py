@@ -1,5 +1,5 @@
 """Where the question's attention over the video goes, per layer, on the SmolLM2 benchmark model:
-the measurement that motivates AdaTP (design.md §6), on a pretrained LLM.
+the measurement that motivates AdaTP (docs/methods.md, AdaTP), on a pretrained LLM.
 
     python benchmarks/micro/attention_bias.py                    # 8 held-out clips x 9 questions
     python benchmarks/micro/attention_bias.py --clips 20 --model DIR

@@ -44,7 +44,7 @@ class TokenCounts:
     visual_tokens_after: int = 0  # video tokens entering the last decoder layer
     visual_tokens_per_stage: dict[str, int] = field(default_factory=dict)
     visual_tokens_per_layer: list[int] = field(default_factory=list)
-    layer_avg_retention: float = 1.0  # (1/L) sum_l n_l / n_0 (design.md §4)
+    layer_avg_retention: float = 1.0  # (1/L) sum_l n_l / n_0 (docs/design.md, "Budgets")
     prompt_tokens: int = 0  # the unpruned prompt, as the processor built it
     llm_prompt_tokens: int = 0  # what the LLM's first layer received
     generated_tokens: int = 0
@@ -52,7 +52,7 @@ class TokenCounts:
 
 @dataclass
 class Flops:
-    """Multiply-accumulates (MACs). `paper_*` follow the papers' convention (design.md §5):
+    """Multiply-accumulates (MACs). `paper_*` follow the papers' convention (docs/design.md, "FLOPs"):
     LLM prefill over the visual tokens only, no vision encoder, no text, no decode."""
 
     paper_visual_prefill_macs: int = 0
