@@ -4,18 +4,15 @@ segmentation, parity with `none` at identity settings, and the --keep budget end
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import ask_json
+from helpers import grid_tokens, layer_context, request_state
 
-from vidqa.pruning.core.decoder import LayerContext
 from vidqa.pruning.core.presets import load_preset
 from vidqa.pruning.methods.adatp import DebiasedSegmentSelect, SegmentDedup
 from vidqa.pruning.methods.fastv import LastTokenAttention
 from vidqa.pruning.ops.budgets import adatp_segment_budgets
-from vidqa.tensors.tokens import VisualTokens
 
 FRAMES, ROWS, COLS = 8, 4, 4
 PER_FRAME = ROWS * COLS
@@ -24,20 +21,7 @@ HIDDEN = 64
 QUESTION = "what happens in this video ?"
 
 
-def grid_tokens(features: torch.Tensor, num_frames: int = FRAMES) -> VisualTokens:
-    """Full (num_frames, 4, 4) grid of tokens, frame-major, as the vision encoder hands them over."""
-    position = torch.arange(PER_FRAME).repeat(num_frames)
-    return VisualTokens(
-        features=features,
-        frame=torch.arange(num_frames).repeat_interleave(PER_FRAME),
-        row=position // COLS,
-        col=position % COLS,
-        seq_index=torch.arange(num_frames * PER_FRAME) + 3,  # 3 text tokens before the video
-        grid=(num_frames, ROWS, COLS),
-    )
-
-
-def layer_context(meta: dict, visual_scores: torch.Tensor, budget: int, hidden: torch.Tensor | None = None):
+def scored_context(meta: dict, visual_scores: torch.Tensor, budget: int, hidden: torch.Tensor | None = None):
     """A LayerContext for v visual rows followed by NUM_TEXT text rows; every query row's
     attention over the visual rows is proportional to `visual_scores` (same for all heads)."""
     num_visual = len(visual_scores)
@@ -50,11 +34,8 @@ def layer_context(meta: dict, visual_scores: torch.Tensor, budget: int, hidden: 
     def attention(query_rows):
         return probs.expand(4, len(query_rows), n).clone()  # (heads, q, n)
 
-    return LayerContext(
-        layer=1, hidden=hidden, visual_rows=torch.arange(num_visual), text_rows=torch.arange(num_visual, n),
-        visual_meta=meta, embeddings=hidden, row_source=torch.arange(n), budget=budget,
-        state=SimpleNamespace(details={}), _attention=attention,
-    )
+    return layer_context(hidden, torch.arange(num_visual), attention, budget, text_rows=torch.arange(num_visual, n),
+                         meta=meta)
 
 
 def hidden_with_relevance(relevance_per_token: torch.Tensor) -> torch.Tensor:
@@ -95,13 +76,13 @@ def test_positional_bias_fastv_piles_up_adatp_spreads_by_segment_budgets(segment
     meta = {"frame": frame, "row": torch.zeros(tokens), "col": torch.zeros(tokens), "segment": segment}
     budget = 32
 
-    fastv = LastTokenAttention().select(layer_context(meta, scores, budget), 0.25).keep
+    fastv = LastTokenAttention().select(scored_context(meta, scores, budget)).keep
     assert len(fastv) == budget
     assert set(frame[fastv].tolist()) == FASTV_FRAMES[bias]  # all of FastV's picks: the biased frames
 
     relevance = torch.tensor(segment_relevance)
-    context = layer_context(meta, scores, budget, hidden=hidden_with_relevance(relevance[segment]))
-    adatp = DebiasedSegmentSelect().select(context, 0.25).keep
+    context = scored_context(meta, scores, budget, hidden=hidden_with_relevance(relevance[segment]))
+    adatp = DebiasedSegmentSelect().select(context).keep
     details = context.state.details["adatp"]
     expected_budgets = adatp_segment_budgets([32] * 4, relevance, budget, mix=0.5, temperature=0.1)
     assert details["segment_budgets"] == expected_budgets and sum(expected_budgets) == budget
@@ -126,7 +107,7 @@ def test_positional_bias_fastv_piles_up_adatp_spreads_by_segment_budgets(segment
 
 
 def scene_features(scene_of_frame: list[int], planted_position: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Per-frame tokens whose frame mean is the same within a scene and different across scenes,
+    """(T, PER_FRAME, HIDDEN) per-frame tokens whose frame mean is the same within a scene and different across scenes,
     while tokens at one position differ between adjacent frames (cosine well below 0.9): each
     frame holds a fixed zero-mean set of noise vectors, rolled by one position per frame, on top of
     the scene's vector. `planted_position` holds one identical vector in every frame."""
@@ -143,19 +124,19 @@ def scene_features(scene_of_frame: list[int], planted_position: int | None = Non
         if planted_position is not None:
             frame[planted_position] = planted
         frames.append(frame)
-    return torch.cat(frames)
+    return torch.stack(frames)
 
 
 def test_three_scenes_give_three_segments():
     scene_of_frame = [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    tokens = grid_tokens(scene_features(scene_of_frame), num_frames=9)
-    state = SimpleNamespace(details={})
+    tokens = grid_tokens(scene_features(scene_of_frame))
+    state = request_state()
     out = SegmentDedup().apply(tokens, state)
     assert state.details["adatp"] == {"segments": [[0, 3], [3, 6], [6, 9]], "dedup_removed": 0}
     assert torch.equal(out.meta["segment"], torch.tensor(scene_of_frame).repeat_interleave(PER_FRAME))
     assert torch.equal(out.features, tokens.features) and torch.equal(out.seq_index, tokens.seq_index)
 
-    capped = SimpleNamespace(details={})
+    capped = request_state()
     SegmentDedup(max_segments=2).apply(tokens, capped)
     segments = capped.details["adatp"]["segments"]
     assert len(segments) == 2 and segments[0][1] in (3, 6)
@@ -165,7 +146,7 @@ def test_same_position_bias_is_kept_once_per_segment_not_once_per_frame():
     planted = 5
     scene_of_frame = [0, 0, 0, 0, 1, 1, 1, 1]
     tokens = grid_tokens(scene_features(scene_of_frame, planted_position=planted))
-    state = SimpleNamespace(details={})
+    state = request_state()
     out = SegmentDedup().apply(tokens, state)
     assert state.details["adatp"] == {"segments": [[0, 4], [4, 8]], "dedup_removed": 6}
     position = out.row * COLS + out.col
@@ -184,10 +165,10 @@ def test_same_position_bias_is_kept_once_per_segment_not_once_per_frame():
 
     full_meta = {"frame": tokens.frame, "row": tokens.row, "col": tokens.col}
     full_position = tokens.row * COLS + tokens.col
-    fastv = LastTokenAttention().select(layer_context(full_meta, planted_scores(full_position), 16), 0.1).keep
+    fastv = LastTokenAttention().select(scored_context(full_meta, planted_scores(full_position), 16)).keep
     assert int((full_position[fastv] == planted).sum()) == FRAMES
     meta = {"frame": out.frame, "row": out.row, "col": out.col, **out.meta}
-    adatp = DebiasedSegmentSelect().select(layer_context(meta, planted_scores(position), 16), 0.1).keep
+    adatp = DebiasedSegmentSelect().select(scored_context(meta, planted_scores(position), 16)).keep
     assert len(adatp) == 16 and int((position[adatp] == planted).sum()) == 2
 
 

@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_FRAMES
+from helpers import answer_clip, grid_tokens, numbered_cases, run_stage
 
-from vidqa.engine import request as engine
 from vidqa.models import load_model
 from vidqa.pruning.core.decode_kv import DecodeKVSelection, decode_attention, top_visual_entries
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.methods.dycoke import WindowTemporalMerge, dycoke_keep, window_plan
-from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dycoke"
 QUESTION = "what happens in this video ?"
@@ -28,20 +26,7 @@ IDENTITY = ["merge_ratio=0", "decode_keep=1"]
 
 
 def load_cases() -> list[dict]:
-    data = torch.load(FIXTURES / "dycoke_reference.pt")
-    return [{key.split(".", 1)[1]: value for key, value in data.items() if key.startswith(f"{index}.")}
-            for index in range(int(data["cases"]))]
-
-
-def grid_tokens(grid: torch.Tensor) -> VisualTokens:
-    frames, per_frame, _ = grid.shape
-    return VisualTokens.from_grid(grid.reshape(frames * per_frame, -1), (frames, 1, per_frame),
-                                  torch.arange(frames * per_frame) + 10)
-
-
-def run_stage(stage, tokens):
-    state = RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
-    return stage.apply(tokens, state), state
+    return numbered_cases(FIXTURES / "dycoke_reference.pt")
 
 
 # --- the released code's outputs ------------------------------------------------------------
@@ -56,7 +41,8 @@ def test_merge_keeps_the_released_functions_tokens(case):
     assert torch.equal(features[released], case["output"])
     kept = dycoke_keep(features.view(frames, per_frame, -1), int((1 - ratio) * per_frame))
     assert torch.equal(kept, released.sort().values)  # the same set; vidqa keeps grid order
-    out, state = run_stage(WindowTemporalMerge(merge_ratio=ratio), grid_tokens(features.view(frames, per_frame, -1)))
+    tokens = grid_tokens(features.view(frames, per_frame, -1), rows=1, text_before=10)
+    out, state = run_stage(WindowTemporalMerge(merge_ratio=ratio), tokens)
     assert torch.equal(out.seq_index, kept + 10)
     assert state.details["dycoke"]["merge"]["kept"] == len(case["output"])
 
@@ -76,7 +62,7 @@ def test_a_static_window_keeps_only_what_moved():
     grid[1:4] = grid[0] + 0.001 * torch.randn(3, 16, 24, generator=generator)  # window 0 is still...
     moving = torch.tensor([2, 5, 11, 14])
     grid[1:4, moving] = torch.randn(3, 4, 24, generator=generator)  # ...except 4 positions
-    out, _ = run_stage(WindowTemporalMerge(merge_ratio=0.75), grid_tokens(grid))  # keep 4 of 16
+    out, _ = run_stage(WindowTemporalMerge(merge_ratio=0.75), grid_tokens(grid, rows=1, text_before=10))  # keep 4 of 16
     for frame in (1, 2, 3):
         assert torch.equal(out.col[out.frame == frame], moving)
     assert (out.frame == 0).sum() == 16
@@ -106,17 +92,13 @@ def test_decode_scores_match_eager_attention(tiny_llava):
 # --- every family ---------------------------------------------------------------------------
 
 
-def ask(adapter, clip, pruner=NO_PRUNING, tokens=8):
-    return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=tokens), pruner=pruner)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_identity_settings_match_none(family_adapters, family_clips, family):
     adapter, clip = family_adapters[family], family_clips[family]
-    reference = ask(adapter, clip)
+    reference = answer_clip(adapter, clip, max_new_tokens=8)
     for pruner in (build_pruner(load_preset("dycoke", IDENTITY), adapter),
                    build_pruner(load_preset("dycoke", ["decode_keep=1"]), adapter, keep=1.0)):
-        pruned = ask(adapter, clip, pruner)
+        pruned = answer_clip(adapter, clip, pruner, max_new_tokens=8)
         assert pruned.stats.tokens.layer_avg_retention == 1.0
         assert pruned.text == reference.text
         assert pruned.stats.tokens.generated_tokens == reference.stats.tokens.generated_tokens
@@ -133,7 +115,7 @@ def reference_visual(adapter, clip):
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(family_adapters, family_clips, family):
     adapter, clip = family_adapters[family], family_clips[family]
-    answer = ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("dycoke"), adapter), max_new_tokens=8)
     merged = answer.stats.tokens.visual_tokens_after
     frames, rows, cols = adapter.encode_video(adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)).grid
     assert merged == len(dycoke_keep(torch.zeros(frames, rows * cols, 1) + torch.arange(rows * cols)[None, :, None],
@@ -146,7 +128,7 @@ def test_defaults_merge_and_attend_a_fifth_at_each_decode_step(family_adapters, 
 @pytest.mark.parametrize("keep", [0.5, 0.75])
 def test_keep_sets_the_prefill_retention(family_adapters, family_clips, keep):
     adapter, clip = family_adapters["llava"], family_clips["llava"]
-    answer = ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter, keep=keep))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("dycoke"), adapter, keep=keep), max_new_tokens=8)
     tokens = answer.stats.tokens
     assert abs(tokens.visual_tokens_after - keep * tokens.visual_tokens_before) <= len(window_plan(8)) / 2
     assert answer.details["budget"]["stage"] == "merge"
@@ -157,7 +139,8 @@ def test_keep_below_the_anchor_frames_is_a_clear_error(family_adapters, family_c
 
     adapter, clip = family_adapters["llava"], family_clips["llava"]
     with pytest.raises(BadInput, match="below what 'dycoke' can reach"):
-        ask(adapter, clip, build_pruner(load_preset("dycoke"), adapter, keep=0.2))  # 3 whole of 8 frames
+        pruner = build_pruner(load_preset("dycoke"), adapter, keep=0.2)  # 3 whole of 8 frames
+        answer_clip(adapter, clip, pruner, max_new_tokens=8)
 
 
 def test_entries_never_attended_do_not_matter(family_adapters, family_clips):

@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_FRAMES
+from helpers import answer_clip, grid_tokens, numbered_cases, request_state, run_stage
 
-from vidqa.engine import request as engine
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.methods.evs import TemporalChangeSelect, evs_keep
 from vidqa.pruning.methods.vidcom2 import FrameUniquenessSelect, vidcom2_keep
-from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUESTION = "what happens in this video ?"
@@ -26,21 +24,7 @@ IDENTITY = {"evs": ["pruning_rate=0"], "vidcom2": ["ratio=1"]}
 
 
 def load_cases(name: str) -> list[dict]:
-    data = torch.load(FIXTURES / name / f"{name}_reference.pt")
-    return [{key.split(".", 1)[1]: value for key, value in data.items() if key.startswith(f"{index}.")}
-            for index in range(int(data["cases"]))]
-
-
-def grid_tokens(grid: torch.Tensor) -> VisualTokens:
-    """VisualTokens over a (T, P, C) grid laid out as P = rows x cols with rows = 1."""
-    frames, per_frame, _ = grid.shape
-    return VisualTokens.from_grid(grid.reshape(frames * per_frame, -1), (frames, 1, per_frame),
-                                  torch.arange(frames * per_frame) + 10)
-
-
-def run_stage(stage, tokens):
-    state = RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
-    return stage.apply(tokens, state), state
+    return numbered_cases(FIXTURES / name / f"{name}_reference.pt")
 
 
 # --- the released code's outputs ------------------------------------------------------------
@@ -52,7 +36,7 @@ def test_evs_reproduces_vllms_retention_mask(case):
     grid = case["features"].view(frames, rows * cols, -1)
     assert torch.equal(evs_keep(grid, float(case["q"])), case["kept"])
     assert len(case["kept"]) == int(case["count"])
-    out, _ = run_stage(TemporalChangeSelect(pruning_rate=float(case["q"])), grid_tokens(grid))
+    out, _ = run_stage(TemporalChangeSelect(pruning_rate=float(case["q"])), grid_tokens(grid, rows=1, text_before=10))
     assert torch.equal(out.seq_index, case["kept"] + 10)  # the kept rows, in order, with their positions
 
 
@@ -63,7 +47,7 @@ def test_vidcom2_reproduces_the_released_budgets_and_kept_sets(case):
     kept, budgets = vidcom2_keep(grid, float(case["base"]))
     assert torch.equal(budgets, case["budgets"])
     assert torch.equal(kept, case["kept"])
-    out, state = run_stage(FrameUniquenessSelect(ratio=float(case["base"])), grid_tokens(grid))
+    out, state = run_stage(FrameUniquenessSelect(ratio=float(case["base"])), grid_tokens(grid, rows=1, text_before=10))
     assert torch.equal(out.seq_index, case["kept"] + 10)
     assert state.details["vidcom2"]["frame_budgets"] == case["budgets"].tolist()
 
@@ -75,7 +59,7 @@ def test_evs_drops_the_static_half_of_every_frame_first():
     generator = torch.Generator().manual_seed(0)
     grid = torch.randn(8, 16, 24, generator=generator)
     grid[:, :8] = grid[:1, :8] + 0.01 * torch.randn(8, 8, 24, generator=generator)  # positions 0-7 barely move
-    tokens = grid_tokens(grid)
+    tokens = grid_tokens(grid, rows=1, text_before=10)
     out, _ = run_stage(TemporalChangeSelect(pruning_rate=0.5), tokens)  # 64 = frame 0 + 48 more
     later = out.col[out.frame > 0]
     assert len(out) == 64 and (out.frame == 0).sum() == 16
@@ -88,9 +72,9 @@ def test_static_half_of_the_clip_gets_the_least():
     generator = torch.Generator().manual_seed(1)
     grid = torch.randn(8, 16, 32, generator=generator)
     grid[5:] = grid[4]  # frames 4-7: one still picture
-    evs, _ = run_stage(TemporalChangeSelect(pruning_rate=0.5), grid_tokens(grid))
+    evs, _ = run_stage(TemporalChangeSelect(pruning_rate=0.5), grid_tokens(grid, rows=1, text_before=10))
     assert not bool((evs.frame >= 5).any())  # nothing of the repeated frames while anything moves
-    _, state = run_stage(FrameUniquenessSelect(ratio=0.25), grid_tokens(grid))
+    _, state = run_stage(FrameUniquenessSelect(ratio=0.25), grid_tokens(grid, rows=1, text_before=10))
     budgets = state.details["vidcom2"]["frame_budgets"]
     assert max(budgets[4:]) <= min(budgets[:4]) and sum(budgets[4:]) < sum(budgets[:4])
     assert max(range(8), key=budgets.__getitem__) < 4
@@ -102,7 +86,7 @@ def test_vidcom2_gives_the_frame_unlike_all_others_the_largest_budget(odd_frame)
     scene = torch.randn(16, 32, generator=generator)
     grid = scene + 0.2 * torch.randn(7, 16, 32, generator=generator)
     grid = torch.cat([grid[:odd_frame], torch.randn(1, 16, 32, generator=generator) * 2, grid[odd_frame:]])
-    out, state = run_stage(FrameUniquenessSelect(ratio=0.25), grid_tokens(grid))
+    out, state = run_stage(FrameUniquenessSelect(ratio=0.25), grid_tokens(grid, rows=1, text_before=10))
     budgets = state.details["vidcom2"]["frame_budgets"]
     others = budgets[:odd_frame] + budgets[odd_frame + 1:]
     assert budgets[odd_frame] > max(others)
@@ -112,18 +96,14 @@ def test_vidcom2_gives_the_frame_unlike_all_others_the_largest_budget(odd_frame)
 # --- every family ---------------------------------------------------------------------------
 
 
-def ask(adapter, clip, pruner=NO_PRUNING):
-    return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=6), pruner=pruner)
-
-
 @pytest.mark.parametrize("preset", sorted(IDENTITY))
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_identity_settings_match_none(family_adapters, family_clips, family, preset):
     adapter, clip = family_adapters[family], family_clips[family]
-    reference = ask(adapter, clip)
+    reference = answer_clip(adapter, clip)
     for pruner in (build_pruner(load_preset(preset, IDENTITY[preset]), adapter),
                    build_pruner(load_preset(preset), adapter, keep=1.0)):
-        pruned = ask(adapter, clip, pruner)
+        pruned = answer_clip(adapter, clip, pruner)
         assert pruned.stats.tokens.layer_avg_retention == 1.0
         assert pruned.text == reference.text
         assert pruned.stats.tokens.generated_tokens == reference.stats.tokens.generated_tokens
@@ -133,11 +113,11 @@ def test_identity_settings_match_none(family_adapters, family_clips, family, pre
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_keep_sets_the_retained_fraction(family_adapters, family_clips, family, keep):
     adapter, clip = family_adapters[family], family_clips[family]
-    evs = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=keep))
+    evs = answer_clip(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=keep))
     total = evs.stats.tokens.visual_tokens_before
     assert evs.stats.tokens.visual_tokens_after == int(total * keep)  # vLLM: int(T*P*(1 - q)), q = 1 - keep
     assert evs.details["evs"]["pruning_rate"] == pytest.approx(1 - keep)
-    vidcom2 = ask(adapter, clip, build_pruner(load_preset("vidcom2"), adapter, keep=keep))
+    vidcom2 = answer_clip(adapter, clip, build_pruner(load_preset("vidcom2"), adapter, keep=keep))
     budgets = vidcom2.details["vidcom2"]["frame_budgets"]
     assert vidcom2.stats.tokens.visual_tokens_after == sum(budgets)
     assert abs(sum(budgets) - keep * total) <= len(budgets) / 2  # per-frame rounding only, below the cap
@@ -146,7 +126,7 @@ def test_keep_sets_the_retained_fraction(family_adapters, family_clips, family, 
 
 def test_flops_target_sets_a_pre_llm_budget(family_adapters, family_clips):
     adapter, clip = family_adapters["llava"], family_clips["llava"]
-    answer = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, flops=0.4))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("evs"), adapter, flops=0.4))
     flops, tokens = answer.stats.flops, answer.stats.tokens
     per_token = flops.paper_vanilla_macs / tokens.visual_tokens_before
     assert abs(flops.paper_fraction - 0.4) * flops.paper_vanilla_macs <= 4 * per_token * 2
@@ -158,7 +138,7 @@ def test_positions_follow_each_methods_code(family_adapters, family_clips):
     for preset, compact in (("evs", False), ("vidcom2", True)):
         pruner = build_pruner(load_preset(preset), adapter)
         prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
-        state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=adapter.model.device)
+        state = request_state(adapter, prompt, clip, QUESTION)
         tokens = adapter.encode_video(prompt)
         state.record_stage("vision encoder", len(tokens))
         kept = pruner.before_llm(tokens, state)
@@ -173,7 +153,7 @@ def test_positions_follow_each_methods_code(family_adapters, family_clips):
 
 def test_evs_floor_of_one_frame_is_reported(family_adapters, family_clips):
     adapter, clip = family_adapters["llava"], family_clips["llava"]
-    answer = ask(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=0.05))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("evs"), adapter, keep=0.05))
     assert answer.stats.tokens.visual_tokens_after == 16  # the first frame, whole
     assert any("first frame" in note for note in answer.notes)
 

@@ -4,24 +4,19 @@ changes and attention hot spots, budgets, and the preset's --keep/--flops mappin
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
+from helpers import grid_tokens, request_state
 
 from vidqa.errors import BadInput
 from vidqa.pruning.core.presets import load_preset
 from vidqa.pruning.methods.fastvid import DySegStage, STPruneStage, merge_into_centres, stprune, stprune_plan
 from vidqa.pruning.ops.dyseg import dyseg_cuts, dyseg_segments
 from vidqa.pruning.ops.segments import similarity_segments
-from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fastvid"
-
-
-def state():
-    return SimpleNamespace(details={})
 
 
 def scene_features(scenes: list[int], dim: int = 16, noise: float = 0.01, seed: int = 0) -> torch.Tensor:
@@ -29,17 +24,6 @@ def scene_features(scenes: list[int], dim: int = 16, noise: float = 0.01, seed: 
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(max(scenes) + 1, dim, generator=generator)
     return directions[scenes] + noise * torch.randn(len(scenes), dim, generator=generator)
-
-
-def grid_tokens(features: torch.Tensor, attention: torch.Tensor | None = None) -> VisualTokens:
-    """VisualTokens over a (T, P, C) grid with P a square; 2 text tokens precede the video."""
-    frames, per_frame, _ = features.shape
-    side = int(per_frame**0.5)
-    tokens = VisualTokens.from_grid(features.reshape(frames * per_frame, -1), (frames, side, side),
-                                    torch.arange(frames * per_frame) + 2)
-    if attention is not None:
-        tokens.meta["vision_attention"] = attention.reshape(-1)
-    return tokens
 
 
 # --- the authors' released code ---------------------------------------------------------------
@@ -100,7 +84,7 @@ def test_dyseg_stage_annotates_segments_and_drops_nothing():
     scenes = [0] * 3 + [1] * 5
     features = scene_features(scenes, dim=8)[:, None, :].repeat(1, 4, 1)  # (T, 4, C)
     tokens = grid_tokens(features)
-    out = DySegStage(min_segments=1, tau=0.9).apply(tokens, st := state())
+    out = DySegStage(min_segments=1, tau=0.9).apply(tokens, st := request_state())
     assert len(out) == len(tokens) and torch.equal(out.features, tokens.features)
     assert out.meta["segment"].tolist() == [0] * 12 + [1] * 20
     assert st.details["dyseg"]["segments"] == [[0, 3], [3, 8]]
@@ -147,7 +131,7 @@ def test_scene_change_hot_spot_and_static_merge():
     features = frame_content.repeat_interleave(4, dim=0) + 1e-3 * torch.randn(frames, per_frame, dim, generator=generator)
     attention = torch.rand(frames, per_frame, generator=generator) * 0.1
     attention[:, 5] = 1.0  # the vision encoder's hot spot
-    tokens = DySegStage(min_segments=1, tau=0.9).apply(grid_tokens(features, attention), st := state())
+    tokens = DySegStage(min_segments=1, tau=0.9).apply(grid_tokens(features, attention), st := request_state())
     assert st.details["dyseg"]["segments"] == [[0, 4], [4, 8]]
     out = STPruneStage(ratio=0.25, context_share=0.5).apply(tokens, st)  # retain 4: 2 salient + 2 context
     position = (out.row * 4 + out.col).tolist()
@@ -172,8 +156,8 @@ def test_ratio_one_keeps_every_token_unchanged():
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(8, 16, 12, generator=generator)
     tokens = grid_tokens(features, torch.rand(8, 16, generator=generator))
-    tokens = DySegStage(min_segments=3).apply(tokens, state())
-    out = STPruneStage(ratio=1.0).apply(tokens, state())
+    tokens = DySegStage(min_segments=3).apply(tokens, request_state())
+    out = STPruneStage(ratio=1.0).apply(tokens, request_state())
     assert len(out) == len(tokens)
     assert torch.equal(out.seq_index, tokens.seq_index) and torch.equal(out.features, tokens.features)
 
@@ -181,10 +165,10 @@ def test_ratio_one_keeps_every_token_unchanged():
 def test_stprune_errors_name_what_is_missing():
     features = torch.randn(4, 16, 8)
     with pytest.raises(BadInput, match="vision-encoder attention"):
-        STPruneStage().apply(grid_tokens(features), state())
+        STPruneStage().apply(grid_tokens(features), request_state())
     partial = grid_tokens(features, torch.rand(4, 16)).select(torch.arange(10))
     with pytest.raises(BadInput, match="full 4x4x4 token grid"):
-        STPruneStage().apply(partial, state())
+        STPruneStage().apply(partial, request_state())
 
 
 def test_preset_defaults_are_the_authors_llava_ov_script():

@@ -5,11 +5,11 @@ expansion), parity with `none`, and the preset end to end on every family."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import FAMILY_BUILDERS, ask_json, assert_one_line_error
+from helpers import fake_adapter, grid_tokens, request_state
 
 from vidqa.errors import BadInput
 from vidqa.pruning.core.presets import load_preset
@@ -17,23 +17,8 @@ from vidqa.pruning.core.pruner import PresetPruner
 from vidqa.pruning.methods.fastvid import DySegStage
 from vidqa.pruning.methods.flashvid import ADTSTreeMerge, adts_select, compress_segment, frame_budgets, tstm
 from vidqa.pruning.ops.dyseg import dyseg_segments
-from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "flashvid" / "flashvid.pt")
-
-
-def state():
-    return SimpleNamespace(details={})
-
-
-def grid_tokens(features: torch.Tensor, attention: torch.Tensor) -> VisualTokens:
-    """VisualTokens over a (T, P, C) grid with P a square; 3 text tokens precede the video."""
-    frames, per_frame, _ = features.shape
-    side = int(per_frame**0.5)
-    tokens = VisualTokens.from_grid(features.reshape(frames * per_frame, -1), (frames, side, side),
-                                    torch.arange(frames * per_frame) + 3)
-    tokens.meta["vision_attention"] = attention.reshape(-1)
-    return tokens
 
 
 # --- the authors' released code ---------------------------------------------------------------
@@ -64,7 +49,8 @@ def test_stage_reproduces_the_released_code(case):
     fixture = FIXTURES["compression"][case]
     features, params = fixture["features"], fixture["params"]
     tokens = grid_tokens(features, fixture["attention"])
-    tokens = DySegStage(min_segments=params["min_segment_num"], tau=params["segment_threshold"]).apply(tokens, st := state())
+    st = request_state()
+    tokens = DySegStage(min_segments=params["min_segment_num"], tau=params["segment_threshold"]).apply(tokens, st)
     stage = ADTSTreeMerge(ratio=fixture["ratio"], alpha=params["alpha"], temporal_threshold=params["temporal_threshold"],
                           selection=params["token_selection_method"])
     out = stage.apply(tokens, st)
@@ -74,7 +60,7 @@ def test_stage_reproduces_the_released_code(case):
     torch.testing.assert_close(out.features, fixture["tokens"], rtol=0, atol=1e-5)
     # per-token rows that must follow the merge (Qwen3-VL's DeepStack) get the same arithmetic as
     # coefficient sums, 1 / (tree divisor x cluster size), depth-2 trees included (the qwen case)
-    mirrored = stage.apply(tokens.replace(deepstack=tokens.features[None].clone()), state())
+    mirrored = stage.apply(tokens.replace(deepstack=tokens.features[None].clone()), request_state())
     torch.testing.assert_close(mirrored.deepstack[0], fixture["tokens"], rtol=0, atol=1e-5)
     frames = features.shape[0]
     assert st.details["flashvid"]["selected"] == frames * fixture["num_selected"]
@@ -200,9 +186,9 @@ def test_stage_errors_name_what_is_missing():
     with pytest.raises(BadInput, match="vision-encoder attention"):
         tokens = grid_tokens(torch.randn(2, 4, 3), torch.rand(2, 4))
         tokens.meta.pop("vision_attention")
-        ADTSTreeMerge().apply(tokens, state())
+        ADTSTreeMerge().apply(tokens, request_state())
     with pytest.raises(BadInput, match="full 2x2x2 token grid"):
-        ADTSTreeMerge().apply(grid_tokens(torch.randn(2, 4, 3), torch.rand(2, 4)).select(torch.arange(5)), state())
+        ADTSTreeMerge().apply(grid_tokens(torch.randn(2, 4, 3), torch.rand(2, 4)).select(torch.arange(5)), request_state())
     with pytest.raises(BadInput, match="selection 'attn'"):
         load_preset("flashvid", ["selection=attn"])
 
@@ -218,11 +204,6 @@ def test_preset_defaults_are_the_authors_config():
                                "vision_layer": -1}
     assert params["select"] == {"layer": 23, "ratio": 0.3}
     assert preset.typical_keep == 0.25 and preset.positions == "compact"
-
-
-def fake_adapter(num_layers: int):
-    config = SimpleNamespace(num_hidden_layers=num_layers)
-    return SimpleNamespace(text_config=config)
 
 
 def test_keep_scales_the_pre_llm_ratio_by_their_expansion():
@@ -312,4 +293,4 @@ def test_a_model_without_vision_attention_is_refused_in_one_line():
     tokens = grid_tokens(torch.randn(2, 4, 3), torch.rand(2, 4))
     tokens.meta.pop("vision_attention")
     with pytest.raises(BadInput, match="vision-encoder attention"):
-        ADTSTreeMerge().apply(tokens, state())
+        ADTSTreeMerge().apply(tokens, request_state())

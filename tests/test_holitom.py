@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_FRAMES, ask_json, assert_one_line_error
+from helpers import answer_clip, grid_tokens, layer_context, request_state, run_stage
 
-from vidqa.engine import request as engine
 from vidqa.models import load_model
-from vidqa.pruning.core.decoder import DecoderPruning, LayerContext, Selection, _Prefill
+from vidqa.pruning.core.decoder import DecoderPruning, Selection, Prefill
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.methods.holitom import (
     HoliTomMergeStage,
     SimilarityMerge,
@@ -27,7 +26,7 @@ from vidqa.pruning.methods.holitom import (
     sequential_average,
     static_windows,
 )
-from vidqa.tensors.tokens import VisualTokens, weighted_row_means
+from vidqa.tensors.tokens import weighted_row_means
 from vidqa.testing.qwen3 import build_tiny_qwen3_vl
 from vidqa.video.decode import load_clip
 
@@ -41,27 +40,8 @@ def reference(prefix: str) -> dict:
     return {name.split(".", 1)[1]: case for name, case in data.items() if name.startswith(prefix)}
 
 
-def run_stage(stage, tokens):
-    state = RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
-    return stage.apply(tokens, state), state
-
-
-def grid_tokens(features: torch.Tensor, attention: torch.Tensor | None) -> VisualTokens:
-    frames, per_frame, _ = features.shape
-    side = int(per_frame**0.5)
-    tokens = VisualTokens.from_grid(features.reshape(frames * per_frame, -1), (frames, side, side),
-                                    torch.arange(frames * per_frame) + 3)
-    if attention is not None:
-        tokens.meta["vision_attention"] = attention.reshape(-1)
-    return tokens
-
-
-def bare_state():
-    return RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
-
-
-def layer_context(hidden, visual, last_row_attention, budget, state):
-    """What the decoder hands an in-LLM stage, with the last row's attention given."""
+def last_row_context(hidden, visual, last_row_attention, budget, state):
+    """What the decoder hands an in-LLM stage at layer 3, with the last row's attention given."""
     probs = torch.zeros(last_row_attention.shape[0], 1, hidden.shape[1])
     probs[:, 0] = last_row_attention
 
@@ -69,9 +49,7 @@ def layer_context(hidden, visual, last_row_attention, budget, state):
         assert rows.tolist() == [hidden.shape[1] - 1]  # the last prompt row, exactly
         return probs
 
-    return LayerContext(layer=3, hidden=hidden, visual_rows=visual, text_rows=torch.zeros(0, dtype=torch.long),
-                        visual_meta={}, embeddings=hidden, row_source=torch.arange(hidden.shape[1]), budget=budget,
-                        state=state, _attention=attend)
+    return layer_context(hidden, visual, attend, budget, state=state, layer=3)
 
 
 # --- the released code's outputs ------------------------------------------------------------
@@ -95,10 +73,10 @@ def test_outer_merge_reproduces_the_released_functions(name):
 def test_inner_merge_reproduces_the_released_loop_bit_for_bit(name):
     case = reference("inner.")[name]
     visual = torch.arange(case["start"], case["start"] + case["image"])
-    state = bare_state()
+    state = request_state()
     budget = round(case["image"] * (1 - case["r"]))
     selection = SimilarityMerge(ratio=1 - case["r"]).select(
-        layer_context(case["hidden"], visual, case["last_row_attention"], budget, state), 1 - case["r"])
+        last_row_context(case["hidden"], visual, case["last_row_attention"], budget, state))
     kept = visual[selection.keep]
     assert torch.equal(kept, case["kept"])
     assert torch.equal(selection.kept_hidden, case["merged_hidden"][0, kept])  # same dtype, same rounding
@@ -194,8 +172,8 @@ def test_inner_merge_sends_a_near_copy_to_its_original():
     hidden[0, 7] = hidden[0, 3] + 0.01 * torch.randn(8, generator=generator)  # a near-copy of row 3
     attention = torch.full((2, 12), 0.01)
     attention[:, [3, 4, 5, 8]] = 0.2  # the last row attends to rows 3, 4, 5, 8
-    state = bare_state()
-    selection = SimilarityMerge(ratio=0.5).select(layer_context(hidden, visual, attention, 4, state), 0.5)
+    state = request_state()
+    selection = SimilarityMerge(ratio=0.5).select(last_row_context(hidden, visual, attention, 4, state))
     assert visual[selection.keep].tolist() == [3, 4, 5, 8]
     inner = state.details["holitom"]["inner"]
     assert dict(zip(inner["merged_rows"], inner["into_rows"]))[7] == 3
@@ -221,7 +199,7 @@ def test_decoder_writes_the_merged_states_of_the_kept_rows():
     is_visual = torch.tensor([False, True, True, True, False, False])
     pruning = DecoderPruning.__new__(DecoderPruning)
     cos = sin = torch.zeros(1, 6, 4)
-    pruning._prefill = _Prefill(row_source=torch.arange(6), is_visual=is_visual, visual_meta={},
+    pruning._prefill = Prefill(row_source=torch.arange(6), is_visual=is_visual, visual_meta={},
                                 full_position_embeddings=(cos, sin))
     new_states = torch.full((2, 3), -1.0)
     out = pruning._apply(Selection(keep=torch.tensor([0, 2]), kept_hidden=new_states), hidden, is_visual.nonzero().flatten())
@@ -234,15 +212,11 @@ def test_decoder_writes_the_merged_states_of_the_kept_rows():
 # --- every family ---------------------------------------------------------------------------
 
 
-def ask(adapter, clip, pruner=NO_PRUNING, tokens=6):
-    return engine.answer(adapter, clip, QUESTION, engine.GenerationOptions(max_new_tokens=tokens), pruner=pruner)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_identity_settings_match_none(family_adapters, family_clips, family):
     adapter, clip = family_adapters[family], family_clips[family]
-    expected = ask(adapter, clip)
-    pruned = ask(adapter, clip, build_pruner(load_preset("holitom", IDENTITY), adapter))
+    expected = answer_clip(adapter, clip)
+    pruned = answer_clip(adapter, clip, build_pruner(load_preset("holitom", IDENTITY), adapter))
     assert pruned.stats.tokens.layer_avg_retention == 1.0
     assert pruned.text == expected.text
     assert pruned.stats.tokens.generated_tokens == expected.stats.tokens.generated_tokens
@@ -251,7 +225,7 @@ def test_identity_settings_match_none(family_adapters, family_clips, family):
 @pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
 def test_defaults_merge_outside_and_halve_inside(family_adapters, family_clips, family):
     adapter, clip = family_adapters[family], family_clips[family]
-    answer = ask(adapter, clip, build_pruner(load_preset("holitom"), adapter))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("holitom"), adapter))
     per_layer = answer.stats.tokens.visual_tokens_per_layer
     entering = answer.stats.tokens.visual_tokens_per_stage["outer"]
     layer = SimilarityMerge().resolved_layer(len(per_layer))  # 3 of the tiny models' 4
@@ -280,7 +254,7 @@ def test_qwen3_vl_runs_both_merges(tmp_path_factory, square_video):
     adapter = load_model(str(build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3_vl"))), device="cpu",
                          dtype="float32", max_pixels=128 * 128)
     clip = load_clip(square_video, num_frames=8)
-    answer = ask(adapter, clip, build_pruner(load_preset("holitom", ["outer.ratio=0.5"]), adapter))
+    answer = answer_clip(adapter, clip, build_pruner(load_preset("holitom", ["outer.ratio=0.5"]), adapter))
     entering = answer.stats.tokens.visual_tokens_per_layer
     assert entering[0] < 64 and entering[3] == round(entering[0] * 0.5)
     assert answer.details["holitom"]["inner"]["merged"] == entering[0] - entering[3]

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from helpers import canonical
 
 from vidqa.pruning.methods.sparsevlm import recycle_pruned, select_raters
 from vidqa.pruning.ops.budgets import adatp_segment_budgets, round_to_total
@@ -17,12 +18,6 @@ from vidqa.pruning.ops.segments import (
     similarity_segments,
     static_mask,
 )
-
-
-def canonical(labels: torch.Tensor | list[int]) -> list[int]:
-    """Relabel a partition by first appearance, so partitions compare with ==."""
-    mapping: dict[int, int] = {}
-    return [mapping.setdefault(int(label), len(mapping)) for label in labels]
 
 
 def scenes(spec: list[tuple[int, int]], centres: torch.Tensor, noise: float, gen) -> torch.Tensor:

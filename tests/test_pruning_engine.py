@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import grid_tokens, request_state
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,9 +16,7 @@ from vidqa.engine import request as engine
 from vidqa.models import load_model
 from vidqa.pruning.core.decoder import LayerContext, Selection
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.runtime import RequestState
 from vidqa.pruning.methods.prunevid import SpatioTemporalMerge, top_k_per_group
-from vidqa.tensors.tokens import VisualTokens
 from vidqa.testing.builders import build_tiny_llava_onevision
 from vidqa.video.decode import load_clip
 
@@ -41,7 +40,7 @@ def clip(square_video):
 def prefill_inputs(adapter, clip, pruner, question=QUESTION):
     """Run the engine's steps up to generate; returns (inputs, state)."""
     prompt = adapter.build_prompt(clip.frames, clip.timestamps, question)
-    state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=adapter.model.device)
+    state = request_state(adapter, prompt, clip, question)
     tokens = adapter.encode_video(prompt)
     state.record_stage("vision encoder", len(tokens))
     tokens = pruner.before_llm(tokens, state)
@@ -193,12 +192,8 @@ def test_prunevid_marks_the_static_left_half_and_merges_it():
     grid = torch.randn(frames, rows, cols, channels, generator=generator)
     grid[:, :, :2] = torch.randn(1, rows, 2, channels, generator=generator)  # left half identical in time
     grid[:, :, :2] += 0.01 * torch.randn(frames, rows, 2, channels, generator=generator)
-    index = torch.arange(frames * rows * cols)
-    tokens = VisualTokens(
-        features=grid.reshape(-1, channels), frame=index // 16, row=(index % 16) // 4, col=index % 4,
-        seq_index=index + 5, grid=(frames, rows, cols),
-    )
-    state = RequestState(adapter=None, prompt=None, clip=None, question="", device=torch.device("cpu"))
+    tokens = grid_tokens(grid.reshape(frames, rows * cols, channels), text_before=5)
+    state = request_state()
     merged = SpatioTemporalMerge(temporal_ratio=0.125, tau=0.8, cluster_ratio=1.0).apply(tokens, state)
     assert state.details["prunevid"]["segments"] == [[0, 8]]
     static = merged.meta["static"]

@@ -8,26 +8,18 @@ Where vidqa's order of rows differs from the release on purpose, the comparison 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import canonical, grid_tokens, layer_context, request_state
 
 from vidqa.errors import BadInput
-from vidqa.pruning.core.decoder import LayerContext
 from vidqa.pruning.methods.prunevid import QuestionAttentionSelect, SpatioTemporalMerge
 from vidqa.pruning.methods.sparsevlm import recycle_pruned
 from vidqa.pruning.ops.cluster import cluster_means, dpc_knn
 from vidqa.pruning.ops.segments import labels_to_segments, make_clusters_contiguous
-from vidqa.tensors.tokens import VisualTokens
 
 FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "prunevid" / "reference.pt", weights_only=True)
-
-
-def canonical(labels: torch.Tensor) -> list[int]:
-    """Labels renumbered by first appearance: equal for two labellings of the same partition."""
-    seen: dict[int, int] = {}
-    return [seen.setdefault(int(label), len(seen)) for label in labels]
 
 
 def same_rows_up_to_order(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
@@ -89,16 +81,8 @@ def merge(case, row_order: str):
     """Run vidqa's stage 1 on the fixture's [T, P, C] tokens; (merged tokens, stage details)."""
     num_frames, rows, cols = case["grid"].tolist()
     tokens = case["tokens"]
-    location = torch.arange(rows * cols).repeat(num_frames)
-    visual = VisualTokens(
-        features=tokens.reshape(num_frames * rows * cols, -1),
-        frame=torch.arange(num_frames).repeat_interleave(rows * cols),
-        row=location // cols,
-        col=location % cols,
-        seq_index=torch.arange(num_frames * rows * cols),
-        grid=(num_frames, rows, cols),
-    )
-    state = SimpleNamespace(details={})
+    visual = grid_tokens(tokens.reshape(num_frames, rows * cols, -1), rows=rows, text_before=0)
+    state = request_state()
     merged = SpatioTemporalMerge(row_order=row_order).apply(visual, state)
     return merged, state.details["prunevid"]
 
@@ -163,11 +147,9 @@ def stage2_context(case):
         assert len(query_rows) == queries
         return probs
 
-    context = LayerContext(
-        layer=3, hidden=torch.zeros(1, n, 8), visual_rows=torch.arange(num_visual),
-        text_rows=torch.arange(num_visual, n), visual_meta=meta, embeddings=torch.zeros(1, n, 8),
-        row_source=torch.arange(n), budget=0, state=SimpleNamespace(details={}), _attention=attend,
-    )
+    # at the release's alpha; the budget is the count it keeps (kept_at_ratio, checked below)
+    context = layer_context(torch.zeros(1, n, 8), torch.arange(num_visual), attend, len(case["kept"]),
+                            text_rows=torch.arange(num_visual, n), meta=meta, layer=3, ratio=float(case["alpha"]))
     return context, meta
 
 
@@ -176,10 +158,10 @@ def test_stage2_kept_set_matches_process_attention(case):
     alpha = float(case["alpha"])
     context, meta = stage2_context(case)
     stage = QuestionAttentionSelect()
-    keep = stage.select(context, alpha).keep
+    keep = stage.select(context).keep
     assert keep.tolist() == case["kept"].tolist()
     # the --keep solver counts with the same rule
-    assert stage.kept_count(len(meta["frame"]), len(meta["frame"]), meta, alpha) == len(case["kept"])
+    assert stage.kept_at_ratio(len(meta["frame"]), len(meta["frame"]), meta, alpha) == len(case["kept"])
 
 
 def test_stage2_truncates_fractional_quotas():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import ask_json, assert_one_line_error
+from helpers import fake_adapter, request_state
 
 from vidqa.errors import BadInput
-from vidqa.pruning.core.decoder import DecoderPruning, LayerContext, _Prefill
+from vidqa.pruning.core.decoder import DecoderPruning, LayerContext, Prefill
 from vidqa.pruning.core.presets import build_pruner, load_preset
 from vidqa.pruning.methods.sparsevlm import (
     RaterAttentionPrune,
@@ -56,12 +55,12 @@ class Sequence:
         self.embeddings = embeddings
         self.hidden = embeddings.clone()
         self.decoder = DecoderPruning.__new__(DecoderPruning)
-        self.decoder._prefill = _Prefill(
+        self.decoder._prefill = Prefill(
             row_source=torch.arange(n), is_visual=is_visual,
             visual_meta={"frame": grid // 16, "row": grid % 16 // 4, "col": grid % 4},
             full_position_embeddings=(table, table), full_position_ids=torch.arange(n)[None],
         )
-        self.state = SimpleNamespace(details={})
+        self.state = request_state()
 
     @property
     def prefill(self):
@@ -104,7 +103,7 @@ def test_planted_raters_are_exactly_the_two_similar_text_tokens():
 
     uniform = lambda seq, rows: torch.full((2, len(rows), seq.hidden.shape[1]), 1.0 / seq.hidden.shape[1])  # noqa: E731
     context = sequence.context(layer=1, budget=visual, attention=uniform)
-    RaterAttentionPrune().select(context, 0.5)
+    RaterAttentionPrune().select(context)
     details = sequence.state.details["sparsevlm"]
     assert details["raters"] == 2 and details["rater_rows"] == expected
     assert details["recycled"] == {"1": 0}  # budget = all tokens: nothing pruned, nothing recycled
@@ -135,9 +134,9 @@ def test_planted_attention_favourites_survive_all_three_layers():
     assert layers == [1, 2, 4]
     num_in = visual
     for layer, stage in zip(layers, stages):
-        budget = stage.kept_count(num_in, visual, {}, stage.ratio)
+        budget = stage.kept_at_ratio(num_in, visual, {}, stage.ratio)
         context = sequence.context(layer, budget, attention)
-        selection = stage.select(context, stage.ratio)
+        selection = stage.select(context)
         sources_before = sequence.visual_sources()
         sequence.apply(context, selection)
         assert torch.equal(selection.keep, selection.keep.unique())  # sorted, unique
@@ -170,7 +169,7 @@ def test_rank_budget_keeps_rank_times_lambda():
 
     stage = RaterAttentionPrune(budget="rank", rank_lambda=5.0)
     context = sequence.context(1, visual, rank_two)
-    selection = stage.select(context, stage.ratio)
+    selection = stage.select(context)
     sequence.apply(context, selection)
     details = sequence.state.details["sparsevlm"]
     assert details["rank"] == {"1": 2}
@@ -236,10 +235,6 @@ def test_split_budget_always_meets_the_budget():
 # --- layers and budgets without a model ----------------------------------------------------
 
 
-def fake_adapter(num_layers):
-    return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=num_layers))
-
-
 @pytest.mark.parametrize("num_layers,expected", [(4, [1, 2, 3]), (8, [1, 2, 4]), (28, [2, 5, 13]), (32, [2, 6, 15])])
 def test_layers_scale_with_depth_and_stay_distinct(num_layers, expected):
     preset = load_preset("sparsevlm")
@@ -260,11 +255,11 @@ def test_default_schedule_is_the_papers():
     preset = load_preset("sparsevlm")
     counts, current = [], 576
     for _, stage in preset.inside_llm:
-        current = stage.kept_count(current, 576, {}, stage.ratio)
+        current = stage.kept_at_ratio(current, 576, {}, stage.ratio)
         counts.append(current)
     assert counts == [300, 200, 110]
     stage = preset.inside_llm[0][1]
-    assert stage.kept_count(576, 576, {}, 1.0) == 576 and stage.kept_count(576, 576, {}, 0.0) == 0
+    assert stage.kept_at_ratio(576, 576, {}, 1.0) == 576 and stage.kept_at_ratio(576, 576, {}, 0.0) == 0
 
 
 # --- through the CLI on the 8-layer tiny model ---------------------------------------------
@@ -303,7 +298,7 @@ def test_keep_is_the_layer_averaged_retention(run_cli, deep_llava, square_video,
     assert abs(tokens["layer_avg_retention"] - keep) <= 1 / tokens["visual_tokens_before"]
     per_layer = tokens["visual_tokens_per_layer"]
     budgets = record["pruning"]["budget"]["layers"]
-    assert {layer: per_layer[int(layer)] for layer in budgets} == budgets  # select met kept_count
+    assert {layer: per_layer[int(layer)] for layer in budgets} == budgets  # select met kept_at_ratio
     assert per_layer[0] > per_layer[1] > per_layer[2] == per_layer[3] > per_layer[4]
 
 

@@ -9,6 +9,7 @@ import torch
 from vidqa.errors import BadInput
 from vidqa.models import load_model
 from vidqa.models.vision_attention import bilinear_pool, block_mean, merge_unit_mean, resolve_vision_layer
+from vidqa.pruning.core.runtime import Pruner
 from vidqa.testing.builders import build_tiny_llava_onevision
 from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 from vidqa.testing.qwen3 import build_tiny_qwen3_vl
@@ -241,10 +242,8 @@ def test_encode_with_attention_keeps_features_and_aligns_meta(checkpoints, squar
     assert subset.vision_layer == 1
 
 
-class _Recorder:
+class _Recorder(Pruner):
     """A pruner whose stage reads vision attention from `vision_layer`; keeps what it was given."""
-
-    positions = "original"
 
     def __init__(self, vision_layer):
         self.vision_layer, self.seen = vision_layer, []
@@ -252,11 +251,6 @@ class _Recorder:
     def before_llm(self, tokens, state):
         self.seen.append(tokens)
         return tokens
-
-    def inside_llm(self, inputs, state):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def test_engine_encodes_with_attention_only_when_a_stage_asks(checkpoints, square_video, monkeypatch):

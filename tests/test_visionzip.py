@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import grid_tokens, request_state
 
 from vidqa.models import load_model
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.runtime import RequestState
 from vidqa.pruning.methods.visionzip import VisionZip, zip_tokens
-from vidqa.tensors.tokens import VisualTokens
 from vidqa.testing.builders import build_tiny_llava_onevision
 from vidqa.testing.families import build_tiny_qwen2_5_vl, build_tiny_smolvlm
 from vidqa.video.decode import load_clip
@@ -83,7 +82,7 @@ def test_counts_follow_the_authors_split():
     assert stage.counts(576, 192 / 576) == (162, 30)
     assert stage.counts(196, 0.25) == (41, 8)
     assert stage.counts(16, 0.0) == (0, 1)  # at least one token per frame
-    assert stage.kept_count(3 * 196, (3, 14, 14), 0.25) == 3 * 49
+    assert stage.kept_at_retention(3 * 196, (3, 14, 14), 0.25) == 3 * 49
 
 
 # --- parity, planted signal, budgets ----------------------------------------------------------
@@ -164,7 +163,7 @@ def test_planted_vision_attention_hot_spot_is_kept(checkpoints, square_video, fa
     assert (scores.argmax(dim=1) == hot_token).all()  # the facility sees the planted spot
 
     pruner = build_pruner(load_preset("visionzip", ["ratio=0.125", "dominant_share=0.5"]), adapter)
-    state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=adapter.model.device)
+    state = request_state(adapter, prompt, clip, QUESTION)
     state.record_stage("vision encoder", len(tokens))
     out = pruner.before_llm(tokens, state)
     assert len(out) == 8 * 2  # per frame: 1 dominant + 1 contextual
@@ -187,7 +186,7 @@ def test_stage_zips_each_qwen_temporal_patch(checkpoints, square_video):
     hot = torch.tensor([3, 9, 0, 15])
     attention[torch.arange(4), hot] = 1.0
     tokens.meta["vision_attention"] = attention.reshape(-1)
-    state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=adapter.model.device)
+    state = request_state(adapter, prompt, clip, QUESTION)
     out = VisionZip(ratio=0.25, dominant_share=0.25).apply(tokens, state)  # 4 per patch: 1 dominant + 3 contextual
     assert len(out) == 16
     first = torch.arange(4) * 4
@@ -200,8 +199,7 @@ def test_stage_zips_each_qwen_temporal_patch(checkpoints, square_video):
 def test_stage_refuses_tokens_without_vision_attention():
     from vidqa.errors import BadInput
 
-    features = torch.randn(2 * 4, 3)
-    tokens = VisualTokens.from_grid(features, (2, 2, 2), torch.arange(8))
+    tokens = grid_tokens(torch.randn(2, 4, 3))
     with pytest.raises(BadInput, match="vision-encoder attention"):
         VisionZip().apply(tokens, None)
 

@@ -194,6 +194,8 @@ class SubsetPruner:
     before the LLM; kept tokens keep their original positions."""
 
     positions = "original"
+    vision_layer = None  # no stage reads vision-encoder attention
+    preset = None  # no preset: nothing depends on the question, the video prefix is reusable
 
     def __init__(self, name: str, budget: int, truth: dict | None = None, seed: int = 0):
         self.name, self.budget, self.truth, self.seed = name, int(budget), truth, int(seed)

@@ -97,7 +97,7 @@ def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, enc
     several presets be encoded once; a cached encoding made without that layer's attention is
     redone."""
     cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
-    layer = getattr(pruner, "vision_layer", None)
+    layer = pruner.vision_layer
     if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
         cached = None
     tokens = cached if cached is not None else adapter.encode_video_for(prompt, vision_layer=layer)
@@ -216,7 +216,7 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify
 
     prompt_length = kwargs["input_ids"].shape[1]
     try:
-        preset = getattr(pruner, "name", "none")
+        preset = pruner.name
         pruning = pruner.inside_llm(inputs, state)
         # entered after the pruning hooks, so it sees the prefill as they left it (PrefillCheck)
         check = PrefillCheck(adapter, inputs, state, pruning, preset=preset) if verify else contextlib.nullcontext()

@@ -38,11 +38,11 @@ from vidqa.video.decode import Clip
 def prefix_reusable(pruner: Pruner) -> bool:
     """True when the pruned video cannot depend on the question: `none`, and presets whose
     stages all act before the LLM without reading the question. A pre-LLM stage that reads it
-    (text-guided selection) must say so with a class attribute `reads_question = True`."""
-    preset = getattr(pruner, "preset", None)
+    (text-guided selection) says so with `BeforeLLM.reads_question = True`."""
+    preset = pruner.preset
     if preset is None:
         return True
-    return not preset.inside_llm and not any(getattr(stage, "reads_question", False) for _, stage in preset.before_llm)
+    return not preset.inside_llm and not any(stage.reads_question for _, stage in preset.before_llm)
 
 
 @dataclass
@@ -186,7 +186,7 @@ class VideoSession:
             prefix_kwargs["mm_token_type_ids"] = kwargs["mm_token_type_ids"][:, :length]
         # the prefix holds every visual row: check its prefill as the engine checks a full one
         check = PrefillCheck(self.adapter, replace(inputs, kwargs=prefix_kwargs), prefix.state, None,
-                             preset=getattr(self.pruner, "name", "none"))
+                             preset=self.pruner.name)
         synchronize(device)
         started = time.perf_counter()
         try:

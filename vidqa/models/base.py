@@ -59,6 +59,9 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
     model_class: ClassVar[str] = ""  # the transformers class the family's checkpoints load as
+    # how many first decoder layers receive a DeepStack feature (Qwen3-VL); the decoder hooks
+    # slice those features with the visual rows (pruning/core/deepstack.py)
+    deepstack_layers: int = 0
     checkpoints: ClassVar[tuple[str, ...]] = ()  # hub ids known to work (listed by `vidqa models`)
     # whether `--max-pixels` (a per-frame pixel budget for the processor) means anything here
     supports_max_pixels: ClassVar[bool] = False

@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from vidqa.pruning.core.attention import repeat_kv
 from vidqa.pruning.core.compat import cache_argument
+from vidqa.pruning.core.runtime import STAGE_RANGE
 
 
 def decode_attention(attention: torch.nn.Module, normed_hidden: torch.Tensor, position_embeddings, keys: torch.Tensor,
@@ -66,8 +68,9 @@ class DecodeKVSelection:
     visual_rows: (v,) rows of the visual tokens in the LLM input (= their KV-cache rows).
     """
 
-    def __init__(self, adapter, layer: int, keep: float, visual_rows: torch.Tensor, state=None):
+    def __init__(self, adapter, layer: int, keep: float, visual_rows: torch.Tensor, state=None, name: str = "decode"):
         self.adapter, self.layer, self.keep, self.state = adapter, layer, keep, state
+        self.range_name = STAGE_RANGE + name  # profiler range around each step's selection
         self.visual_rows = visual_rows.sort().values
         self.count = int(keep * len(visual_rows))  # int() as the released code's num_keep
         self.stats = DecodeStats()
@@ -125,6 +128,10 @@ class DecodeKVSelection:
             self._captured = (hidden, kwargs["position_embeddings"], cache_argument(kwargs))
 
     def _select(self, module, args, kwargs, output):
+        with record_function(self.range_name):
+            return self._select_step(module, args, kwargs, output)
+
+    def _select_step(self, module, args, kwargs, output):
         if not self._decoding() or self._captured is None:
             return None
         hidden, position_embeddings, cache = self._captured

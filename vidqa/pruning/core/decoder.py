@@ -1,6 +1,6 @@
 """Dropping visual tokens inside the decoder during prefill, with hooks that are always removed.
 
-How it works (design.md §3), for a stage acting at layer K:
+How it works (docs/design.md, "Inside the decoder"), for a stage acting at layer K:
 - a forward pre-hook on layer K-1's attention keeps its normed input and rotary tables, so the
   stage can recompute the attention rows it needs (pruning/core/attention.py) from the post-RoPE keys
   the layer just wrote to the KV cache;
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from vidqa.pruning.core.attention import attention_rows, project_keys
 from vidqa.pruning.core.compat import DecoderMismatch, cache_argument
 from vidqa.pruning.core.deepstack import DeepStackRows
-from vidqa.pruning.core.runtime import stage_threads
+from vidqa.pruning.core.runtime import STAGE_RANGE, stage_threads
 from vidqa.tensors.device import synchronize
 
 
@@ -59,6 +60,10 @@ class LayerContext:
     row_source: torch.Tensor  # (n,) each current row's index in the LLM input sequence
     budget: int  # visual tokens this stage should leave (including any it inserts)
     state: Any
+    # the ratio `budget` was planned from (the stage's own, or the one --keep/--flops solved;
+    # `InsideLLM.kept_at_ratio`), set by the pruner's BoundStage; None for a stage called bare
+    # (tests' probes), which then runs at its own ratio
+    ratio: float | None = None
     _attention: Any = None
 
     def attention(self, query_rows: torch.Tensor) -> torch.Tensor:
@@ -72,7 +77,7 @@ class LayerContext:
 
 
 @dataclass
-class _Prefill:
+class Prefill:
     """Bookkeeping for the rows of the current (shrinking) sequence during one prefill."""
 
     row_source: torch.Tensor  # (n,) index into the LLM input of each current row
@@ -105,10 +110,16 @@ class _Prefill:
 
 
 class DecoderPruning:
-    """Context manager: attach in-LLM stages to a model for one `generate` call."""
+    """Context manager: attach in-LLM stages to a model for one `generate` call.
 
-    def __init__(self, adapter, stages, budgets: dict[int, int], inputs, visual_meta, state, prune_cache=False):
+    stages: objects with an absolute decoder `layer` and `select(LayerContext) -> Selection`
+    (the pruner's BoundStage); budgets: layer -> visual tokens its stage leaves (`context.budget`).
+    """
+
+    def __init__(self, adapter, stages, budgets: dict[int, int], inputs, visual_meta, state, prune_cache=False,
+                 names: dict[int, str] | None = None):
         self.adapter, self.stages, self.budgets, self.state = adapter, sorted(stages, key=lambda s: s.layer), budgets, state
+        self.names = names or {}  # layer -> the preset's stage name (profiler ranges)
         self.inputs, self.prune_cache = inputs, prune_cache
         self.visual_meta = visual_meta
         self._handles: list = []
@@ -132,7 +143,7 @@ class DecoderPruning:
         for index in range(first, len(layers)):
             handle = layers[index].register_forward_pre_hook(self._before_layer(index), with_kwargs=True)
             self._handles.append(handle)
-        for index in range(getattr(self.adapter, "deepstack_layers", 0)):  # Qwen3-VL's DeepStack
+        for index in range(self.adapter.deepstack_layers):  # Qwen3-VL's DeepStack
             self._handles.append(layers[index].register_forward_hook(self._add_deepstack(index)))
         return self
 
@@ -152,7 +163,7 @@ class DecoderPruning:
             # the meta follows the tokens handed to the LLM; the stages see the rows in sequence order
             in_sequence = torch.argsort(self.inputs.visual_rows)
             device = self.adapter.model.device
-            self._prefill = _Prefill(
+            self._prefill = Prefill(
                 row_source=torch.arange(rows, device=device),
                 is_visual=is_visual.to(device),
                 visual_meta={name: values[in_sequence.to(values.device)].to(device)
@@ -231,6 +242,14 @@ class DecoderPruning:
         prefill, device = self._prefill, hidden.device
         synchronize(device)
         started = time.perf_counter()
+        with record_function(STAGE_RANGE + self.names.get(stage.layer, f"layer {stage.layer}")):
+            hidden = self._select_rows(stage, hidden, prefill, device)
+        synchronize(device)
+        self.state.in_llm_seconds += time.perf_counter() - started
+        return hidden
+
+    def _select_rows(self, stage, hidden, prefill, device):
+        """One stage at its layer: its context, its selection, the hidden states it leaves."""
         prefill.follow(device)
         visual_rows = prefill.is_visual.nonzero().flatten()
         text_rows = (prefill.row_source >= self.inputs.text_start).nonzero().flatten()
@@ -245,8 +264,6 @@ class DecoderPruning:
             self._record_merges(stage.layer, selection, visual_rows)
             hidden = self._apply(selection, hidden, visual_rows)
         self.state.record_layer(stage.layer, int(prefill.is_visual.sum()), rows=prefill.row_source)
-        synchronize(device)
-        self.state.in_llm_seconds += time.perf_counter() - started
         return hidden
 
     def _attention_rows(self, layer_index: int, query_rows: torch.Tensor) -> torch.Tensor:

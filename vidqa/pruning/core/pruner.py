@@ -4,26 +4,31 @@ the decoder hooks for the in-LLM stages."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from torch.profiler import record_function
 
 from vidqa import flops as flops_model
 from vidqa.errors import BadInput
 from vidqa.pruning.core.decode_kv import DecodeKVSelection
 from vidqa.pruning.core.decoder import DecoderPruning
-from vidqa.pruning.core.runtime import Pruner, RequestState, stage_threads
+from vidqa.pruning.core.runtime import STAGE_RANGE, Pruner, RequestState, stage_threads
+from vidqa.pruning.core.stage import DuringDecode
 from vidqa.tensors.device import synchronize
 
 
 @dataclass(frozen=True)
 class BoundStage:
-    """An in-LLM stage fixed to an absolute layer and a ratio for one request."""
+    """An in-LLM stage fixed to an absolute layer and a ratio for one request. The decoder
+    hands it the layer's context with the budget planned from that ratio; the stage gets the
+    ratio on the context too (`LayerContext.ratio`)."""
 
-    stage: object
+    stage: object  # an InsideLLM stage
     layer: int
     ratio: float
 
     def select(self, context):
-        return self.stage.select(context, self.ratio)
+        return self.stage.select(replace(context, ratio=self.ratio))
 
 
 def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: int, meta: dict, ratio) -> list[int]:
@@ -34,14 +39,14 @@ def layer_counts(bound: list[tuple[int, object]], num_tokens: int, num_layers: i
     for layer in range(num_layers):
         if layer in stages:
             stage = stages[layer]
-            current = stage.kept_count(current, num_tokens, meta, stage.ratio if ratio is None else ratio)
+            current = stage.kept_at_ratio(current, num_tokens, meta, stage.ratio if ratio is None else ratio)
         counts.append(current)
     return counts
 
 
 def requested_vision_layer(preset) -> int | None:
-    """The encoder layer the preset's stages read vision attention from (`vision_layer`), or None."""
-    layers = {stage.vision_layer for _, stage in preset.stages if getattr(stage, "vision_layer", None) is not None}
+    """The encoder layer the preset's pre-LLM stages read vision attention from (`vision_layer`), or None."""
+    layers = {stage.vision_layer for _, stage in preset.before_llm if stage.vision_layer is not None}
     if len(layers) > 1:
         raise BadInput(f"preset '{preset.name}': its stages ask for different vision layers {sorted(layers)}; use one")
     return layers.pop() if layers else None
@@ -54,19 +59,19 @@ class PresetPruner(Pruner):
         self.vision_layer = requested_vision_layer(preset)
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
+        self.layer_names = {stage.resolved_layer(self.num_layers): name for name, stage in preset.inside_llm}
         layers = [layer for layer, _ in self.bound]
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         self.budget_stage = self._pre_llm_budget_stage()
-        self.decode_stage = next((s for _, s in preset.stages if s.where == "during decode"), None)
+        self.decode_stage = next((s for _, s in preset.stages if isinstance(s, DuringDecode)), None)
         if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
             raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
         if (keep is not None or flops is not None) and not self.bound and self.budget_stage is None:
             raise BadInput(f"preset '{preset.name}' has no budget for --keep/--flops to set; use its -P parameters")
         for _, stage in self.bound:  # a stage may say why its budget cannot be solved (e.g. data-dependent)
-            reason = getattr(stage, "unsolvable", None)
-            if reason and (keep is not None or flops is not None):
-                raise BadInput(f"preset '{preset.name}': {reason}")
+            if stage.unsolvable and (keep is not None or flops is not None):
+                raise BadInput(f"preset '{preset.name}': {stage.unsolvable}")
         if not preset.before_llm and keep is not None:
             lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
             if keep < lowest - 1e-9:
@@ -81,7 +86,7 @@ class PresetPruner(Pruner):
         if not self.preset.before_llm:
             return None
         name, stage = self.preset.before_llm[-1]
-        if self.bound and not getattr(stage, "budget_with_inner_stages", False):
+        if self.bound and not stage.budget_with_inner_stages:
             return None
         return name if stage.budget_param else None
 
@@ -95,13 +100,14 @@ class PresetPruner(Pruner):
 
     def _pre_llm_fraction(self, stage, tokens, original: int, state) -> float:
         """The fraction of its input `tokens` the budget stage keeps so that the LLM gets --keep
-        of the `original` tokens (or the count meeting --flops). A stage with a
-        `kept_count(num_in, grid, ratio)` also says the lowest retention it can reach."""
+        of the `original` tokens (or the count meeting --flops). A stage whose
+        `kept_at_retention` knows its count also says the lowest retention it can reach."""
         share = self._inner_share()
         target = self.keep / share if self.keep is not None else self._keep_for_flops(original)
         num_in = len(tokens)
-        if hasattr(stage, "kept_count"):
-            lowest = stage.kept_count(num_in, tokens.grid, 0.0) / original
+        fewest = stage.kept_at_retention(num_in, tokens.grid, 0.0)
+        if fewest is not None:
+            lowest = fewest / original
             if target < lowest - 1e-9:
                 option = "--keep" if self.keep is not None else "--flops"
                 asked = self.keep if self.keep is not None else self.flops
@@ -143,7 +149,8 @@ class PresetPruner(Pruner):
             for name, stage in self.preset.before_llm:
                 if budgeted and name == self.budget_stage:
                     stage = stage.with_retention(self._pre_llm_fraction(stage, tokens, state.stage_counts["vision encoder"], state))
-                tokens = stage.apply(tokens, state)
+                with record_function(STAGE_RANGE + name):  # benchmarks/ops.py counts the ops inside
+                    tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens), origin=tokens.origin)
         synchronize(state.device)
         state.llm_tokens = tokens
@@ -167,10 +174,11 @@ class PresetPruner(Pruner):
                 "ratio": None if ratio is None else round(ratio, 6),
                 "layers": {str(layer): budgets[layer] for layer in budgets},
             }
-        prune_cache = any(getattr(stage, "prune_cache", False) for _, stage in self.bound)
+        prune_cache = any(stage.prune_cache for _, stage in self.bound)
         if prune_cache and len(self.bound) > 1:
             raise BadInput("prune_cache works with a single in-LLM stage")
-        return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache)
+        return DecoderPruning(self.adapter, stages, budgets, inputs, meta, state, prune_cache=prune_cache,
+                              names=self.layer_names)
 
     # -- during decode (DyCoke) --------------------------------------------------------------
     def inside_llm(self, inputs, state: RequestState):
@@ -179,7 +187,9 @@ class PresetPruner(Pruner):
         if self.decode_stage is None:
             return prefill
         layer = self.decode_stage.resolved_layer(self.num_layers)
-        decode = DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state)
+        name = next(name for name, stage in self.preset.stages if stage is self.decode_stage)
+        decode = DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state,
+                                   name=name)
         return _entered_together(prefill, decode)
 
     def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:

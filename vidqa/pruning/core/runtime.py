@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 
+# Profiler range around every stage's work ("vidqa.stage:<preset stage name>"): benchmarks/ops.py
+# counts the ops and host syncs inside, and a user's own torch.profiler trace shows them by name.
+STAGE_RANGE = "vidqa.stage:"
+
 
 @dataclass
 class RequestState:
@@ -84,12 +88,17 @@ def stage_threads(device):
 
 
 class Pruner:
-    """What the engine calls. The default does nothing: that is the `none` preset."""
+    """What the engine calls. The default does nothing: that is the `none` preset. Every
+    attribute the engine reads is declared here; a pruner overrides what it needs."""
 
-    name = "none"  # the preset's name, for messages
-    positions = "original"
-    # vision-encoder layer whose attention a stage reads (models/vision_attention.py); None = none
+    name = "none"  # the preset's name, for messages, records and the prefill check
+    positions = "original"  # "original": kept tokens keep their positions in the unpruned prompt
+    # vision-encoder layer whose attention a stage reads (models/vision_attention.py); None = none.
+    # Read by engine/request.py, which has the encoder return that attention.
     vision_layer: int | None = None
+    # the Preset this pruner runs, or None (no stages: the pruned video cannot depend on the
+    # question). Read by engine/session.py to decide whether the video prefix is reusable.
+    preset = None
 
     def before_llm(self, tokens, state: RequestState):
         """Prune/merge the video's tokens before the LLM; returns VisualTokens."""

@@ -1,20 +1,28 @@
-"""The two kinds of stage a preset is built from.
+"""The kinds of stage a preset is built from, and the protocol each declares.
 
 A stage is a frozen dataclass of parameters (its fields are the preset's `-P` keys; `metadata`
 holds each field's range and help) with one job:
 - `BeforeLLM.apply(tokens, state) -> tokens`: on the projected visual features, before the LLM;
-- `InsideLLM.select(context, ratio) -> Selection`: at decoder layer `layer` during prefill.
-Per-request state never lives on a stage.
+- `InsideLLM.select(context) -> Selection`: at decoder layer `layer` during prefill, keeping
+  `context.budget` visual tokens;
+- `DuringDecode`: a setting the engine applies at every decoding step (pruning/core/decode_kv.py).
+Every hook and capability flag the pruner and the engine read is declared here with its default;
+a method overrides what it needs. Per-request state never lives on a stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from vidqa.errors import BadInput
+
+if TYPE_CHECKING:  # for annotations only: the base classes need none of these at run time
+    from vidqa.pruning.core.decoder import LayerContext, Selection
+    from vidqa.pruning.core.runtime import RequestState
+    from vidqa.tensors.tokens import VisualTokens
 
 REFERENCE_DEPTH = 32  # the papers' layer indices are for 32-layer LLaMA-7B
 
@@ -31,8 +39,15 @@ def scaled_layer(reference_layer: int, num_layers: int) -> int:
 
 @dataclass(frozen=True)
 class Stage:
+    """A preset stage: `kind` is its `type:` name in preset files, `where` the kind of stage.
+
+    Flags a subclass may turn into a `-P` parameter (a dataclass field) are plain class
+    attributes here, without annotation: an annotation, even ClassVar, would pin that field's
+    place in every subclass's parameter order.
+    """
+
     kind: ClassVar[str] = ""
-    where: ClassVar[str] = ""  # "before LLM" | "inside LLM"
+    where: ClassVar[str] = ""  # "before LLM" | "inside LLM" | "during decode"
 
     @classmethod
     def parameter_specs(cls) -> dict:
@@ -41,14 +56,36 @@ class Stage:
 
 @dataclass(frozen=True)
 class BeforeLLM(Stage):
-    where: ClassVar[str] = "before LLM"
-    # A stage whose token budget --keep/--flops can set names that parameter here (None: no
-    # budget to set) and maps a retained fraction of the tokens entering it onto it.
-    budget_param: ClassVar[str | None] = None
+    """A stage on the projected visual tokens, before the LLM: `apply(tokens, state) -> tokens`."""
 
-    def with_retention(self, fraction: float) -> "BeforeLLM":
+    where: ClassVar[str] = "before LLM"
+    # The parameter --keep/--flops set (None: no budget to set): `with_retention` maps a retained
+    # fraction of the tokens entering the stage onto it. Read by PresetPruner.
+    budget_param: ClassVar[str | None] = None
+    # True when --keep/--flops still set this (last pre-LLM) stage's budget although the preset
+    # has in-LLM stages: those keep their own ratios and this budget is scaled to meet the layer
+    # average (FlashVID, HoliTom). False: a preset with in-LLM stages solves their ratio instead.
+    # Read by PresetPruner.
+    budget_with_inner_stages: ClassVar[bool] = False
+    # True when the stage's output depends on the question (text-guided selection): a session
+    # then cannot reuse the pruned video prefix across questions. Read by engine/session.py.
+    reads_question: ClassVar[bool] = False
+    # The vision-encoder layer whose attention the stage reads from meta "vision_attention" /
+    # "vision_keys" (negative: from the end; models/vision_attention.py), or None when it reads
+    # none, so the encoder is run without it. Read by PresetPruner (one layer per preset) and
+    # the engine (engine/request.py). Stages that read it declare it as a parameter.
+    vision_layer = None
+
+    def with_retention(self, fraction: float) -> BeforeLLM:
         """A copy of this stage that keeps `fraction` (in [0, 1]) of the tokens entering it."""
         return replace(self, **{self.budget_param: fraction})
+
+    def kept_at_retention(self, num_in: int, grid: tuple[int, int, int], fraction: float) -> int | None:
+        """Tokens leaving `with_retention(fraction)` when `num_in` tokens of a clip whose full
+        grid is `grid` = (frames, rows, cols) enter it; None (the default) when that depends on
+        the tokens themselves. PresetPruner asks it at fraction 0 for the lowest retention
+        --keep/--flops can reach, and refuses a budget below it in one line."""
+        return None
 
     def full_grid(self, tokens, placement: str = "put it first in the preset") -> tuple[int, int]:
         """(frames, tokens per frame) of `tokens`, for a stage that works on whole frames; a
@@ -61,26 +98,65 @@ class BeforeLLM(Stage):
             )
         return num_frames, rows * cols
 
-    def apply(self, tokens, state):
+    def apply(self, tokens: VisualTokens, state: RequestState) -> VisualTokens:
+        """The tokens this stage leaves of `tokens` (n rows in, k out), in sequence order; stats go
+        to `state.details` / `state.notes`."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class InsideLLM(Stage):
-    """`layer` is in the papers' 32-layer numbering; `resolved_layer` maps it to the model."""
+    """A stage at decoder layer K during prefill: `select(context) -> Selection`.
+
+    Every subclass declares two parameters: `layer`, K in the papers' 32-layer numbering
+    (`resolved_layer` maps it to the model), and `ratio`, a fraction in [0, 1] that sets how
+    many visual tokens it keeps (`kept_at_ratio`); --keep/--flops solve one ratio for all of a
+    preset's in-LLM stages, else each runs at its own.
+    """
 
     where: ClassVar[str] = "inside LLM"
-    # Stages whose budget `--keep` can solve expose `ratio`, a fraction in [0, 1].
+    # Why --keep/--flops cannot set this stage's budget (e.g. it depends on the clip), or None
+    # when they can. Read by PresetPruner (refuses --keep/--flops with this reason) and
+    # PrefillCheck (pruning/core/verify.py: the count kept is then not compared with the plan).
+    unsolvable: ClassVar[str | None] = None
+    # True: after prefill, layers 0..K-1 keep only the KV-cache rows of the tokens that survive
+    # (PruneVid); works with a single in-LLM stage. Read by PresetPruner, which hands it to
+    # DecoderPruning. Stages that offer it declare it as a parameter.
+    prune_cache = False
 
     def resolved_layer(self, num_layers: int) -> int:
+        """The absolute decoder layer of a model `num_layers` deep that this stage acts at."""
         return scaled_layer(self.layer, num_layers)
 
-    def kept_count(self, num_in: int, num_original: int, meta: dict, ratio: float) -> int:
-        """How many visual tokens leave this stage for `ratio` (used to solve --keep/--flops)."""
+    def kept_at_ratio(self, num_in: int, num_original: int, meta: dict, ratio: float) -> int:
+        """Visual tokens leaving this stage (any it inserts included) when `num_in` enter it at
+        `ratio`. num_original: the clip's tokens out of the vision encoder; meta: the
+        per-token tables of the tokens entering the LLM (frame, row, col, segment, ...; each
+        (num_in,), CPU; empty when planning without a clip). PresetPruner solves --keep/--flops
+        with it and hands the count to `select` as `context.budget`."""
         raise NotImplementedError
 
-    def select(self, context, ratio: float):
+    def select(self, context: LayerContext) -> Selection:
+        """Which of the v current visual rows survive layer K (`Selection.keep`, indices into
+        `context.visual_rows`), and any rows to insert. Keep `context.budget` of them in all
+        (inserted rows included); `context.ratio` is the ratio that budget came from, for a
+        stage whose rule is per group rather than a total (PruneVid)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DuringDecode(Stage):
+    """A setting applied at every decoding step, after an untouched prefill (DyCoke's KV
+    selection, pruning/core/decode_kv.py). Every subclass declares `layer` (32-layer numbering,
+    the first layer that attends to the selection) and `decode_keep` (the fraction of the visual
+    KV entries attended per step); PresetPruner reads both. It cannot be combined with in-LLM
+    stages, whose cache rows it would not know."""
+
+    where: ClassVar[str] = "during decode"
+
+    def resolved_layer(self, num_layers: int) -> int:
+        """The absolute decoder layer of a model `num_layers` deep that this stage acts from."""
+        return scaled_layer(self.layer, num_layers)
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

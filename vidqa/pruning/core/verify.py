@@ -157,7 +157,7 @@ class PrefillCheck:
             if decided is None:
                 self._fail(f"the in-LLM stage at decoder layer {bound.layer} never ran (its hook did not fire)")
             budget = self.budgets.get(bound.layer)
-            if getattr(bound.stage, "unsolvable", None) is None and budget is not None and decided != budget:
+            if bound.stage.unsolvable is None and budget is not None and decided != budget:
                 self._fail(f"the in-LLM stage at decoder layer {bound.layer} kept {decided} visual tokens, planned {budget}")
             count = decided
         if self.stages:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vidqa.pruning.core.stage import BeforeLLM, InsideLLM, Stage, scaled_layer
+from vidqa.pruning.core.stage import BeforeLLM, DuringDecode, InsideLLM, Stage, scaled_layer
 from vidqa.pruning.methods.adatp import DebiasedSegmentSelect, SegmentDedup
 from vidqa.pruning.methods.dycoke import DecodeAttentionKV, WindowTemporalMerge
 from vidqa.pruning.methods.evs import TemporalChangeSelect
@@ -30,4 +30,4 @@ STAGES: dict[str, type[Stage]] = {
     )
 }
 
-__all__ = ["STAGES", "BeforeLLM", "InsideLLM", "Stage", "scaled_layer"]
+__all__ = ["STAGES", "BeforeLLM", "DuringDecode", "InsideLLM", "Stage", "scaled_layer"]

@@ -1,7 +1,7 @@
 """AdaTP (Sun et al., EMNLP 2025 Findings, arXiv:2505.20100): attention-debiased token pruning.
 
 The authors' code is not released; this is a RECONSTRUCTION from the paper's description
-(design.md §6), with every threshold exposed as a preset parameter. The paper's finding: in
+(docs/methods.md, AdaTP), with every threshold exposed as a preset parameter. The paper's finding: in
 shallow layers the question's attention over a video is biased globally (the top tokens pile up
 at both ends of the visual sequence, the first and above all the last frames) and locally (the
 same spatial positions win in every frame). Two stages:
@@ -107,10 +107,10 @@ class DebiasedSegmentSelect(InsideLLM):
     mix: float = param(0.5, 0.0, 1.0, "weight of the size-proportional share in B_s (1 - mix: relevance share)")
     temperature: float = param(0.1, 1e-6, 100.0, "softmax temperature T on segment relevance")
 
-    def kept_count(self, num_in, num_original, meta, ratio):
+    def kept_at_ratio(self, num_in, num_original, meta, ratio):
         return round(ratio * num_in)
 
-    def select(self, context, ratio):
+    def select(self, context):
         num_visual = len(context.visual_rows)
         device = context.hidden.device
         segment = context.visual_meta.get("segment")

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from vidqa.pruning.core.stage import BeforeLLM, Stage, param, scaled_layer
+from vidqa.pruning.core.stage import BeforeLLM, DuringDecode, param
 
 
 def window_plan(num_frames: int) -> list[tuple[int, int]]:
@@ -69,10 +69,13 @@ class WindowTemporalMerge(BeforeLLM):
     def with_retention(self, fraction):
         return replace(self, retention=min(max(float(fraction), 1e-9), 1.0))
 
-    def kept_count(self, num_in: int, grid, ratio: float) -> int:
-        """Tokens left when each compared frame keeps `ratio` of its tokens (pruner's lower bound)."""
+    def kept_at_retention(self, num_in: int, grid, fraction: float) -> int:
+        """Tokens left when `retention` = `fraction` (the pruner's lower bound, at 0: every
+        compared frame dropped, the windows' first frames whole)."""
         num_frames, rows, cols = grid
-        return dycoke_kept_count(num_frames, rows * cols, int(ratio * rows * cols))
+        per_frame = rows * cols
+        keep_per_frame = self.with_retention(fraction).keep_per_frame(num_frames, per_frame)
+        return dycoke_kept_count(num_frames, per_frame, keep_per_frame)
 
     def keep_per_frame(self, num_frames: int, per_frame: int) -> int:
         if self.retention <= 0:
@@ -94,7 +97,7 @@ class WindowTemporalMerge(BeforeLLM):
 
 
 @dataclass(frozen=True)
-class DecodeAttentionKV(Stage):
+class DecodeAttentionKV(DuringDecode):
     """DyCoke's dynamic KV-cache pruning: at every decoding step, layers >= `layer` attend only
     to the `decode_keep` fraction of the visual KV entries that the current token attends to
     most at layer `layer` - 1 (mean over heads); text entries are always attended. The cache
@@ -102,10 +105,6 @@ class DecodeAttentionKV(Stage):
     Runs in pruning/core/decode_kv.py; prefill is untouched."""
 
     kind: ClassVar[str] = "decode_attention_kv"
-    where: ClassVar[str] = "during decode"
     layer: int = param(3, 1, 31, "first layer that attends to the selected entries (32-layer numbering; scaled to the model)")
     decode_keep: float = param(
         0.2, 0.0, 1.0, "fraction of the visual KV entries attended per decode step (1 - the released dycoke_p); 1 = all")
-
-    def resolved_layer(self, num_layers: int) -> int:
-        return scaled_layer(self.layer, num_layers)

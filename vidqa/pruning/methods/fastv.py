@@ -18,10 +18,10 @@ class LastTokenAttention(InsideLLM):
     layer: int = param(2, 1, 31, "K in a 32-layer model (scaled to depth: round(K*L/32))")
     ratio: float = param(0.5, 0.0, 1.0, "fraction of the visual tokens kept after layer K")
 
-    def kept_count(self, num_in, num_original, meta, ratio):
+    def kept_at_ratio(self, num_in, num_original, meta, ratio):
         return round(ratio * num_in)
 
-    def select(self, context, ratio):
+    def select(self, context):
         probs = context.attention(context.last_row())  # (heads, 1, n)
         scores = probs.mean(dim=0)[0, context.visual_rows]  # (v,)
         return Selection(keep=top_k_sorted(scores, context.budget))

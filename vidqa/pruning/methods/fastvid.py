@@ -259,12 +259,12 @@ class STPruneStage(BeforeLLM):
     beta: float = param(0.6, 0.0, 1.0, "lowest weight of the density-peak token itself in its merged average")
     vision_layer: int = param(-1, -64, 63, "vision-encoder layer whose attention ranks tokens (< 0: from the feature layer)")
 
-    def kept_count(self, num_in: int, grid: tuple[int, int, int], ratio: float) -> int:
-        """Tokens kept at `ratio` (for --keep/--flops): max(1, int(P * ratio)) per frame. The
+    def kept_at_retention(self, num_in: int, grid: tuple[int, int, int], fraction: float) -> int:
+        """Tokens kept at `ratio` = `fraction` (for --keep/--flops): max(1, int(P * fraction)) per frame. The
         segments are not known yet; a segment of L frames may keep up to ceil(L/p) - 1 fewer
         (anchors get (c * L) // ceil(L / p) each)."""
         num_frames, rows, cols = grid
-        return num_frames * max(1, int(rows * cols * ratio))
+        return num_frames * max(1, int(rows * cols * fraction))
 
     def apply(self, tokens, state):
         num_frames, per_frame = self.full_grid(tokens, "put it (after dyseg) before any stage that drops tokens")

@@ -294,12 +294,12 @@ class ADTSTreeMerge(BeforeLLM):
         if self.selection not in SELECTIONS:
             raise BadInput(f"{self.kind}.selection '{self.selection}' is not one of: {', '.join(SELECTIONS)}")
 
-    def kept_count(self, num_in: int, grid: tuple[int, int, int], ratio: float) -> int:
-        """Tokens kept at `ratio` (for --keep/--flops): ceil(P * ratio) per frame, at least one.
+    def kept_at_retention(self, num_in: int, grid: tuple[int, int, int], fraction: float) -> int:
+        """Tokens kept at `ratio` = `fraction` (for --keep/--flops): ceil(P * fraction) per frame, at least one.
         The clustering rounds each frame's count up, so a clip may keep up to one more per frame;
         fewer when the trees leave fewer roots than the contextual budget."""
         num_frames, rows, cols = grid
-        selected, context = frame_budgets(rows * cols, ratio, self.alpha)
+        selected, context = frame_budgets(rows * cols, fraction, self.alpha)
         return num_frames * (selected + context)
 
     def apply(self, tokens, state):

@@ -328,10 +328,10 @@ class SimilarityMerge(InsideLLM):
     layer: int = param(21, 1, 31, "K in a 32-layer model (scaled: round(K*L/32); 21 -> the authors' 18 on 28 layers)")
     ratio: float = param(0.5, 0.0, 1.0, "fraction of the visual tokens kept from layer K on (1 - HOLITOM_r)")
 
-    def kept_count(self, num_in, num_original, meta, ratio):
+    def kept_at_ratio(self, num_in, num_original, meta, ratio):
         return round(num_in * ratio)
 
-    def select(self, context, ratio):
+    def select(self, context):
         visual = context.visual_rows
         scores = context.attention(context.last_row()).mean(dim=0)[0, visual]  # (v,)
         keep = top_k_sorted(scores, context.budget)

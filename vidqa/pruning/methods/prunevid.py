@@ -96,7 +96,7 @@ class QuestionAttentionSelect(InsideLLM):
     """Stage 2: score each visual token by the max over heads, then over every token after the
     video (question + template), of the attention it receives at layer K-1; keep `ratio`
     (PruneVid's alpha) of each segment's static tokens and of each frame's dynamic tokens,
-    int(alpha * group size) each (truncated, as the original; `kept_count` uses the same rule,
+    int(alpha * group size) each (truncated, as the original; `kept_at_ratio` uses the same rule,
     so `--keep` solves alpha against the counts the layer really keeps)."""
 
     kind: ClassVar[str] = "question_attention_select"
@@ -104,14 +104,16 @@ class QuestionAttentionSelect(InsideLLM):
     ratio: float = param(0.4, 0.0, 1.0, "alpha: fraction kept per segment (static) and per frame (dynamic)")
     prune_cache: bool = param(True, help="after prefill, slice layers 0..K-1's KV cache to the kept tokens")
 
-    def kept_count(self, num_in, num_original, meta, ratio):
+    def kept_at_ratio(self, num_in, num_original, meta, ratio):
         groups = _groups(meta, num_in, "cpu")
         return int(_group_quota(groups, ratio).sum()) if num_in else 0
 
-    def select(self, context, ratio):
+    def select(self, context):
         probs = context.attention(context.text_rows)  # (heads, q, n)
         scores = probs[:, :, context.visual_rows].amax(dim=0).amax(dim=0)  # (v,)
         groups = _groups(context.visual_meta, len(context.visual_rows), scores.device)
+        # the quota is per group, so it needs alpha itself; context.budget is its sum
+        ratio = self.ratio if context.ratio is None else context.ratio
         quota = _group_quota(groups, ratio)
         return Selection(keep=top_k_per_group(scores, groups, quota))
 

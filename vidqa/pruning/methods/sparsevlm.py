@@ -222,13 +222,13 @@ class RaterAttentionPrune(InsideLLM):
             return num_in
         return min(num_in, round(num_original * self.keep_of_576 / PAPER_TOKENS * scale))
 
-    def kept_count(self, num_in, num_original, meta, ratio):
+    def kept_at_ratio(self, num_in, num_original, meta, ratio):
         if self.budget == "rank":
             return num_in  # decided per clip at the layer; not known in advance
         return self.scheduled(num_in, num_original, ratio)
 
     # -- the layer ---------------------------------------------------------------------------
-    def select(self, context, ratio):
+    def select(self, context):
         details = context.state.details.setdefault(DETAILS_KEY, {"recycled": {}, "raters": 0})
         if "rater_rows" not in details:  # first SparseVLM layer of this request
             sources = rater_source_rows(context)

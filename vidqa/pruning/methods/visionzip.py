@@ -132,10 +132,10 @@ class VisionZip(BeforeLLM):
         dominant = int(retained * self.dominant_share)
         return dominant, retained - dominant
 
-    def kept_count(self, num_in: int, grid: tuple[int, int, int], ratio: float) -> int:
-        """Tokens leaving this stage for `ratio` (used to solve --keep/--flops)."""
+    def kept_at_retention(self, num_in: int, grid: tuple[int, int, int], fraction: float) -> int:
+        """Tokens leaving this stage at `ratio` = `fraction` (used to solve --keep/--flops)."""
         frames, rows, cols = grid
-        return frames * sum(self.counts(rows * cols, ratio))
+        return frames * sum(self.counts(rows * cols, fraction))
 
     def apply(self, tokens, state):
         num_frames, per_frame = self.full_grid(tokens)

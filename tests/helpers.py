@@ -1,0 +1,99 @@
+"""Helpers several test files share (tests/ is on pytest's pythonpath: `from helpers import ...`).
+
+Plain functions, no fixtures (those live in conftest.py): tokens on a synthetic grid, a blank
+per-request state, running one stage, an in-LLM stage's layer context, reference fixtures, one
+question through the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from vidqa.pruning.core.decoder import LayerContext
+from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
+from vidqa.tensors.tokens import VisualTokens
+
+QUESTION = "what happens in this video ?"
+
+
+def grid_tokens(features: torch.Tensor, attention: torch.Tensor | None = None, *, rows: int | None = None,
+                text_before: int = 3) -> VisualTokens:
+    """The full grid of a clip's visual tokens, frame-major then row-major, as the vision
+    encoder hands them over.
+
+    features: (T, P, C). rows: each frame is `rows` x P/rows cells (default: a square, sqrt(P)
+    a side). attention: (T, P) attention each token receives in the vision encoder, stored as
+    meta "vision_attention", or None. text_before: text tokens before the video, so the tokens'
+    positions (seq_index) are text_before, text_before + 1, ...
+    """
+    frames, per_frame, _ = features.shape
+    rows = int(per_frame**0.5) if rows is None else rows
+    tokens = VisualTokens.from_grid(features.reshape(frames * per_frame, -1), (frames, rows, per_frame // rows),
+                                    torch.arange(frames * per_frame) + text_before)
+    if attention is not None:
+        tokens.meta["vision_attention"] = attention.reshape(-1)
+    return tokens
+
+
+def request_state(adapter=None, prompt=None, clip=None, question: str = "", device=None) -> RequestState:
+    """A fresh RequestState: blank (no model, prompt or clip) unless given; `device` defaults to
+    the adapter's model's device, else the CPU."""
+    if device is None:
+        device = adapter.model.device if adapter is not None else torch.device("cpu")
+    return RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
+
+
+def run_stage(stage, tokens: VisualTokens) -> tuple[VisualTokens, RequestState]:
+    """(tokens out, the state it wrote its details to) of a pre-LLM stage run on `tokens`."""
+    state = request_state()
+    return stage.apply(tokens, state), state
+
+
+def layer_context(hidden: torch.Tensor, visual_rows: torch.Tensor, attention, budget: int, *,
+                  text_rows: torch.Tensor | None = None, meta: dict | None = None, state=None, layer: int = 1,
+                  embeddings: torch.Tensor | None = None, ratio: float | None = None) -> LayerContext:
+    """What the decoder hands an in-LLM stage at `layer`, without a model.
+
+    hidden: (1, n, C) the states entering the layer (also the layer-0 input unless `embeddings`);
+    every row is its own LLM-input row. visual_rows: (v,); text_rows: the rows after the video
+    (default: none). attention: query rows (r,) -> (heads, r, n) attention at the layer before.
+    budget / ratio: what the stage keeps (`LayerContext`). meta: the visual rows' tables (default
+    none); state: a blank RequestState unless given.
+    """
+    n = hidden.shape[1]
+    return LayerContext(
+        layer=layer, hidden=hidden, visual_rows=visual_rows,
+        text_rows=torch.zeros(0, dtype=torch.long) if text_rows is None else text_rows,
+        visual_meta={} if meta is None else meta, embeddings=hidden if embeddings is None else embeddings,
+        row_source=torch.arange(n), budget=budget, ratio=ratio,
+        state=request_state() if state is None else state, _attention=attention,
+    )
+
+
+def fake_adapter(num_layers: int) -> SimpleNamespace:
+    """Just enough of a model adapter for PresetPruner to plan layers: a text config `num_layers` deep."""
+    return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=num_layers))
+
+
+def canonical(labels: torch.Tensor | list[int]) -> list[int]:
+    """Labels renumbered by first appearance: equal for two labellings of the same partition."""
+    seen: dict[int, int] = {}
+    return [seen.setdefault(int(label), len(seen)) for label in labels]
+
+
+def numbered_cases(path: Path) -> list[dict]:
+    """The cases of a reference fixture saved flat as {"cases": N, "<i>.<key>": value}: one
+    dict {key: value} per case i, in order."""
+    data = torch.load(path)
+    return [{key.split(".", 1)[1]: value for key, value in data.items() if key.startswith(f"{index}.")}
+            for index in range(int(data["cases"]))]
+
+
+def answer_clip(adapter, clip, pruner=NO_PRUNING, max_new_tokens: int = 6, question: str = QUESTION):
+    """The engine's Answer to `question` about `clip` under `pruner` (greedy, `max_new_tokens`)."""
+    from vidqa.engine import request as engine  # here: the tensor-only helpers need no model stack
+
+    return engine.answer(adapter, clip, question, engine.GenerationOptions(max_new_tokens=max_new_tokens), pruner=pruner)
