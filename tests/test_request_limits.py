@@ -130,8 +130,21 @@ def test_a_prompt_past_the_context_is_one_line_naming_tokens_limit_and_remedy(
     for preset in ("none", "fastv"):  # pruning inside the LLM does not shorten the prompt
         result = ask(run_cli, model, square_video, "--prune", preset)
         assert_one_line_error(result, f"the prompt is {prompt_length} tokens", f"context of {limit}",
-                              "fewer --frames", "shorter question", "--prune prunevid")
+                              "--frames 7", "--prune evs --keep 0.", "-P positions=compact")
         assert result.stdout == ""
+
+
+def test_the_suggested_flags_make_the_prompt_fit(run_cli, tiny_llava, square_video, tmp_path, prompt_length):
+    """The remedies are the request's own numbers: each one suggested is run, and fits."""
+    model = with_context(tiny_llava, tmp_path, prompt_length - 40)
+    line = ask(run_cli, model, square_video).stderr
+    remedies = line.split("; use ", 1)[1].strip().split(" or ")
+    assert len(remedies) == 2, line
+    for remedy in remedies:
+        fitted = run_cli(["ask", square_video, QUESTION, "--model", model, "--max-new-tokens", "4",
+                          *(["--frames", "8"] if "--frames" not in remedy else []), *remedy.split(), "--json"])
+        assert fitted.exit_code == 0, (remedy, fitted.stderr)
+        assert not any("past the model's context" in note for note in json.loads(fitted.stdout)["notes"]), remedy
 
 
 def test_pruning_before_the_llm_counts_with_compact_positions_only(
@@ -143,7 +156,7 @@ def test_pruning_before_the_llm_counts_with_compact_positions_only(
     assert tokens["prompt_tokens"] == prompt_length and tokens["llm_prompt_tokens"] < prompt_length - 5
     original = ask(run_cli, model, square_video, "--prune", "prunevid", "-P", "positions=original")
     assert_one_line_error(original, f"the prompt is {prompt_length} tokens", "after pruning before the LLM",
-                          f"positions up to {prompt_length - 1}")
+                          f"positions up to {prompt_length - 1}", "use -P positions=compact")
 
 
 def test_an_answer_that_may_run_past_the_context_gets_a_note(

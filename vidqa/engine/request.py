@@ -11,6 +11,7 @@ import torch
 from transformers import TextStreamer
 
 from vidqa import flops as flops_model
+from vidqa.engine.context_fit import PromptExtent, remedies
 from vidqa.engine.generation import generation_overrides, generation_settings, sampling_note
 from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
 from vidqa.errors import BadInput, RuntimeFailure
@@ -143,7 +144,7 @@ def answer(
             tokens = pruner.before_llm(tokens, state)
         state.llm_tokens = tokens
         inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
-        check_context(adapter, prompt, inputs, generation, state)
+        check_context(adapter, prompt, inputs, generation, state, clip.num_frames)
         text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
 
     stats.time.pruning_s += state.in_llm_seconds
@@ -160,21 +161,22 @@ def request_fates(adapter, clip, state, inputs):
     return token_fates(state, inputs.visual_rows, adapter.text_config.num_hidden_layers, clip.num_frames)
 
 
-def check_context(adapter, prompt, inputs, generation, state) -> None:
+def check_context(adapter, prompt, inputs, generation, state, num_frames: int) -> None:
     """The positions the LLM reads must fit the model's context (text_config.max_position_embeddings).
 
     What must fit is the position range, not the row count: kept tokens keep their original
     positions, so pruning before the LLM shortens the range only with compact positions (1-D
     models; under Qwen's M-RoPE a position is a (time, row, col) coordinate and the range is
-    the unpruned prompt's either way). A prompt past the context is an error; an answer that
-    may run past it gets a note.
+    the unpruned prompt's either way). A prompt past the context is an error naming the exact
+    flags that make it fit (engine/context_fit.py); an answer that may run past it gets a note.
     """
-    limit = getattr(adapter.text_config, "max_position_embeddings", None)
+    limit = getattr(adapter.text_config, "max_position_embeddings", None)  # a config may not say
     if not limit:
         return
     rows = int(inputs.kwargs["input_ids"].shape[1])
     positions = inputs.kwargs.get("position_ids")
-    if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+    multi_axis = positions is not None and positions.dim() == 3
+    if multi_axis and positions.shape[0] == 4:
         positions = positions[1:]  # Qwen's (text row, t, h, w) layout: the rotary positions are t, h, w
     extent = int(positions.max()) + 1 if positions is not None else rows
     if extent > limit:
@@ -183,10 +185,14 @@ def check_context(adapter, prompt, inputs, generation, state) -> None:
                     f"up to {extent - 1})")
         else:
             size = f"the prompt is {prompt.length} tokens" + (f" (positions up to {extent - 1})" if extent != rows else "")
-        raise BadInput(
-            f"{size}, more than the model's context of {limit}; use fewer --frames, a shorter question, "
-            "or prune before the LLM with compact positions (e.g. --prune prunevid, or -P positions=compact)"
-        )
+        visual_tokens = len(prompt.visual_index)
+        fixed = prompt.length - visual_tokens
+        whole = PromptExtent(fixed=fixed, visual=(extent - fixed) if multi_axis else visual_tokens,
+                             visual_tokens=visual_tokens, frames=num_frames, multi_axis=multi_axis)
+        fixes = remedies(whole, limit, generation.max_new_tokens, frame_step=2 if multi_axis else 1)
+        if not multi_axis and rows < prompt.length and rows <= limit:  # pruned enough, numbered too far
+            fixes.insert(0, "-P positions=compact (the pruned prompt fits when renumbered)")
+        raise BadInput(f"{size}, more than the model's context of {limit}; use {' or '.join(fixes)}")
     if extent + generation.max_new_tokens > limit:
         state.notes.append(
             f"the answer may run past the model's context of {limit} tokens after {limit - extent} new tokens"
