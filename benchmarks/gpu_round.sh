@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU round in one run (results: docs/benchmarks.md, "On a GPU"): the prefill benchmark on the
 # 7B-dimension and the 0.5B-dimension bench models at 32 frames, DyCoke's decode on the 7B one,
-# then the CUDA tests (the figures first: on a lent machine with minutes to spend, they are what
+# the whole request end to end (64 and 256 answer tokens) on the 7B one, then the CUDA tests (the figures first: on a lent machine with minutes to spend, they are what
 # cannot be had elsewhere). Each step has its own time limit, so one that hangs costs only
 # itself; about 5 minutes on an H200, the 13 GiB 7B build included.
 #
@@ -24,6 +24,7 @@ step() {  # step SECONDS NAME COMMAND...: run, log, record the exit status
 
 keep() {  # keep NAME: copy a benchmark's results beside the log as flat files, as soon as it ends
     [ -f "$work/$1/results.json" ] && cp "$work/$1/results.json" "$out/$1.json"
+    [ -f "$work/$1/table.md" ] && cp "$work/$1/table.md" "$out/$1.md"
     [ -f "$work/$1/speedup.png" ] && cp "$work/$1/speedup.png" "$out/$1.png"
     return 0
 }
@@ -44,5 +45,8 @@ keep prefill-0.5b
 step 100 "decode (DyCoke), 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b --device cuda \
     --frames 32 --decode-tokens 64 --repeats 2 --warmup 1 --workdir "$work" --out "$work/decode-7b"
 keep decode-7b
+step 150 "end to end, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b --device cuda --frames 32 \
+    --tokens 64,256 --repeats 2 --warmup 1 --workdir "$work" --out "$work/e2e-7b"
+keep e2e-7b
 step 70 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py
 ls -la "$out"
