@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import grid_tokens, request_state
 
 from vidqa.engine import request as engine
 from vidqa.models import load_model
@@ -17,7 +19,17 @@ from vidqa.pruning.core.presets import build_pruner, load_preset
 from vidqa.pruning.core.provenance import DROPPED_BEFORE_LLM, DROPPED_IN_LLM, KEPT, token_fates
 from vidqa.pruning.methods.fastvid import STPruneStage
 from vidqa.pruning.methods.visionzip import VisionZip
-from vidqa.render.show_kept import LEGEND_ROWS, image_name, layout
+from vidqa.render.show_kept import (
+    DROPPED_BEFORE,
+    DROPPED_INSIDE,
+    GROUP_TOKEN,
+    LEGEND_ROWS,
+    MERGED_AWAY,
+    cell_roles,
+    image_name,
+    layout,
+    panel_caption,
+)
 from vidqa.tensors.tokens import VisualTokens
 from vidqa.testing.videos import static_left_half_frames, write_video
 from vidqa.video.decode import load_clip
@@ -39,8 +51,8 @@ def adapter(tiny_llava):
 
 
 def grid(frames=2, side=2, channels=3, seed=0) -> VisualTokens:
-    features = torch.randn(frames * side * side, channels, generator=torch.Generator().manual_seed(seed))
-    return VisualTokens.from_grid(features, (frames, side, side), torch.arange(frames * side * side) + 1)
+    features = torch.randn(frames, side * side, channels, generator=torch.Generator().manual_seed(seed))
+    return grid_tokens(features, text_before=1)
 
 
 # --- VisualTokens.origin ------------------------------------------------------------------------
@@ -74,7 +86,7 @@ def test_visionzip_and_stprune_record_their_merges():
     tokens = grid(frames, side, channels=8, seed=2)
     tokens.meta["vision_attention"] = torch.rand(frames * per_frame, generator=generator)
     tokens.meta["vision_keys"] = torch.randn(frames * per_frame, 4, generator=generator)
-    zipped = VisionZip(ratio=0.25, dominant_share=0.5).apply(tokens, SimpleNamespace(details={}))
+    zipped = VisionZip(ratio=0.25, dominant_share=0.5).apply(tokens, request_state())
     assert len(zipped) == frames * 4
     origin = zipped.origin
     assert bool((origin >= 0).all())  # every token is dominant or merged into a contextual one
@@ -83,7 +95,7 @@ def test_visionzip_and_stprune_record_their_merges():
     assert torch.equal(zipped.frame[origin], tokens.frame)  # merges stay within their frame
     assert int(torch.bincount(origin).max()) > 1
 
-    pruned = STPruneStage(ratio=0.5, context_share=0.5, anchor_every=2).apply(tokens, SimpleNamespace(details={}))
+    pruned = STPruneStage(ratio=0.5, context_share=0.5, anchor_every=2).apply(tokens, request_state())
     origin = pruned.origin
     assert torch.equal(origin[pruned.seq_index - 1], torch.arange(len(pruned)))
     assert bool((origin >= 0).all())  # the non-salient tokens all joined a density peak
@@ -126,6 +138,36 @@ def test_fates_combine_pre_llm_provenance_with_in_llm_rows():
     merged = token_fates(fake_state(llm, kept_rows, merges={3: (torch.tensor([12]), torch.tensor([10]))}),
                          visual_rows, num_layers=4, sampled_frames=2)
     assert merged.outcome()[2] == KEPT and merged.group[0] == merged.group[2] >= 0
+
+
+def test_each_llm_token_is_drawn_once_at_the_cell_whose_position_it_carries():
+    """A kept token stands out at one cell (its representative; for an in-LLM merge, the
+    target's); the other cells it carries are merged away; captions count tokens, not cells."""
+    tokens = grid()  # 2 frames x 2x2
+    before = tokens.select(torch.tensor([0, 1, 2, 4, 5, 6]))  # tokens 3 and 7 dropped
+    llm = before.merge(torch.tensor([0, 1, 2, 3, 3, 4]), 5, representatives=torch.tensor([0, 1, 2, 4, 5]))  # 4 -> 5
+    visual_rows = torch.tensor([10, 11, 12, 13, 14])
+    text = torch.tensor([0, 1, 2, 20, 21])
+    kept_rows = {2: torch.cat([text[:3], visual_rows[[0, 2, 3, 4]], text[3:]]),  # LLM token 1 leaves at 2
+                 3: torch.cat([text[:3], visual_rows[[0, 3]], text[3:]])}  # tokens 2 and 4 leave at 3
+    merges = {3: (torch.tensor([12]), torch.tensor([10]))}  # ... LLM token 2 by merging into token 0
+    state = fake_state(llm, kept_rows, merges, stage_origins={"select": before.origin, "merge": llm.origin})
+    fates = token_fates(state, visual_rows, num_layers=4, sampled_frames=2)
+    assert fates.representative.tolist() == [True, True, False, False, False, True, True, False]  # 2 went into 0
+    roles = cell_roles(fates)
+    assert roles.role.reshape(-1).tolist() == [GROUP_TOKEN, DROPPED_INSIDE, MERGED_AWAY, DROPPED_BEFORE,
+                                               MERGED_AWAY, GROUP_TOKEN, DROPPED_INSIDE, DROPPED_BEFORE]
+    assert roles.colour.reshape(-1).tolist() == [0, -1, 0, -1, 1, 1, -1, -1]  # a merged-away cell: its token's colour
+    assert roles.layer.reshape(-1).tolist() == [-1, 2, -1, -1, -1, -1, 3, -1]
+    assert roles.tokens_per_frame() == [1, 1]  # the two LLM tokens that reach the last layer
+    assert roles.per_frame(MERGED_AWAY) == [1, 1]
+    assert [t + m for t, m in zip(roles.tokens_per_frame(), roles.per_frame(MERGED_AWAY))] == \
+        fates.compact()["kept_per_frame"]
+    assert panel_caption(fates, 1, [0.0, 0.5], 1, 1) == "0.5 s\n1 kept · 1 merged away"
+    assert panel_caption(fates, 0, [0.0, 0.5], 3, 0) == "0.0 s\n3 kept"
+    # without the representatives (a TokenFates made by hand), each group's earliest cell
+    unknown = cell_roles(replace(fates, representative=None))
+    assert unknown.role.reshape(-1)[[0, 2, 4, 5]].tolist() == [GROUP_TOKEN, MERGED_AWAY, GROUP_TOKEN, MERGED_AWAY]
 
 
 def test_no_provenance_means_no_fates():
@@ -188,6 +230,15 @@ def test_every_surviving_row_is_one_group_of_cells(adapter, planted_video, prese
     assert len(fates.row[fates.row >= 0].unique()) == tokens.visual_tokens_per_layer[0]  # the LLM's input rows
     if preset in ("prunevid", "sparsevlm", "visionzip", "adatp", "fastvid", "flashvid", "holitom"):
         assert fates.compact()["merge_groups"] > 0
+    # the drawing: one strong cell per LLM token reaching the last layer, so the captions' kept
+    # counts add up to the title's; a kept group's other cells are merged away, in its colour
+    roles = cell_roles(fates)
+    assert sum(roles.tokens_per_frame()) == tokens.visual_tokens_after
+    assert [t + m for t, m in zip(roles.tokens_per_frame(), roles.per_frame(MERGED_AWAY))] == \
+        fates.compact()["kept_per_frame"]
+    group_colours = roles.colour[roles.role == GROUP_TOKEN].tolist()
+    assert len(set(group_colours)) == len(group_colours)
+    assert set(roles.colour[roles.role == MERGED_AWAY].tolist()) <= set(group_colours)
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -257,7 +308,7 @@ def test_show_kept_bad_paths_are_one_line_errors(run_cli, tiny_llava, planted_vi
 def test_show_kept_without_matplotlib_says_how_to_install(run_cli, tiny_llava, planted_video, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     result = ask(run_cli, tiny_llava, planted_video, "--show-kept", tmp_path / "kept.png")
-    assert_one_line_error(result, 'pip install "vidqa[plot]"')
+    assert_one_line_error(result, 'pip install -e ".[plot]"')
 
 
 def test_batch_writes_one_image_per_record(run_cli, tiny_llava, planted_video, tmp_path):

@@ -4,18 +4,22 @@ One panel per frame of the token grid (the Qwen families encode two sampled fram
 temporal patch: their panel shows the pair's first frame, captioned with both times). A token's
 cell covers the part of the frame its features come from: every family resizes the whole frame to
 its vision input, so the (rows x cols) token grid maps evenly onto the frame (LLaVA-OneVision's
-pooled 14x14, Qwen's 2x2-merged 28 px cells, SmolVLM2's pixel-shuffled cells). Shading:
+pooled 14x14, Qwen's 2x2-merged 28 px cells, SmolVLM2's pixel-shuffled cells). Each cell has
+one role (`cell_roles`):
 
-- kept (its token reached the last decoder layer): clear;
+- kept (its own token reached the last decoder layer): clear;
+- kept, standing for a merge group (the one cell whose position the group's token carries):
+  clear with a thick outline in the group's colour;
+- merged away (its content went into a kept token drawn at another cell): diagonal stripes in
+  that group's colour, the frame visible between them (no veil: its content did reach the LLM);
 - dropped before the LLM: a grey veil (mid grey shows on dark and bright frames alike);
-- dropped inside the LLM at layer k: tinted, one colour per layer;
-- merged (shares its token with other cells): thin diagonal stripes and an outline around the
-  group's cells, one colour per merge group (the same colour in every frame the group spans),
-  over the shading of the group's token.
+- dropped inside the LLM at layer k: tinted, one colour per layer (merged or not: gone either way).
 
-The data comes from `pruning.provenance.TokenFates`, the same object `--json`'s `kept`
-summarises, so the image and the counts cannot disagree. matplotlib (the `plot` extra) is
-imported only when drawing.
+Each panel's caption counts the tokens the LLM carries to its last layer from that frame (kept
+and group cells, once per token) and its merged-away cells, so the captions add up to the
+title's "visual tokens N → n". The data comes from `pruning.provenance.TokenFates`, the same
+object `--json`'s `kept` summarises (there kept + merged away = `kept_per_frame`), so the image
+and the counts cannot disagree. matplotlib (the `plot` extra) is imported only when drawing.
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ from vidqa.pruning.core.provenance import DROPPED_BEFORE_LLM, DROPPED_IN_LLM, KE
 DPI = 100
 PANEL_WIDTH = 1.6  # inches per frame panel
 MAX_COLUMNS = 8
-GAP, CAPTION, MARGIN, TITLE = 0.08, 0.24, 0.15, 0.62  # inches
+GAP, CAPTION, MARGIN, TITLE = 0.08, 0.36, 0.15, 0.62  # inches; captions: time, then counts
 LEGEND_ROW, LEGEND_ROWS = 0.24, 2  # inches per legend row; rows always reserved
 VEIL = (0.5, 0.5, 0.5, 0.85)  # dropped before the LLM: mid grey, visible on dark and on bright frames
 LAYER_ALPHA = 0.72
-STRIPE_PERIOD, STRIPE_WIDTH, OUTLINE = 5, 1, 2  # pixels of the saved image: merge stripes, group outlines
+STRIPE_PERIOD, STRIPE_WIDTH, OUTLINE = 6, 2, 3  # pixels of the saved image: merged-away stripes, group outlines
+STRIPE_ALPHA = 0.85
+
+# cell roles (`cell_roles`)
+KEPT_ALONE, GROUP_TOKEN, MERGED_AWAY, DROPPED_BEFORE, DROPPED_INSIDE = range(5)
 
 
 def check_matplotlib() -> None:
@@ -44,7 +52,7 @@ def check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BadInput('--show-kept needs matplotlib, which is not installed: pip install "vidqa[plot]"') from None
+        raise BadInput('--show-kept needs matplotlib, which is not installed: pip install -e ".[plot]"') from None
 
 
 def check_image_path(path: Path) -> Path:
@@ -114,6 +122,59 @@ def layout(num_panels: int, frame_height: int, frame_width: int, legend_rows: in
     return Layout(size=(round(width * DPI), round(height * DPI)), panels=panels, columns=columns)
 
 
+@dataclass(frozen=True)
+class CellRoles:
+    """What the drawing shows of each cell, (frames, rows, cols) arrays over the token grid.
+
+    role: KEPT_ALONE, GROUP_TOKEN, MERGED_AWAY, DROPPED_BEFORE or DROPPED_INSIDE;
+    colour: index into `group_colour` of the kept merge group a GROUP_TOKEN or MERGED_AWAY cell
+        belongs to (numbered in order of first cell), -1 for the others;
+    layer: decoder layer a DROPPED_INSIDE cell's token left at, -1 for the others."""
+
+    role: np.ndarray
+    colour: np.ndarray
+    layer: np.ndarray
+
+    def per_frame(self, *roles: int) -> list[int]:
+        """Cells of each grid frame with one of `roles`."""
+        return np.isin(self.role, roles).reshape(len(self.role), -1).sum(axis=1).tolist()
+
+    def tokens_per_frame(self) -> list[int]:
+        """LLM tokens reaching the last layer, counted at the frame of the cell each is drawn at."""
+        return self.per_frame(KEPT_ALONE, GROUP_TOKEN)
+
+
+def representatives(fates: TokenFates) -> np.ndarray:
+    """(N,) bool: the cell each LLM token is drawn at (`TokenFates.representative`; when unknown,
+    the earliest cell of each merge group, the default of `VisualTokens.merge`)."""
+    if fates.representative is not None:
+        return fates.representative.numpy().astype(bool)
+    group = fates.group.numpy()
+    first = np.zeros(len(group), dtype=bool)
+    first[group < 0] = True
+    _, earliest = np.unique(group, return_index=True)
+    first[earliest] = True
+    return first & (fates.row.numpy() >= 0)
+
+
+def cell_roles(fates: TokenFates) -> CellRoles:
+    """Every cell's role, merge-group colour and drop layer (see `CellRoles`)."""
+    outcome = fates.outcome().numpy()
+    group = fates.group.numpy()
+    merged = group >= 0
+    role = np.full(len(outcome), KEPT_ALONE)
+    role[(outcome == KEPT) & merged] = MERGED_AWAY
+    role[(outcome == KEPT) & merged & representatives(fates)] = GROUP_TOKEN
+    role[outcome == DROPPED_BEFORE_LLM] = DROPPED_BEFORE
+    role[outcome == DROPPED_IN_LLM] = DROPPED_INSIDE
+    colour = np.full(len(outcome), -1)
+    kept_group = (outcome == KEPT) & merged
+    _, first, numbered = np.unique(group[kept_group], return_index=True, return_inverse=True)
+    colour[kept_group] = np.argsort(np.argsort(first))[numbered]  # in order of each group's first cell
+    layer = np.where(role == DROPPED_INSIDE, fates.left_at_layer.numpy(), -1)
+    return CellRoles(*(values.reshape(fates.grid) for values in (role, colour, layer)))
+
+
 def layer_colours(layers: list[int]) -> dict[int, tuple[float, float, float]]:
     """A distinct warm-to-cool colour per in-LLM layer that dropped tokens."""
     palette = [(0.98, 0.55, 0.10), (0.85, 0.15, 0.45), (0.45, 0.20, 0.80), (0.10, 0.55, 0.85),
@@ -126,51 +187,52 @@ def group_colour(group: int) -> tuple[float, float, float]:
     return colorsys.hsv_to_rgb((group * 0.61803398875) % 1.0, 0.85, 1.0)
 
 
-def cell_fill(fates: TokenFates) -> np.ndarray:
+def cell_fill(roles: CellRoles) -> np.ndarray:
     """(frames, rows, cols, 4) float RGBA shading of every cell (transparent = kept)."""
-    frames, rows, cols = fates.grid
-    outcome = fates.outcome().numpy()
-    left = fates.left_at_layer.numpy()
-    rgba = np.zeros((len(outcome), 4))
-    rgba[outcome == DROPPED_BEFORE_LLM] = VEIL
-    for layer, colour in layer_colours(sorted(set(left[left >= 0].tolist()))).items():
-        rgba[(outcome == DROPPED_IN_LLM) & (left == layer)] = (*colour, LAYER_ALPHA)
-    return rgba.reshape(frames, rows, cols, 4)
+    role, layer = roles.role.reshape(-1), roles.layer.reshape(-1)
+    rgba = np.zeros((len(role), 4))
+    rgba[role == DROPPED_BEFORE] = VEIL
+    for number, colour in layer_colours(sorted(set(layer[layer >= 0].tolist()))).items():
+        rgba[layer == number] = (*colour, LAYER_ALPHA)
+    return rgba.reshape(*roles.role.shape, 4)
 
 
-def cell_overlay(fill: np.ndarray, group: np.ndarray, height: int, width: int) -> np.ndarray:
+def cell_overlay(fill: np.ndarray, role: np.ndarray, colour: np.ndarray, height: int, width: int) -> np.ndarray:
     """(height, width, 4) float RGBA drawn over one panel of height x width pixels.
 
-    fill: (rows, cols, 4) the cells' shading (`cell_fill` of one grid frame); group: (rows, cols)
-    merge group per cell (-1: none), drawn as an outline around each group's cells and stripes
-    (STRIPE_WIDTH of every STRIPE_PERIOD pixels) in the group's colour."""
-    rows, cols = group.shape
+    fill: (rows, cols, 4) the cells' shading (`cell_fill` of one grid frame); role, colour:
+    (rows, cols) of that frame (`CellRoles`). A GROUP_TOKEN cell gets an outline inside its
+    border, a MERGED_AWAY cell stripes (STRIPE_WIDTH of every STRIPE_PERIOD pixels), both in the
+    group's colour."""
+    rows, cols = role.shape
     cell_row = (np.arange(height) * rows // height)[:, None]  # (height, 1)
     cell_col = (np.arange(width) * cols // width)[None, :]  # (1, width)
     image = fill[cell_row, cell_col]  # (height, width, 4), a copy
-    group = group[cell_row, cell_col]
-    if (group >= 0).any():
+    role, colour = role[cell_row, cell_col], colour[cell_row, cell_col]
+    if (colour >= 0).any():
         y, x = np.mgrid[0:height, 0:width]
-        edge = np.zeros((height, width), dtype=bool)  # pixels next to a cell of another group
+        top = (cell_row * height + rows - 1) // rows  # first pixel row of each pixel's cell
+        bottom = ((cell_row + 1) * height + rows - 1) // rows  # one past its last
+        left = (cell_col * width + cols - 1) // cols
+        right = ((cell_col + 1) * width + cols - 1) // cols
         outline = OUTLINE if min(height // rows, width // cols) >= 16 else 1  # small cells: thin lines
-        for shift in range(1, outline + 1):
-            edge[:-shift] |= group[:-shift] != group[shift:]
-            edge[shift:] |= group[shift:] != group[:-shift]
-            edge[:, :-shift] |= group[:, :-shift] != group[:, shift:]
-            edge[:, shift:] |= group[:, shift:] != group[:, :-shift]
-        marked = (group >= 0) & (edge | (((x + y) % STRIPE_PERIOD) < STRIPE_WIDTH))
-        palette = np.array([(*group_colour(g), 1.0) for g in range(int(group.max()) + 1)])
-        image[marked] = palette[group[marked]]
+        edge = (y - top < outline) | (bottom - 1 - y < outline) | (x - left < outline) | (right - 1 - x < outline)
+        palette = np.array([group_colour(g) for g in range(int(colour.max()) + 1)])
+        framed = (role == GROUP_TOKEN) & edge
+        image[framed] = np.concatenate([palette[colour[framed]], np.ones((int(framed.sum()), 1))], axis=1)
+        striped = (role == MERGED_AWAY) & (((x + y) % STRIPE_PERIOD) < STRIPE_WIDTH)
+        image[striped] = np.concatenate([palette[colour[striped]], np.full((int(striped.sum()), 1), STRIPE_ALPHA)], axis=1)
     return image
 
 
-def panel_caption(fates: TokenFates, grid_frame: int, timestamps, kept: int) -> str:
+def panel_caption(fates: TokenFates, grid_frame: int, timestamps, tokens: int, merged_away: int) -> str:
+    """Two lines: the frame's time(s), then what reaches the LLM's last layer from it."""
     step = fates.frames_per_grid_frame
     first = grid_frame * step
     times = [float(timestamps[t]) for t in range(first, min(first + step, len(timestamps)))]
     when = f"{times[0]:.1f} s" if len(times) == 1 else f"{times[0]:.1f}–{times[-1]:.1f} s"
-    rows, cols = fates.grid[1:]
-    return f"{when} · {kept}/{rows * cols}"
+    counts = f"{tokens} kept" + (f" · {merged_away} merged away" if merged_away else "")
+    return f"{when}\n{counts}"
 
 
 def describe(model: str, preset: str, keep: float | None, question: str, stats) -> list[str]:
@@ -183,21 +245,30 @@ def describe(model: str, preset: str, keep: float | None, question: str, stats) 
     return [first, "Q: " + (question if len(question) <= 140 else question[:139] + "…")]
 
 
-def legend_entries(fates: TokenFates) -> list[tuple[str, dict]]:
-    """(label, patch style) for the fates present in this request (kept is always listed)."""
-    outcome = fates.outcome()
-    entries = [("kept through the last layer (clear)", {"facecolor": "white", "edgecolor": "0.4"})]
-    if bool((outcome == DROPPED_BEFORE_LLM).any()):
+def legend_entries(fates: TokenFates, roles: CellRoles) -> list[tuple[str, dict]]:
+    """(label, patch style) for the roles present in this request (kept is always listed)."""
+    present = set(np.unique(roles.role).tolist())
+    entries = [("kept: its own token (clear)", {"facecolor": "white", "edgecolor": "0.4"})]
+    groups = int(roles.colour.max()) + 1 if roles.colour.size else 0
+    if GROUP_TOKEN in present:
+        entries.append((f"kept: a merge group's token, at this cell (outline; {groups} groups)",
+                        {"facecolor": "white", "edgecolor": group_colour(0), "linewidth": 2}))
+    if MERGED_AWAY in present:
+        entries.append(("merged away into the outlined cell of its colour (stripes)",
+                        {"facecolor": (0.92, 0.92, 0.92), "edgecolor": group_colour(0), "hatch": "////"}))
+    if DROPPED_BEFORE in present:
         stages = ", ".join(fates.stages) if fates.stages else "pre-LLM stages"
         entries.append((f"dropped before the LLM ({stages})", {"facecolor": VEIL[:3], "edgecolor": "0.4"}))
-    left = fates.left_at_layer[fates.left_at_layer >= 0].tolist()
-    for layer, colour in layer_colours(sorted(set(left))).items():
+    layers = roles.layer[roles.layer >= 0].tolist()
+    for layer, colour in layer_colours(sorted(set(layers))).items():
         entries.append((f"dropped in the LLM at layer {layer}", {"facecolor": colour, "edgecolor": "0.4"}))
-    groups = int(fates.group.max()) + 1 if len(fates.group) else 0
-    if groups > 0:
-        entries.append((f"merged: outline + stripes, one colour per group ({groups} groups)",
-                        {"facecolor": "white", "edgecolor": group_colour(0), "hatch": "////"}))
     return entries
+
+
+def legend_columns_for(num_panels: int) -> int:
+    """Legend columns that fit the figure's width (a label is up to ~3.4 inches wide)."""
+    columns = max(1, min(MAX_COLUMNS, num_panels))
+    return max(1, min(3, int((2 * MARGIN + columns * PANEL_WIDTH + (columns - 1) * GAP) // 3.4)))
 
 
 def draw_kept(fates: TokenFates, frames: np.ndarray, timestamps, path: str | Path, title: list[str]) -> Layout:
@@ -213,27 +284,30 @@ def draw_kept(fates: TokenFates, frames: np.ndarray, timestamps, path: str | Pat
     from matplotlib.patches import Patch
 
     num_panels = fates.grid[0]
-    entries = legend_entries(fates)
-    legend_columns = 3
-    legend_rows = max(LEGEND_ROWS, -(-len(entries) // legend_columns))  # room for 6 entries: equal sizes across presets
+    roles = cell_roles(fates)
+    entries = legend_entries(fates, roles)
+    legend_columns = legend_columns_for(num_panels)
+    legend_rows = max(LEGEND_ROWS, -(-len(entries) // legend_columns))  # rows always reserved: equal sizes across presets
     geometry = layout(num_panels, frames.shape[1], frames.shape[2], legend_rows)
     width, height = geometry.size
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     try:
-        kept = (fates.outcome() == KEPT).reshape(num_panels, -1).sum(dim=1).tolist()
-        fill, groups = cell_fill(fates), fates.group.numpy().reshape(fates.grid)
+        tokens, merged_away = roles.tokens_per_frame(), roles.per_frame(MERGED_AWAY)
+        fill = cell_fill(roles)
         step = fates.frames_per_grid_frame
         for index, (left, top, right, bottom) in enumerate(geometry.panels):
             axes = figure.add_axes((left / width, 1 - bottom / height, (right - left) / width, (bottom - top) / height))
             frame = frames[min(index * step, len(frames) - 1)]
             axes.imshow(frame, extent=(0, 1, 0, 1), aspect="auto", interpolation="bilinear")
-            overlay = cell_overlay(fill[index], groups[index], round(bottom) - round(top), round(right) - round(left))
+            overlay = cell_overlay(fill[index], roles.role[index], roles.colour[index],
+                                   round(bottom) - round(top), round(right) - round(left))
             axes.imshow(overlay, extent=(0, 1, 0, 1), aspect="auto", interpolation="none")
             axes.set_xlim(0, 1)
             axes.set_ylim(0, 1)
             axes.set_xticks([])
             axes.set_yticks([])
-            axes.set_xlabel(panel_caption(fates, index, timestamps, kept[index]), fontsize=7, labelpad=2)
+            caption = panel_caption(fates, index, timestamps, tokens[index], merged_away[index])
+            axes.set_xlabel(caption, fontsize=7, labelpad=2, linespacing=1.1)
         figure.text(MARGIN * DPI / width, 1 - MARGIN * DPI / height, "\n".join(title), fontsize=9,
                     va="top", ha="left", wrap=False)
         handles = [Patch(label=label, **style) for label, style in entries]

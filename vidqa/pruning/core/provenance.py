@@ -36,6 +36,8 @@ class TokenFates:
         (merged before the LLM, or inside it), numbered in order of their first member; -1 if not
         merged.
     stages: the pre-LLM stages in order; num_layers: decoder layers.
+    representative: (N,) bool or None (unknown): for each LLM token, the one token whose grid
+        position it carries (a merge's representative; for an in-LLM merge, the target's).
     """
 
     grid: tuple[int, int, int]
@@ -46,6 +48,7 @@ class TokenFates:
     group: torch.Tensor
     stages: list[str]
     num_layers: int
+    representative: torch.Tensor | None = None
 
     @property
     def frames_per_grid_frame(self) -> int:
@@ -119,7 +122,23 @@ def token_fates(state, visual_rows: torch.Tensor, num_layers: int, sampled_frame
         group=_groups(torch.where(entered, final, torch.full_like(row, -1))),
         stages=list(state.stage_origins),
         num_layers=int(num_layers),
+        representative=_representatives(tokens, row, final),
     )
+
+
+def _representatives(tokens, row: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """(N,) True for the token whose grid position each LLM token carries (`final`: the LLM
+    token each one ends up in); its earliest member where the coordinates name none of them."""
+    _, rows, cols = tokens.grid
+    index = torch.arange(len(row))
+    own = (tokens.frame.cpu().long() * rows + tokens.row.cpu().long()) * cols + tokens.col.cpu().long()  # (M,)
+    names_member = (own >= 0) & (own < len(row))
+    names_member &= row[own.clamp(0, max(len(row) - 1, 0))] == torch.arange(len(own))
+    entered = row >= 0
+    earliest = torch.full((len(own),), len(row), dtype=torch.long)
+    earliest.scatter_reduce_(0, row[entered], index[entered], reduce="amin")
+    cell = torch.where(names_member, own, earliest)
+    return entered & (cell[final] == index)
 
 
 def _layer_each_token_left(state, visual_rows: torch.Tensor) -> torch.Tensor:
