@@ -555,5 +555,5 @@ def test_plot_without_matplotlib_is_one_line(run_cli, tiny_llava, videos, tmp_pa
     output = tmp_path / "out.jsonl"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert_one_line_error(batch(run_cli, tiny_llava, questions, output, "--plot", tmp_path / "p.png"),
-                          "pip install matplotlib")
+                          "pip install -e \".[plot]\"")
     assert not output.exists()

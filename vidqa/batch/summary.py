@@ -346,7 +346,7 @@ def check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BadInput("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise BadInput('--plot needs matplotlib, which is not installed: pip install -e ".[plot]"') from None
 
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
