@@ -10,6 +10,10 @@ At every decoding step (every forward after the prefill, one new token):
   entry appended. Nothing is deleted: an entry skipped at one step can be chosen at the next.
 Exact: attention over the gathered keys equals attention over the full cache with the skipped
 entries masked out. Prefill is untouched. Batch 1, DynamicCache-style layers (`keys`/`values`).
+
+The static decode path (engine/decode.py) runs the same selection in fixed shape, without
+these hooks: `attended_entries` gives the entries as a mask over a padded cache, which that
+path ANDs into the attention mask of layers >= L (the masked form of the gather above).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from vidqa.pruning.core.runtime import STAGE_RANGE
 
 
 def decode_attention(attention: torch.nn.Module, normed_hidden: torch.Tensor, position_embeddings, keys: torch.Tensor,
-                     apply_rotary) -> torch.Tensor:
+                     apply_rotary, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(heads, n) softmax attention of the one new token over all n cached keys of a layer.
 
     normed_hidden: (1, 1, hidden) the layer's input after input_layernorm.
     position_embeddings: (cos, sin), each (1, 1, head_dim), the new token's rotary tables.
     keys: (1, kv_heads, n, head_dim) post-RoPE keys, the new token's last.
+    valid: (n,) bool or None: the entries that hold keys (a padded cache's unused slots are
+        False and get probability 0); None = all n.
     """
     head_dim = attention.head_dim
     queries = attention.q_proj(normed_hidden).view(1, 1, -1, head_dim)
@@ -40,6 +46,8 @@ def decode_attention(attention: torch.nn.Module, normed_hidden: torch.Tensor, po
     queries = apply_rotary(queries.transpose(1, 2), cos, sin)  # (1, heads, 1, d)
     keys = repeat_kv(keys, queries.shape[1] // keys.shape[1])  # (1, heads, n, d)
     scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attention.scaling  # (1, heads, 1, n)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
     return scores.softmax(dim=-1)[0, :, 0]
 
 
@@ -100,9 +108,47 @@ class DecodeKVSelection:
             handle.remove()
         self._handles.clear()
         self._restore_all()
+        self.publish()
+        return False
+
+    def publish(self) -> None:
+        """Record `summary()` in the request's details (--json "pruning")."""
         if self.state is not None:
             self.state.details.setdefault("dycoke", {})["decode"] = self.summary()
-        return False
+
+    # -- the fixed-shape form (engine/decode.py) ---------------------------------------------
+    @property
+    def restricts(self) -> bool:
+        """Whether a step attends to fewer visual entries than the cache holds."""
+        return self.count < len(self.visual_rows)
+
+    def count_step(self) -> None:
+        """Record one decode step that the fixed-shape form ran (its stats, as the hooks count them)."""
+        self.stats.steps += 1
+        self.stats.attended.append(self.count if self.restricts else int(len(self.visual_rows)))
+        self.stats.restricted += int(self.restricts)
+
+    def attended_entries(self, attention, normed_hidden, position_embeddings, keys: torch.Tensor,
+                         valid: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: the entries of a padded cache that layers >= L attend to at this step: every
+        non-visual entry and the `count` visual entries the new token attends to most at layer L-1
+        (the hooks' `_select_step` as a mask; no host sync, so a CUDA graph can hold it).
+
+        attention: layer L-1's attention module; normed_hidden (1, 1, hidden), position_embeddings
+        as `decode_attention`; keys: (1, kv_heads, n, head_dim) layer L-1's padded cache, the new
+        token's entry written; valid: (n,) bool, the slots that hold entries (the new one included).
+        """
+        if self.visual_rows.device != keys.device:  # moved once, before a CUDA graph captures a step
+            self.visual_rows = self.visual_rows.to(keys.device)
+        visual_rows = self.visual_rows
+        attend = torch.ones(keys.shape[2], dtype=torch.bool, device=keys.device)
+        if not self.restricts:
+            return attend
+        probabilities = decode_attention(attention, normed_hidden, position_embeddings, keys, self.adapter.apply_rotary,
+                                         valid=valid)
+        attend[visual_rows] = False
+        attend[top_visual_entries(probabilities, visual_rows, self.count)] = True
+        return attend
 
     def summary(self) -> dict:
         attended = self.stats.attended
@@ -145,13 +191,18 @@ class DecodeKVSelection:
             return None
         keys = cache.layers[self.layer - 1].keys  # (1, kv_heads, n + 1, d): the new token's entry last
         probabilities = decode_attention(module, hidden, position_embeddings, keys, self.adapter.apply_rotary)
-        visual_rows = self.visual_rows.to(keys.device)
+        if self.visual_rows.device != keys.device:  # moved once: a blocking copy per step would wait for the queue
+            self.visual_rows = self.visual_rows.to(keys.device)
+        visual_rows = self.visual_rows
         chosen = top_visual_entries(probabilities, visual_rows, self.count)
         past = keys.shape[2] - 1
         attend = torch.ones(past, dtype=torch.bool, device=keys.device)
         attend[visual_rows] = False
         attend[chosen] = True
-        self._attend = attend.nonzero().flatten()
+        # the attended rows, increasing: their count is known, so a sort finds them without the
+        # host sync of a nonzero
+        rows = torch.arange(past, device=keys.device)
+        self._attend = torch.where(attend, rows, past).sort().values[: past - len(visual_rows) + len(chosen)]
         self.stats.steps += 1
         self.stats.restricted += 1
         self.stats.attended.append(int(len(chosen)))

@@ -41,17 +41,24 @@ def dycoke_keep(grid: torch.Tensor, keep_per_frame: int) -> torch.Tensor:
     """(k,) sorted indices into the flattened (T*P) grid that DyCoke's merging keeps.
 
     grid: (T, P, C) features, frame-major. keep_per_frame: tokens kept of each compared frame,
-    the least similar to the anchor (ascending cosine, ties to the lower index).
+    the least similar to the anchor (ascending cosine, ties to the lower index). Every compared
+    frame is scored against its anchor at once, (n, P); k is known from the plan, so the kept
+    indices come out without reading anything back from the device.
     """
     num_frames, per_frame = grid.shape[:2]
-    grid = grid.float()
-    kept = torch.ones(num_frames, per_frame, dtype=torch.bool)
-    for frame, anchor in window_plan(num_frames):
-        similarity = F.cosine_similarity(grid[anchor], grid[frame], dim=-1)  # (P,)
-        order = torch.argsort(similarity.cpu(), stable=True)[:keep_per_frame]
-        kept[frame] = False
-        kept[frame, order] = True
-    return kept.flatten().nonzero().flatten()
+    device = grid.device
+    plan = window_plan(num_frames)
+    kept = torch.ones(num_frames, per_frame, dtype=torch.bool, device=device)
+    if plan:
+        pairs = torch.tensor(plan, dtype=torch.long).to(device, non_blocking=True)  # (n, 2) frame, anchor
+        grid = grid.float()
+        similarity = F.cosine_similarity(grid[pairs[:, 1]], grid[pairs[:, 0]], dim=-1)  # (n, P)
+        order = torch.argsort(similarity, dim=-1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_frame, device=device).expand_as(order))
+        kept[pairs[:, 0]] = rank < keep_per_frame
+    count = (num_frames - len(plan)) * per_frame + len(plan) * min(max(keep_per_frame, 0), per_frame)
+    positions = torch.arange(num_frames * per_frame, device=device)
+    return torch.where(kept.flatten(), positions, len(positions)).sort().values[:count]
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,8 @@ class WindowTemporalMerge(BeforeLLM):
         grid = tokens.features.view(num_frames, per_frame, -1)  # (T, P, C)
         kept = dycoke_keep(grid, keep_per_frame)
         state.details.setdefault("dycoke", {})["merge"] = {
-            "windows": -(-num_frames // 4), "kept_per_compared_frame": keep_per_frame, "kept": int(len(kept))}
-        return tokens.select(kept.to(tokens.features.device))
+            "windows": -(-num_frames // 4), "kept_per_compared_frame": keep_per_frame, "kept": len(kept)}
+        return tokens.select(kept)
 
 
 @dataclass(frozen=True)

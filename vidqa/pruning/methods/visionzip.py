@@ -22,7 +22,6 @@ import torch
 
 from vidqa.errors import BadInput
 from vidqa.pruning.core.stage import BeforeLLM, param
-from vidqa.tensors.tokens import affine_row_sums
 
 DEFAULT_RATIO = 64 / 576  # the authors' headline and README setting: 54 dominant + 10 contextual of 576
 DEFAULT_DOMINANT_SHARE = 54 / 64  # 54:10, 108:20, 162:30 in the paper's three budgets
@@ -71,11 +70,8 @@ def zip_tokens(
     device = features.device
     dominant = max(0, min(int(dominant), count))
     order = torch.argsort(attention.float(), dim=1, descending=True, stable=True)
-    is_dominant = torch.zeros(frames, count, dtype=torch.bool, device=device)
-    is_dominant.scatter_(1, order[:, :dominant], True)
-    positions = torch.arange(count, device=device).expand(frames, count)
-    kept = positions[is_dominant].view(frames, dominant)  # ascending, like masked_select
-    left = positions[~is_dominant].view(frames, count - dominant)
+    kept = order[:, :dominant].sort(dim=1).values  # (B, dominant) ascending
+    left = order[:, dominant:].sort(dim=1).values  # (B, P - dominant) ascending
     remaining = count - dominant
     contextual = max(0, min(int(contextual), remaining))
     assignment = torch.empty(frames, count, dtype=torch.long, device=device)
@@ -86,12 +82,12 @@ def zip_tokens(
         coefficients.scatter_(1, left, 0.0)
         return _combined(features, kept, left[:, :0], assignment, coefficients)
 
+    # which places in `left` are targets is the same for every frame: split them on the host
     step = max(1, remaining // contextual)
-    target_slots = torch.arange(0, remaining, step, device=device)[:contextual]  # places in `left`
-    is_target = torch.zeros(remaining, dtype=torch.bool, device=device)
-    is_target[target_slots] = True
-    targets = left[:, target_slots]  # (B, c) token indices
-    joiners = left[:, ~is_target]  # (B, m)
+    target_slots = list(range(0, remaining, step))[:contextual]
+    joiner_slots = sorted(set(range(remaining)) - set(target_slots))
+    targets = left[:, _on(device, target_slots)]  # (B, c) token indices
+    joiners = left[:, _on(device, joiner_slots)]  # (B, m)
     metric = keys.float()
     metric = metric / metric.norm(dim=-1, keepdim=True)
     target_metric = metric.gather(1, targets[..., None].expand(-1, -1, metric.shape[-1]))
@@ -105,12 +101,29 @@ def zip_tokens(
     return _combined(features, kept, targets, assignment, coefficients)
 
 
+CHUNK_ELEMENTS = 1 << 24  # float32 products at once in _combined (64 MB), as tokens.affine_row_sums
+
+
+def _on(device, values: list[int]) -> torch.Tensor:
+    """A host list of indices on `device`, copied without waiting for the device's queue."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 def _combined(features, dominant, targets, assignment, coefficients) -> Zipped:
-    """The Zipped result with its rows summed from the members by their coefficients."""
+    """The Zipped result with its rows summed from the members by their coefficients, in token
+    order and float32 (`tokens.affine_row_sums`' arithmetic; dropped tokens go to a spare row
+    rather than being filtered out, which would read their count back from the device)."""
     frames, count, channels = features.shape
     num_rows = dominant.shape[1] + targets.shape[1]
-    merged = affine_row_sums(features.reshape(frames * count, channels), frame_major_rows(assignment, num_rows),
-                             frames * num_rows, coefficients.reshape(-1))
+    rows = frame_major_rows(assignment, num_rows)
+    rows = torch.where(rows >= 0, rows, frames * num_rows)
+    flat, scale = features.reshape(frames * count, channels), coefficients.reshape(-1, 1)
+    sums = torch.zeros(frames * num_rows + 1, channels, dtype=torch.float32, device=features.device)
+    step = max(1, CHUNK_ELEMENTS // max(channels, 1))
+    for start in range(0, len(flat), step):  # a few large chunks, to bound the products' memory
+        part = slice(start, start + step)
+        sums.index_add_(0, rows[part], flat[part].float() * scale[part])
+    merged = sums[:-1].to(features.dtype)
     return Zipped(merged.view(frames, num_rows, channels), dominant, targets, assignment, coefficients)
 
 
@@ -152,8 +165,8 @@ class VisionZip(BeforeLLM):
         offsets = (torch.arange(num_frames, device=zipped.dominant.device) * per_frame)[:, None]
         rows_from = torch.cat([zipped.dominant, zipped.targets], dim=1) + offsets  # (T, kept)
         # contextual tokens take their target's place; DeepStack rows (Qwen3-VL) merge as the features do
-        out = tokens.merge(zipped.flat_rows(), rows_from.numel(), coefficients=zipped.coefficients.reshape(-1),
-                           representatives=rows_from.reshape(-1))
+        out = tokens.merge(zipped.flat_rows(), rows_from.numel(), features=zipped.features.flatten(0, 1),
+                           coefficients=zipped.coefficients.reshape(-1), representatives=rows_from.reshape(-1))
         state.details["visionzip"] = {
             "dominant_per_frame": dominant,
             "contextual_per_frame": zipped.targets.shape[1],

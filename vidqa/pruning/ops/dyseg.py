@@ -33,10 +33,9 @@ def dyseg_cuts(frame_features: Tensor, min_segments: int = 8, tau: float = 0.9) 
     if min_segments < 1:
         raise ValueError(f"min_segments must be >= 1, got {min_segments}")
     similarity = adjacent_frame_similarity(frame_features)  # (T - 1,)
-    lowest = torch.argsort(similarity, stable=True)[: min_segments - 1]
-    below = torch.nonzero(similarity < tau).flatten()
-    pairs = torch.unique(torch.cat([lowest, below]))  # sorted pair indices t - 1
-    return (pairs + 1).tolist()
+    cut = similarity < tau  # (T - 1,) over pair indices t - 1
+    cut[torch.argsort(similarity, stable=True)[: min_segments - 1]] = True
+    return [pair + 1 for pair, is_cut in enumerate(cut.tolist()) if is_cut]  # the one read-back
 
 
 def dyseg_segments(frame_features: Tensor, min_segments: int = 8, tau: float = 0.9) -> list[Segment]:
@@ -45,6 +44,6 @@ def dyseg_segments(frame_features: Tensor, min_segments: int = 8, tau: float = 0
 
 
 def segment_of_frames(segments: list[Segment], device=None) -> Tensor:
-    """(T,) segment index of every frame."""
-    sizes = torch.tensor([end - start for start, end in segments], dtype=torch.long)
-    return torch.repeat_interleave(torch.arange(len(segments)), sizes).to(device)
+    """(T,) segment index of every frame (built on the host: no device op reads sizes back)."""
+    ids = [index for index, (start, end) in enumerate(segments) for _ in range(start, end)]
+    return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
