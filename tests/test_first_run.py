@@ -165,6 +165,28 @@ def test_a_cached_model_loads_without_the_hub(run_cli, online, monkeypatch, tiny
     assert json.loads(result.stdout)["model"] == "someone/tiny"
 
 
+def test_models_load_without_hub_kernels(monkeypatch, tiny_llava):
+    """transformers >= 5.25 kernelizes by default: on a GPU it fetches RMSNorm, activation and RoPE
+    kernels from the hub (an offline machine waits, then falls back), and the layers would rotate keys
+    with other code than the pruning hooks rotate queries with. vidqa asks for none, on every version
+    (docs/models.md, "Hub kernels"); on 5.25 the CPU load here would otherwise leave use_kernels True."""
+    from transformers import AutoModelForImageTextToText
+
+    from vidqa.models import load_model
+
+    load = AutoModelForImageTextToText.from_pretrained
+    asked = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("use_kernels"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", recording)
+    adapter = load_model(str(tiny_llava), device="cpu")
+    assert asked == [False]
+    assert not adapter.model.use_kernels
+
+
 # --- the command line itself -------------------------------------------------------------------
 
 

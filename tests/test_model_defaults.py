@@ -131,6 +131,8 @@ def test_smolvlm_intro_gives_the_video_duration(family_adapters, square_video):
     fallback = tokenizer.decode(adapter.build_prompt(clip.frames, clip.timestamps, QUESTION).input_ids[0])
     assert "00 : 03 [ H : MM : SS ]" in ours  # duration 3 s, not the last timestamp (2.875 s)
     assert "00 : 02 [ H : MM : SS ]" in fallback
+    # the count in words: 5.25's processor takes it from the timestamps, earlier ones from the frames
+    assert "series of three frames" in ours and ours.count("Frame from") == 3
 
 
 # --- LLaVA-OneVision: the system turn it was trained with --------------------------------------

@@ -112,6 +112,32 @@ def test_timestamps_are_the_sampled_times(adapter, clip):
     assert text.count("seconds>") == 4
 
 
+def test_video_markers_follow_the_processor_of_each_release(adapter, clip):
+    """Every temporal patch is `<t seconds><|vision_start|>` + its 16 video tokens + `<|vision_end|>`.
+    Before 5.25 the processor also keeps the chat template's own `<|vision_start|>`...`<|vision_end|>`
+    around the whole expansion; 5.25 drops that outer pair (2 rows fewer). Either way only the
+    `<|video_pad|>` rows are visual, and the question starts right after the last span."""
+    from packaging.version import Version
+
+    from vidqa.pruning.core.compat import transformers_version
+
+    outer = 1 if Version(transformers_version()) < Version("5.25") else 0
+    prompt = adapter.build_prompt(clip.frames, clip.timestamps, QUESTION)
+    ids = prompt.input_ids[0]
+    tokenizer = adapter.processor.tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    video = adapter.video_token_id
+    assert int((ids == start).sum()) == int((ids == end).sum()) == 4 + outer
+    assert torch.equal(prompt.visual_index, (ids == video).nonzero().flatten()) and len(prompt.visual_index) == 64
+    spans = prompt.visual_index.view(4, 16)
+    assert torch.equal(spans, spans[:, :1] + torch.arange(16))  # 4 runs of 16 consecutive rows
+    assert (ids[spans[:, 0] - 1] == start).all() and (ids[spans[:, -1] + 1] == end).all()
+    assert int((ids[:spans[0, 0]] == start).sum()) == 1 + outer  # the outer marker, if any, opens the video
+    assert int((ids[spans[-1, -1] + 1:] == end).sum()) == 1 + outer  # ... and closes it, before the question
+    inputs = adapter.generation_inputs(prompt, adapter.encode_video(prompt), positions="original")
+    assert inputs.text_start == int(spans[-1, -1]) + 1
+
+
 def test_pixel_budget_follows_qwen_vl_utils():
     factor = 32
     assert frame_pixel_budget(32, factor) == (128 * 1024, 768 * 1024)
@@ -608,6 +634,28 @@ def test_decode_continues_the_unpruned_positions(adapter, encoded):
     assert torch.allclose(generated, reference(next_position), atol=1e-4)
     assert next_position != length
     assert not torch.allclose(generated[1:], reference(length)[1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("preset,keep", [("none", None), ("evs", 0.5)])
+def test_reused_prefix_answers_are_token_identical(adapter, clip, preset, keep):
+    """A VideoSession prefills the rows up to the last video span once (before 5.25 that prefix
+    holds the processor's outer `<|vision_start|>`, and its outer `<|vision_end|>` goes with the
+    question) and answers every question as a full prefill does, with the same token counts."""
+    from vidqa.engine.session import VideoSession
+
+    pruner = NO_PRUNING if preset == "none" else build_pruner(load_preset(preset), adapter, keep=keep)
+    questions = [QUESTION, "which colour is the square ?"]
+    options = engine.GenerationOptions(max_new_tokens=6)
+    expected = [engine.answer(adapter, clip, q, options, pruner=pruner) for q in questions]
+    session = VideoSession(adapter, clip, pruner, options)
+    got = [session.ask(q) for q in questions]
+    assert [a.text for a in got] == [a.text for a in expected]
+    assert [a.stats.prefix_reused for a in got] == [False, True]
+    assert [a.stats.tokens.llm_prompt_tokens for a in got] == [a.stats.tokens.llm_prompt_tokens for a in expected]
+    _, inputs, _ = prepare(adapter, clip, pruner)
+    ids = inputs.kwargs["input_ids"][0]
+    assert session.prefix.ids.shape[1] == inputs.text_start
+    assert torch.equal(session.prefix.ids[0], ids[:inputs.text_start])
 
 
 def test_recomputed_attention_rows_equal_eager(checkpoint, adapter, clip):

@@ -126,15 +126,20 @@ def load_model(
     source = _source(model_id)
     processor = _load_processor(source, model_id, adapter_class)
     placement = plan_placement(config, device, torch_dtype, device_map)
+    # use_kernels=False: from 5.25 transformers kernelizes by default. On a model loaded onto a GPU
+    # (the sharded path; the one-device path loads on the CPU, then moves) that swaps RMSNorm, the
+    # activations and the decoder's RoPE for kernels fetched from the hub: on an offline machine the
+    # load fails (an unreachable hub is not a missing kernel, so nothing falls back). The pruning hooks recompute attention rows with the adapter's torch
+    # RoPE against the keys the layer rotated, so the layer must rotate the same way: vidqa runs
+    # transformers' torch code on every version (False is 5.18-5.24's default; they accept it).
+    # docs/models.md, "Hub kernels".
+    options = {"dtype": torch_dtype, "attn_implementation": attn, "use_kernels": False}
     try:
         if placement.device_map is None:
-            model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=torch_dtype, attn_implementation=attn
-            ).to(device)
+            model = AutoModelForImageTextToText.from_pretrained(source, **options).to(device)
         else:
             model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=torch_dtype, attn_implementation=attn, device_map=placement.device_map,
-                offload_folder=placement.offload_folder,
+                source, **options, device_map=placement.device_map, offload_folder=placement.offload_folder,
             )
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
         raise BadInput(f"--attn {attn} is not available here: {str(error).splitlines()[0]}") from None

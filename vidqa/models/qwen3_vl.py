@@ -12,7 +12,9 @@ sampler's own (handed over as frame indices at fps 1, so a `--start` window keep
 times). The video tokens are therefore one span per temporal patch, separated by text: only the
 `<|video_pad|>` rows are prunable; the timestamp text stays in place whatever is pruned (a
 temporal patch whose tokens are all dropped keeps its timestamp), and the question is what
-follows the LAST span. A kept (or merged) token goes into the span of its `seq_index`.
+follows the LAST span. A kept (or merged) token goes into the span of its `seq_index`. Up to
+transformers 5.24 the whole expansion also sits inside the chat template's own `<|vision_start|>`
+... `<|vision_end|>`; 5.25's processor drops that pair. Nothing here depends on it.
 
 DeepStack. The vision tower also returns, for each of D intermediate layers, one feature per
 video token; the LLM adds feature l to the visual rows of decoder layer l's output (l < D).

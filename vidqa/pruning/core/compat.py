@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vidqa.errors import RuntimeFailure
 
-TESTED_TRANSFORMERS = ">=5.18,<5.25"  # pyproject.toml declares the same range (tests/test_verification.py)
+TESTED_TRANSFORMERS = ">=5.18,<5.26"  # pyproject.toml declares the same range (tests/test_verification.py)
 
 
 def transformers_version() -> str:
