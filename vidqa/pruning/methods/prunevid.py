@@ -11,8 +11,8 @@ import torch
 from vidqa.errors import BadInput
 from vidqa.pruning.core.decoder import Selection
 from vidqa.pruning.core.stage import BeforeLLM, InsideLLM, param
-from vidqa.pruning.ops.merging import prunevid_merge_segment
-from vidqa.pruning.ops.segments import prunevid_segments, static_mask
+from vidqa.pruning.ops.merging import prunevid_merge_video
+from vidqa.pruning.ops.segments import prunevid_segments, segment_static_masks
 
 ROW_ORDERS = ("centre_score", "first_appearance")
 
@@ -43,51 +43,32 @@ class SpatioTemporalMerge(BeforeLLM):
 
     def apply(self, tokens, state):
         num_frames, rows, cols = tokens.grid
-        per_frame = rows * cols
-        grid = tokens.features.view(num_frames, per_frame, -1)  # (T, P, C)
+        grid = tokens.features.view(num_frames, rows * cols, -1)  # (T, P, C)
         segments = prunevid_segments(grid.float().mean(dim=1), cluster_ratio=self.temporal_ratio, k=self.k)
-        pieces = []
-        for segment_id, (start, end) in enumerate(segments):
-            segment = grid[start:end]
-            static = static_mask(segment, self.tau)
-            merged = prunevid_merge_segment(
-                segment, static, cluster_ratio=self.cluster_ratio, k=self.k, row_order=self.row_order
-            )
-            # earliest member of each output row gives its position and grid coordinates
-            members = tokens.select(torch.arange(start * per_frame, end * per_frame, device=grid.device))
-            chosen = members.merge(merged.assignment.flatten(), merged.num_rows, features=merged.features)
-            pieces.append(
-                chosen.replace(
-                    meta={
-                        "segment": torch.full((merged.num_rows,), segment_id, device=grid.device),
-                        "static": merged.is_static,
-                    },
-                )
-            )
+        static = segment_static_masks(grid, segments, self.tau)  # (S, P)
+        merged = prunevid_merge_video(grid, segments, static, cluster_ratio=self.cluster_ratio, k=self.k,
+                                      row_order=self.row_order)
+        # earliest member of each output row gives its position and grid coordinates
+        chosen = tokens.merge(merged.assignment.flatten(), merged.num_rows, features=merged.features)
         state.details["prunevid"] = {
-            "segments": [[int(s), int(e)] for s, e in segments],
-            "static_tokens": int(sum(int(p.meta["static"].sum()) for p in pieces)),
+            "segments": [[start, end] for start, end in segments],
+            "static_tokens": merged.num_static_rows,
         }
-        return _concatenate(pieces, tokens)
+        return chosen.replace(meta={"segment": merged.segment, "static": merged.is_static})
 
 
-def _concatenate(pieces, like):
-    return type(like).concatenate(pieces)
-
-
-def _groups(meta: dict, count: int, device) -> torch.Tensor:
-    """Group id per visual token: (segment, static) or (segment, frame) for dynamic tokens."""
+def _group_keys(meta: dict, count: int, device) -> torch.Tensor:
+    """(count,) long key per visual token, equal exactly within a group: (segment, static) or
+    (segment, frame) for dynamic tokens. Sparse keys rather than group ids, so no host sync."""
     frame = meta["frame"].to(device)
     segment = meta.get("segment", torch.zeros(count, dtype=torch.long, device=device)).to(device)
     static = meta.get("static", torch.zeros(count, dtype=torch.bool, device=device)).to(device)
-    key = segment * (int(frame.max()) + 2 if count else 1) + torch.where(static, 0, frame + 1)
-    return torch.unique(key, return_inverse=True)[1]
+    return segment.long() * 2**32 + torch.where(static, 0, frame.long() + 1)
 
 
-def _group_quota(groups: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Tokens kept per group: int(size * alpha), truncated as the released code's
+def _quota(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Tokens kept of groups of `sizes`: int(size * alpha), truncated as the released code's
     `VTPWindowCache.process_attention` does (3 groups of 37 at alpha 0.4 keep 14 each)."""
-    sizes = torch.bincount(groups)
     return torch.floor(sizes.double() * ratio).long()
 
 
@@ -105,17 +86,18 @@ class QuestionAttentionSelect(InsideLLM):
     prune_cache: bool = param(True, help="after prefill, slice layers 0..K-1's KV cache to the kept tokens")
 
     def kept_at_ratio(self, num_in, num_original, meta, ratio):
-        groups = _groups(meta, num_in, "cpu")
-        return int(_group_quota(groups, ratio).sum()) if num_in else 0
+        if not num_in:
+            return 0
+        sizes = torch.unique(_group_keys(meta, num_in, "cpu"), return_counts=True)[1]
+        return int(_quota(sizes, ratio).sum())
 
     def select(self, context):
         probs = context.attention(context.text_rows)  # (heads, q, n)
         scores = probs[:, :, context.visual_rows].amax(dim=0).amax(dim=0)  # (v,)
-        groups = _groups(context.visual_meta, len(context.visual_rows), scores.device)
+        keys = _group_keys(context.visual_meta, len(context.visual_rows), scores.device)
         # the quota is per group, so it needs alpha itself; context.budget is its sum
         ratio = self.ratio if context.ratio is None else context.ratio
-        quota = _group_quota(groups, ratio)
-        return Selection(keep=top_k_per_group(scores, groups, quota))
+        return Selection(keep=top_fraction_per_group(scores, keys, ratio))
 
 
 def top_k_per_group(scores: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
@@ -126,3 +108,16 @@ def top_k_per_group(scores: torch.Tensor, groups: torch.Tensor, quota: torch.Ten
     group_start = torch.searchsorted(sorted_groups, sorted_groups, right=False)
     rank = torch.arange(len(by_group), device=scores.device) - group_start
     return by_group[rank < quota[sorted_groups]].sort().values
+
+
+def top_fraction_per_group(scores: torch.Tensor, keys: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Sorted indices of the top int(size * ratio) scores within each group of equal `keys`
+    (ties: lower index first); `top_k_per_group` with each group's size read off the sorted
+    keys, so that only the final count syncs. scores, keys: (n,). Returns (kept,) long."""
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    by_group = by_score[torch.argsort(keys[by_score], stable=True)]  # grouped, best first
+    sorted_keys = keys[by_group]
+    group_start = torch.searchsorted(sorted_keys, sorted_keys, right=False)
+    group_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
+    rank = torch.arange(len(by_group), device=scores.device) - group_start
+    return by_group[rank < _quota(group_end - group_start, ratio)].sort().values

@@ -273,3 +273,178 @@ def best_member(labels: Tensor, scores: Tensor, num_clusters: int) -> Tensor:
     # cluster `num_clusters` that is dropped.
     candidate_labels = torch.where(is_best, labels, num_clusters)
     return first_member(candidate_labels, num_clusters + 1)[:num_clusters]
+
+
+# -- sets of different sizes in one pass ------------------------------------------------------
+
+
+def padded_pairwise_distances(x: Tensor, lengths: Tensor) -> Tensor:
+    """`pairwise_distances` of B sets of different sizes at once, without a host sync.
+
+    Set b is `x[b, :lengths[b]]`; the rows after it are padding. Each set's distances are those
+    `pairwise_distances(x[b, :lengths[b]])` gives, bit for bit: on accelerators the same
+    per-pair `cdist`, on CPU the same float64 Gram expansion (mean-centred per set: zero padding
+    does not change the sums; `identical_row_ids` finds the identical rows).
+
+    Args:
+        x: `[B, N, C]` features.
+        lengths: `[B]` long, tokens per set, in `[0, N]`.
+
+    Returns:
+        `[B, N, N]` float32; 0 wherever the row or the column is padding.
+    """
+    valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # [B, N]
+    return _padded_distances(x.float(), valid, lengths)
+
+
+def _padded_distances(x: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:
+    """`padded_pairwise_distances` of float32 x `[B, N, C]` with its `[B, N]` validity mask."""
+    scale = math.sqrt(max(x.shape[-1], 1))
+    if x.device.type != "cpu":
+        distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").div_(scale)
+    else:
+        distances = _padded_gram_distances(x, valid, lengths).div_(scale)
+    return distances.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+
+
+def _padded_gram_distances(x: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:
+    """The CPU path: `_gram_distances` of every set, batched, before the 1/sqrt(C) scale."""
+    num_sets, num_tokens, channels = x.shape
+    padding = ~valid[..., None]  # [B, N, 1]
+    centred = x.double().masked_fill_(padding, 0.0)
+    centred.sub_(centred.sum(dim=1, keepdim=True) / lengths[:, None, None]).masked_fill_(padding, 0.0)  # own mean
+    squared_norm = centred.square().sum(dim=-1)  # [B, N]
+    squared = (squared_norm[:, :, None] + squared_norm[:, None, :]).sub_((centred @ centred.transpose(1, 2)).mul_(2.0))
+    squared = squared.add(squared.transpose(1, 2)).mul_(0.5)  # exactly symmetric
+    if num_sets and num_tokens:
+        same = identical_row_ids(x.reshape(-1, channels)).view(num_sets, num_tokens)
+        squared.masked_fill_(same[:, :, None] == same[:, None, :], 0.0)  # diagonal included
+    return squared.clamp_min_(0.0).sqrt_().float()
+
+
+_ROW_HASH_WEIGHTS: dict[tuple[int, str], Tensor] = {}
+
+
+def identical_row_ids(x: Tensor) -> Tensor:
+    """An id per row of x `[R, C]` float32, equal exactly for identical rows: the grouping of
+    `torch.unique(x, dim=0, return_inverse=True)[1]` (rows compare with ==, so -0.0 equals 0.0),
+    in a fixed number of ops (`unique(dim=0)` dispatches a few per row on CPU).
+
+    Rows are sorted by a hash of their bits and each is compared exactly with the next; only if
+    two different rows share a hash (or a row holds NaN, which equals nothing) does it fall back
+    to `unique`, so the grouping is always exact. Returns `[R]` long (not unique's numbering).
+    """
+    num_rows, channels = x.shape
+    key = (channels, str(x.device))
+    if key not in _ROW_HASH_WEIGHTS:  # fixed odd int32 weights, one per channel
+        generator = torch.Generator().manual_seed(0)
+        weights = torch.randint(-(2**31), 2**31, (channels,), dtype=torch.int64, generator=generator) | 1
+        _ROW_HASH_WEIGHTS[key] = weights.int().to(x.device)
+    canonical = x + 0.0  # -0.0 + 0.0 = 0.0: equal values now have equal bits
+    hashes = (canonical.view(torch.int32) * _ROW_HASH_WEIGHTS[key]).sum(dim=-1)  # [R] int64, wrapping products
+    hashes, order = torch.sort(hashes, stable=True)
+    ordered = canonical[order]
+    new_row = (ordered[1:] != ordered[:-1]).any(dim=-1)  # [R - 1], exact
+    if bool((hashes[1:] == hashes[:-1]).logical_and_(new_row).any()):
+        return torch.unique(x, dim=0, return_inverse=True)[1]  # a hash collision: exact the slow way
+    group = torch.cat([new_row.new_zeros(min(num_rows, 1)), new_row]).cumsum(dim=0)
+    return torch.empty_like(group).scatter_(0, order, group)
+
+
+def _padded_knn_log_density(distances: Tensor, padding: Tensor, lengths: Tensor, k: int, count_self: bool) -> Tensor:
+    """`knn_log_density` of each set of a padded batch; -inf on padding.
+
+    distances: `[B, N, N]` as `padded_pairwise_distances` returns (0 on the diagonal); padding:
+    `[B, N]` bool; lengths: `[B]` long. A set with at least k neighbours to average (the usual
+    case) gets `knn_log_density`'s value bit for bit: the same k smallest values, in the same
+    order, through the same mean. A smaller set (k above its size) averages those it has, a
+    rescaled mean that can differ from the unpadded one in the last bit. Returns `[B, N]` float32.
+    """
+    num_tokens = distances.shape[-1]
+    squared = distances.square().masked_fill_(padding[:, None, :], float("inf"))  # padding is nobody's neighbour
+    if count_self:  # each token its own neighbour, at distance 0 (the diagonal already is)
+        top, per_set = min(k, num_tokens), lengths.clamp(max=k)
+    else:
+        squared.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exclude self
+        top, per_set = min(k, num_tokens - 1), (lengths - 1).clamp(min=0, max=k)
+    if top <= 0:
+        return torch.zeros_like(squared[..., 0]).masked_fill_(padding, float("-inf"))
+    nearest = torch.topk(squared, top, dim=-1, largest=False).values  # [B, N, top], ascending
+    # a small set's missing neighbours (inf) count 0, and its mean is rescaled to its own count;
+    # a full set's scale is exactly 1
+    nearest.masked_fill_(torch.arange(top, device=distances.device) >= per_set[:, None, None], 0.0)
+    scale = top / per_set.clamp(min=1)  # [B] float
+    return nearest.mean(dim=-1).mul_(scale[:, None]).neg_().masked_fill_(padding, float("-inf"))
+
+
+def dpc_knn_padded(
+    x: Tensor,
+    lengths: Tensor,
+    num_clusters: Tensor,
+    k: int,
+    *,
+    count_self_as_neighbour: bool = False,
+    label_order: str = "first_appearance",
+) -> Tensor:
+    """`dpc_knn` over B sets of different sizes in one pass, with no host sync on accelerators.
+
+    Set b is `x[b, :lengths[b]]` (the rows after it are padding: never a neighbour, a denser
+    token or a centre) and gets `num_clusters[b]` clusters. Its labels are those of
+    `dpc_knn(x[b, :lengths[b]], num_clusters[b], k, ...)`: the same distances, densities,
+    centres and tie-breaking (lower index first), except that the densities of a set with fewer
+    than k neighbours (k above its size) can differ in the last bit (`_padded_knn_log_density`).
+    A set with `num_clusters >= lengths` is all singletons (`0..n-1`), as in `dpc_knn`.
+
+    Args:
+        x: `[B, N, C]` features (any float dtype / device).
+        lengths: `[B]` long tokens per set, in `[0, N]`, on x.device.
+        num_clusters: `[B]` long clusters per set, >= 1 unless the set is empty, on x.device.
+        k: neighbours for the density, >= 1.
+        count_self_as_neighbour, label_order: as in `dpc_knn`.
+
+    Returns:
+        `[B, N]` long labels in `[0, min(num_clusters[b], lengths[b]))`; -1 on padding.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"dpc_knn_padded expects [B, N, C] features, got shape {tuple(x.shape)}")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"label_order must be one of {LABEL_ORDERS}, got {label_order!r}")
+    num_sets, num_tokens, _ = x.shape
+    position = torch.arange(num_tokens, device=x.device)
+    valid = position < lengths[:, None]  # [B, N]
+    padding = ~valid
+
+    distances = _padded_distances(x.float(), valid, lengths)  # [B, N, N]
+    log_density = _padded_knn_log_density(distances, padding, lengths, k, count_self_as_neighbour)
+    rank = density_rank(log_density)  # padding (-inf) ranks after every token
+
+    denser = rank[:, None, :] < rank[:, :, None]  # [B, N, N]; denser[b, i, j]: j denser than i
+    max_distance = distances.amax(dim=(-2, -1), keepdim=True)  # [B, 1, 1]; padding is 0
+    delta = torch.where(denser, distances, max_distance).amin(dim=-1)  # [B, N]
+    log_score = torch.log(delta).add_(log_density).masked_fill_(padding, float("-inf"))
+    # Every set's tokens by centre score; its first num_clusters[b] are its centres. Padding
+    # sorts after the set's own tokens, even those at -inf (stable sort, higher index).
+    by_score = torch.sort(log_score, dim=-1, descending=True, stable=True).indices  # [B, N]
+    to_centres = distances.gather(-1, by_score[:, None, :].expand(num_sets, num_tokens, num_tokens))
+    # a centre joins itself (label i = i-th best centre, also when an earlier centre is a
+    # duplicate at distance 0); every other token its nearest centre, the first on ties
+    to_centres.masked_fill_(by_score[:, None, :] == position[:, None], -1.0)
+    to_centres.masked_fill_((position >= num_clusters[:, None])[:, None, :], float("inf"))  # not centres
+    labels = to_centres.argmin(dim=-1)  # [B, N]
+    labels = torch.where((num_clusters >= lengths)[:, None], position, labels)  # all singletons
+    if label_order == "first_appearance":
+        labels = _relabel_padded_by_first_appearance(labels, valid)
+    return labels.masked_fill_(padding, -1)
+
+
+def _relabel_padded_by_first_appearance(labels: Tensor, valid: Tensor) -> Tensor:
+    """`relabel_by_first_appearance` of every set of a padded batch ([B, N] long labels < N,
+    valid: [B, N] bool); labels on padding are left meaningless."""
+    num_sets, num_tokens = labels.shape
+    position = torch.arange(num_tokens, device=labels.device).expand(num_sets, num_tokens)
+    first = torch.full((num_sets, num_tokens + 1), num_tokens, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(-1, labels.masked_fill(~valid, num_tokens), position, reduce="amin", include_self=True)
+    order = torch.argsort(first[:, :num_tokens], dim=-1, stable=True)  # clusters by first member, unused last
+    return _rank_of(order).gather(-1, labels.clamp(min=0))

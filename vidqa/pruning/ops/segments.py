@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from vidqa.pruning.ops.cluster import dpc_knn
+from vidqa.pruning.ops.cluster import dpc_knn_padded
 
 Segment = tuple[int, int]
 
@@ -151,7 +151,13 @@ def prunevid_segments(
     if num_frames == 0:
         return []
     num_clusters = max(1, int(num_frames * cluster_ratio))
-    labels = dpc_knn(frame_features, num_clusters, k, count_self_as_neighbour=True)
+    device = frame_features.device
+    # dpc_knn's clusters through the padded version (a fixed number of ops whatever T), numbered
+    # by centre score: segments depend on which frames share a cluster, not on its number
+    labels = dpc_knn_padded(
+        frame_features[None], torch.full((1,), num_frames, device=device), torch.full((1,), num_clusters, device=device),
+        k, count_self_as_neighbour=True, label_order="centre_score",
+    )[0]
     return labels_to_segments(labels, min_length=2)
 
 
@@ -219,7 +225,8 @@ def static_mask(segment_tokens: Tensor, tau: float) -> Tensor:
     """Spatial locations whose token barely changes over the frames of a segment (PruneVid).
 
     For each location p, the mean cosine similarity between that location's features in frames
-    i and j over all pairs i < j; the location is static when this exceeds `tau`.
+    i and j over all pairs i < j; the location is static when this exceeds `tau`. One segment of
+    `segment_static_masks`.
 
     Args:
         segment_tokens: `[W, P, C]` visual tokens of W frames with P locations each.
@@ -228,11 +235,38 @@ def static_mask(segment_tokens: Tensor, tau: float) -> Tensor:
     Returns:
         `[P]` bool, True for static locations; all False when W < 2.
     """
-    num_frames, num_locations, _ = segment_tokens.shape
-    if num_frames < 2:
-        return torch.zeros(num_locations, dtype=torch.bool, device=segment_tokens.device)
-    features = F.normalize(segment_tokens.float(), dim=-1)  # [W, P, C]
-    gram = torch.einsum("ipc,jpc->pij", features, features)  # [P, W, W]
-    upper = torch.ones(num_frames, num_frames, dtype=torch.bool, device=gram.device).triu(1)
-    mean_similarity = gram[:, upper].mean(dim=-1)  # [P]
-    return mean_similarity > tau
+    return segment_static_masks(segment_tokens, [(0, segment_tokens.shape[0])], tau)[0]
+
+
+def _segment_lengths(segments: list[Segment], device) -> Tensor:
+    """`[S]` long frames per segment on `device`, copied without waiting for the device queue."""
+    lengths = torch.tensor([end - start for start, end in segments], dtype=torch.long)
+    return lengths.to(device, non_blocking=True)  # a blocking host-to-device copy would sync
+
+
+def segment_static_masks(tokens: Tensor, segments: list[Segment], tau: float) -> Tensor:
+    """`static_mask` of every segment of a video at once.
+
+    The mean pairwise cosine of a location over a segment's W frames comes from sums, not from
+    the W x W Gram matrix: with unit vectors f_1..f_W, sum over i != j of f_i . f_j is
+    |sum_i f_i|^2 - sum_i |f_i|^2, so mean = that / (W (W - 1)). Per-segment sums run as one
+    `segment_reduce` over the frames (sequential, deterministic on every device). Float32 like
+    the pairwise mean, but summed in another order: the two agree to ~1e-7, so only a location
+    whose similarity lies that close to `tau` can be classified differently by the two.
+
+    Args:
+        tokens: `[T, P, C]` visual tokens of T frames with P locations each.
+        segments: contiguous half-open frame ranges covering `0..T` in order.
+        tau: similarity threshold (strict).
+
+    Returns:
+        `[S, P]` bool, True for the static locations of each segment; all False in a segment of
+        fewer than 2 frames.
+    """
+    lengths = _segment_lengths(segments, tokens.device)  # [S]
+    unit = F.normalize(tokens.float(), dim=-1)  # [T, P, C]
+    sums = torch.segment_reduce(unit, "sum", lengths=lengths, axis=0, unsafe=True)  # [S, P, C]
+    norms = torch.segment_reduce(unit.square().sum(dim=-1), "sum", lengths=lengths, axis=0, unsafe=True)  # [S, P]
+    pairs = (lengths * (lengths - 1)).clamp(min=1)[:, None]  # [S, 1] ordered pairs i != j
+    mean_similarity = (sums.square().sum(dim=-1) - norms) / pairs  # [S, P]
+    return (mean_similarity > tau) & (lengths >= 2)[:, None]
