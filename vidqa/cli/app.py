@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from vidqa.cli import batch as cli_batch
 from vidqa.cli import chat as cli_chat
+from vidqa.cli import serve as cli_serve
 from vidqa.cli.common import (
     DEFAULT_MODEL,
     EXIT_CODES,
@@ -149,6 +150,9 @@ def ask(
     device_map: DeviceMapOpt = None,
     system: SystemOpt = None,
     show_kept: ShowKeptOpt = None,
+    server: Annotated[
+        Optional[str], typer.Option("--server", envvar="VIDQA_SERVER", help="Ask a running `vidqa serve` at this URL (e.g. http://127.0.0.1:8000) instead of loading the model here; prints the same.", show_default=False)
+    ] = None,
 ) -> None:
     """Answer a question about a video: sample frames, (prune), stream the answer, show stats.
 
@@ -164,6 +168,10 @@ def ask(
         end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed,
     )
+    if server:  # vidqa/cli/serve.py: no torch here, the server has the model
+        cli_serve.ask_remote(server, video, question, settings, stream=stream, stats=stats, as_json=as_json,
+                             quiet=quiet, show_kept=show_kept)
+        return
     try:
         text = read_question(question)
         if not text:
@@ -355,3 +363,6 @@ app.command(epilog=cli_batch.SUMMARIZE_EXIT_CODES)(cli_batch.summarize)
 
 # `vidqa chat` (vidqa/cli/chat.py) ----------------------------------------------------------
 app.command(epilog=EXIT_CODES)(cli_chat.chat)
+
+# `vidqa serve` (vidqa/cli/serve.py) --------------------------------------------------------
+app.command(epilog=EXIT_CODES)(cli_serve.serve)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from vidqa.engine.stats import Stats
 from vidqa.flops import format_flops
+
+if TYPE_CHECKING:  # the table reads attributes only: `vidqa ask --server` renders a record without torch
+    from vidqa.engine.stats import Stats
 
 SCHEMA_VERSION = 1
 
