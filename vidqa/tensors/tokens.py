@@ -125,6 +125,7 @@ class VisualTokens:
             (smallest token index). Stages add their own meta afterwards.
         Every other per-token feature (`deepstack`) is merged here with the same weights or
         coefficients, so it follows the merge exactly as the features do.
+        One host sync: reading the check that every row has a member (its representative).
         """
         if members is not None and coefficients is None:
             raise ValueError("VisualTokens.merge: members= (entry form) needs coefficients=")
@@ -133,17 +134,24 @@ class VisualTokens:
         rows = rows.to(self.features.device)
         token = torch.arange(len(self), device=rows.device) if members is None else members.to(rows.device)
         member = rows >= 0
+        # non-members go to a spare last row, so no step needs a data-dependent shape (a host sync)
+        target = torch.where(member, rows, num_rows)
         if representatives is None:
-            representatives = torch.full((num_rows,), len(self), dtype=torch.long, device=rows.device)
-            representatives.scatter_reduce_(0, rows[member], token[member], reduce="amin")
-            if num_rows and int(representatives.max()) >= len(self):
-                raise ValueError("VisualTokens.merge: every output row needs at least one member")
+            representatives = torch.full((num_rows + 1,), len(self), dtype=torch.long, device=rows.device)
+            representatives = representatives.scatter_reduce_(0, target, token, reduce="amin")[:num_rows]
+            valid = representatives < len(self)
+            problem = "every output row needs at least one member"
         else:
             representatives = representatives.to(rows.device)
-            pairs = token[member] * max(num_rows, 1) + rows[member]
-            wanted = representatives * max(num_rows, 1) + torch.arange(num_rows, device=rows.device)
-            if len(representatives) != num_rows or not torch.isin(wanted, pairs).all():
+            if len(representatives) != num_rows:
                 raise ValueError("VisualTokens.merge: each row's representative must be one of its members")
+            # entry e hits when its token is its row's representative; a row is valid with a hit
+            own = torch.cat([representatives, representatives.new_full((1,), -1)])[target]
+            hits = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
+            valid = hits.index_add_(0, target, (member & (token == own)).long())[:num_rows] > 0
+            problem = "each row's representative must be one of its members"
+        if num_rows and not bool(valid.all()):  # the merge's only host sync
+            raise ValueError(f"VisualTokens.merge: {problem}")
         merged = self.select(representatives)
 
         def combine(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +175,10 @@ class VisualTokens:
             return rows
         members = members.to(rows.device)
         entry = torch.arange(len(rows), device=rows.device)
-        first = torch.full((len(self),), len(rows), dtype=torch.long, device=rows.device)
-        first.scatter_reduce_(0, members[rows >= 0], entry[rows >= 0], reduce="amin")
+        # entries of dropped rows go to a spare last token (no bool-mask indexing: no host sync)
+        first = torch.full((len(self) + 1,), len(rows), dtype=torch.long, device=rows.device)
+        first.scatter_reduce_(0, torch.where(rows >= 0, members, len(self)), entry, reduce="amin")
+        first = first[:len(self)]
         token_row = torch.cat([rows, rows.new_full((1,), -1)])[first]
         token_row[representatives] = torch.arange(len(representatives), device=rows.device)
         return token_row
@@ -220,7 +230,9 @@ class VisualTokens:
 
 def _rows_of_selection(index: torch.Tensor, num_rows: int) -> torch.Tensor:
     """(num_rows,) the position in `index` of each current row (its first, if repeated), -1 if absent."""
-    index = index.nonzero().flatten() if index.dtype == torch.bool else index.flatten().long()
+    if index.dtype == torch.bool:  # a mask: kept rows are numbered in order (no nonzero, no host sync)
+        return torch.where(index, index.long().cumsum(0) - 1, -1)
+    index = index.flatten().long()
     position = torch.arange(len(index), device=index.device)
     rows = torch.full((num_rows,), len(index), dtype=torch.long, device=index.device)
     rows.scatter_reduce_(0, index, position, reduce="amin")
@@ -249,13 +261,16 @@ def weighted_row_means(
     rows: (N,) long in [0, num_rows) or -1 (ignored); weights: (N,) or None (plain means).
     Accumulated in float32, returned in x.dtype.
     """
-    member = rows >= 0
-    values = x[member].float()
-    weight = torch.ones(values.shape[0], device=x.device) if weights is None else weights[member].float().to(x.device)
-    sums = torch.zeros(num_rows, x.shape[1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, rows[member], values * weight[:, None])
-    totals = torch.zeros(num_rows, dtype=torch.float32, device=x.device).index_add_(0, rows[member], weight)
-    return (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(x.dtype)
+    rows = rows.to(x.device)
+    # ignored rows add into a spare last row: every member still adds in token order, as a
+    # bool-mask selection would, without its host sync
+    target = torch.where(rows >= 0, rows, num_rows)
+    values = x.float()
+    weight = torch.ones(values.shape[0], device=x.device) if weights is None else weights.float().to(x.device)
+    sums = torch.zeros(num_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, target, values * weight[:, None])
+    totals = torch.zeros(num_rows + 1, dtype=torch.float32, device=x.device).index_add_(0, target, weight)
+    return (sums[:num_rows] / totals[:num_rows].clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(x.dtype)
 
 
 def affine_row_sums(
@@ -269,15 +284,20 @@ def affine_row_sums(
     member with coefficient 1 comes back bit-identical).
     """
     rows = rows.to(x.device)
+    if x.shape[0] == 0:  # nothing to add (every entry is then ignored)
+        return x.new_zeros(num_rows, x.shape[1])
     keep = rows >= 0
-    source = (torch.arange(len(rows), device=x.device) if members is None else members.to(x.device))[keep]
-    target, scale = rows[keep], coefficients.to(x.device)[keep].float()
-    sums = torch.zeros(num_rows, x.shape[1], dtype=torch.float32, device=x.device)
+    # ignored entries add into a spare last row (from row 0 of x): the others add in entry
+    # order, as after a bool-mask selection, without its host sync
+    source = torch.arange(len(rows), device=x.device) if members is None else members.to(x.device)
+    source = torch.where(keep, source, 0)
+    target, scale = torch.where(keep, rows, num_rows), coefficients.to(x.device).float()
+    sums = torch.zeros(num_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
     step = max(1, AFFINE_CHUNK_ELEMENTS // max(x.shape[1], 1))
     for start in range(0, len(source), step):
         part = slice(start, start + step)
         sums.index_add_(0, target[part], x[source[part]].float() * scale[part, None])
-    return sums.to(x.dtype)
+    return sums[:num_rows].to(x.dtype)
 
 
 AFFINE_CHUNK_ELEMENTS = 1 << 24  # float32 products at once in affine_row_sums (64 MB)

@@ -252,7 +252,10 @@ class DecoderPruning:
         """One stage at its layer: its context, its selection, the hidden states it leaves."""
         prefill.follow(device)
         visual_rows = prefill.is_visual.nonzero().flatten()
-        text_rows = (prefill.row_source >= self.inputs.text_start).nonzero().flatten()
+        # text rows are never pruned and nothing is inserted after them: always the last rows
+        # (an arange, not a nonzero, which would sync with the device)
+        num_text = self.inputs.kwargs["input_ids"].shape[1] - self.inputs.text_start
+        text_rows = torch.arange(hidden.shape[1] - num_text, hidden.shape[1], device=prefill.row_source.device)
         context = LayerContext(
             layer=stage.layer, hidden=hidden, visual_rows=visual_rows, text_rows=text_rows,
             visual_meta=prefill.visual_meta, embeddings=prefill.embeddings, row_source=prefill.row_source,

@@ -27,7 +27,6 @@ from torch.nn import functional as F
 
 from vidqa.pruning.core.decoder import Selection
 from vidqa.pruning.core.stage import BeforeLLM, InsideLLM, param
-from vidqa.pruning.methods.prunevid import top_k_per_group
 from vidqa.pruning.ops.budgets import adatp_segment_budgets
 from vidqa.pruning.ops.merging import local_dedup
 from vidqa.pruning.ops.segments import similarity_segments
@@ -69,11 +68,28 @@ class SegmentDedup(BeforeLLM):
         return out
 
 
+def dense_ids(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(keys, return_inverse=True)`'s inverse, and the size of each id, without a
+    data-dependent shape (unique and bincount sync with the device).
+
+    keys: (n,) integers. Returns (ids (n,) long, the rank of each key among the distinct keys
+    (ascending); sizes (n,) long, sizes[i] = members of id i, 0 past the last id).
+    """
+    order = torch.argsort(keys, stable=True)
+    ordered = keys[order]
+    starts = torch.ones_like(ordered, dtype=torch.long)
+    starts[1:] = (ordered[1:] != ordered[:-1]).long()
+    ids = torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+    sizes = torch.zeros_like(ids).index_add_(0, ids, torch.ones_like(ids))
+    return ids, sizes
+
+
 def segment_relevance(hidden: torch.Tensor, text_rows: torch.Tensor, visual_rows: torch.Tensor,
                       groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """(S,) mean cosine between every text row's and every visual row's hidden state, per segment.
 
-    hidden: (n, D); groups: (v,) segment index in [0, S) of each visual row. Empty segments get 0.
+    hidden: (n, D); groups: (v,) segment index in [0, S) of each visual row, num_groups = S (or
+    any bound above the largest index). Empty segments get 0.
     """
     if len(text_rows) == 0:
         return torch.zeros(num_groups, device=hidden.device)
@@ -81,17 +97,32 @@ def segment_relevance(hidden: torch.Tensor, text_rows: torch.Tensor, visual_rows
     visual = F.normalize(hidden[visual_rows].float(), dim=-1)  # (v, D)
     per_token = (visual @ text.T).mean(dim=1)  # (v,)
     sums = torch.zeros(num_groups, dtype=per_token.dtype, device=per_token.device).index_add_(0, groups, per_token)
-    counts = torch.bincount(groups, minlength=num_groups).to(per_token.dtype)
-    return sums / counts.clamp(min=1)
+    # counted with index_add_, not bincount: bincount syncs on a GPU
+    counts = torch.zeros(num_groups, dtype=torch.long, device=groups.device).index_add_(0, groups, torch.ones_like(groups))
+    return sums / counts.to(per_token.dtype).clamp(min=1)
 
 
 def frame_debiased_scores(scores: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     """Each score divided by the mean score of the tokens (present here) of its own frame."""
-    frame_ids, inverse = torch.unique(frame, return_inverse=True)
-    sums = torch.zeros(len(frame_ids), dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)
-    counts = torch.bincount(inverse, minlength=len(frame_ids)).to(scores.dtype)
-    frame_mean = sums / counts
+    inverse, counts = dense_ids(frame)
+    sums = torch.zeros(len(frame), dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)
+    frame_mean = sums / counts.to(scores.dtype)  # 0/0 past the last frame: never read
     return scores / frame_mean[inverse].clamp(min=_EPS)
+
+
+def top_k_per_segment(scores: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) sorted indices of the top quota[g] scores within each group g (ties: lower index
+    first), quota[g] <= the size of g and total = sum(quota): the count is known, so the picks
+    are the first `total` after a sort, not a bool mask (which syncs).
+
+    scores, groups: (v,); quota: (G,) long with G > every group index."""
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    by_group = by_score[torch.argsort(groups[by_score], stable=True)]  # grouped, best first
+    sorted_groups = groups[by_group]
+    group_start = torch.searchsorted(sorted_groups, sorted_groups, right=False)
+    rank = torch.arange(len(by_group), device=scores.device) - group_start
+    chosen = torch.where(rank < quota[sorted_groups], by_group, len(by_group))  # others sort last
+    return chosen.sort().values[:total]
 
 
 @dataclass(frozen=True)
@@ -116,14 +147,14 @@ class DebiasedSegmentSelect(InsideLLM):
         segment = context.visual_meta.get("segment")
         if segment is None:  # no dedup stage before: the whole clip is one segment
             segment = torch.zeros(num_visual, dtype=torch.long, device=device)
-        _, groups = torch.unique(segment.to(device), return_inverse=True)
-        num_groups = int(groups.max()) + 1 if num_visual else 0
-        sizes = torch.bincount(groups, minlength=num_groups).tolist()
+        # segment ids made dense (0..S-1, as torch.unique's inverse) with (v,) buffers: S is
+        # read on the host only once, with the sizes and relevance, in one transfer
+        groups, group_sizes = dense_ids(segment.to(device))
         details = context.state.details.setdefault("adatp", {})
         details["layer"] = context.layer
         budget = min(int(context.budget), num_visual)
         if budget >= num_visual:
-            details["segment_budgets"] = sizes
+            details["segment_budgets"] = [size for size in group_sizes.tolist() if size]
             details["in_llm_dropped"] = 0
             details["note"] = (
                 f"dedup left {num_visual} tokens and the layer-{context.layer} budget is {context.budget}: "
@@ -131,15 +162,19 @@ class DebiasedSegmentSelect(InsideLLM):
             )
             return Selection(keep=torch.arange(num_visual, device=device))
 
-        relevance = segment_relevance(context.hidden[0], context.text_rows, context.visual_rows, groups, num_groups)
+        relevance = segment_relevance(context.hidden[0], context.text_rows, context.visual_rows, groups, num_visual)
+        # the stage's one host read: sizes and relevance of every segment (ids past S: size 0)
+        sizes, relevance = torch.stack([group_sizes.double(), relevance.double()]).tolist()
+        num_groups = sum(1 for size in sizes if size)  # ids are dense: the segments are a prefix
+        sizes, relevance = [int(size) for size in sizes[:num_groups]], relevance[:num_groups]
         budgets = adatp_segment_budgets(sizes, relevance, budget, mix=self.mix, temperature=self.temperature)
 
         probs = context.attention(context.text_rows)  # (heads, q, n)
         scores = probs[:, :, context.visual_rows].float().mean(dim=(0, 1))  # (v,)
         debiased = frame_debiased_scores(scores, context.visual_meta["frame"].to(scores.device))
         quota = torch.tensor(budgets, dtype=torch.long, device=scores.device)
-        keep = top_k_per_group(debiased, groups.to(scores.device), quota)
+        keep = top_k_per_segment(debiased, groups.to(scores.device), quota, sum(budgets))
         details["segment_budgets"] = budgets
-        details["segment_relevance"] = [round(float(r), 6) for r in relevance]
+        details["segment_relevance"] = [round(r, 6) for r in relevance]
         details["in_llm_dropped"] = num_visual - len(keep)
         return Selection(keep=keep)

@@ -66,9 +66,9 @@ def select_raters(visual: Tensor, text: Tensor) -> Tensor:
     relevance = relation.mean(dim=0)  # [Nt]
     raters = relevance > relevance.mean()
     spread = relevance.max() - relevance.min()
-    if not raters.any() or spread <= 1e-6 * relevance.max():
-        return all_raters
-    return raters
+    # the fallback as a tensor op, not an `if` on the device (a host sync)
+    degenerate = ~raters.any() | (spread <= 1e-6 * relevance.max())
+    return raters | degenerate
 
 
 def recycle_pruned(
@@ -163,19 +163,28 @@ def split_budget(num_in: int, budget: int, recycle: bool) -> tuple[int, int]:
     return kept, budget - kept
 
 
-def rater_source_rows(context) -> torch.Tensor:
-    """LLM-input rows of the raters, chosen from the layer-0 embeddings (see the module doc)."""
+def rater_source_list(context) -> list[int]:
+    """LLM-input rows of the raters, chosen from the layer-0 embeddings (see the module doc), in
+    sequence order. Their number depends on the embeddings: read with one host sync."""
     embeddings = context.embeddings[0]  # (n0, hidden)
     visual = embeddings[context.row_source[context.visual_rows]]  # (v, hidden)
     text_source = context.row_source[context.text_rows]  # (t,)
     raters = select_raters(visual, embeddings[text_source])  # (t,) bool
-    return text_source[raters]
+    return [row for row in torch.where(raters, text_source, -1).tolist() if row >= 0]
+
+
+def rater_source_rows(context) -> torch.Tensor:
+    """(r,) long: `rater_source_list` as a tensor."""
+    return torch.tensor(rater_source_list(context), dtype=torch.long, device=context.row_source.device)
 
 
 def current_rows(context, source_rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the current sequence holding the given LLM-input text rows."""
-    text_source = context.row_source[context.text_rows]
-    return context.text_rows[torch.isin(text_source, source_rows.to(text_source.device))]
+    """(r,) rows of the current sequence holding the given LLM-input text rows (sorted). Text rows
+    are never pruned and keep their order, so each is found by a binary search of their sorted
+    sources: no data-dependent shape (a bool mask would sync)."""
+    text_source = context.row_source[context.text_rows]  # (t,) increasing
+    found = torch.searchsorted(text_source, source_rows.to(text_source.device))
+    return context.text_rows[found]
 
 
 def rater_scores(probs: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
@@ -230,10 +239,9 @@ class RaterAttentionPrune(InsideLLM):
     # -- the layer ---------------------------------------------------------------------------
     def select(self, context):
         details = context.state.details.setdefault(DETAILS_KEY, {"recycled": {}, "raters": 0})
-        if "rater_rows" not in details:  # first SparseVLM layer of this request
-            sources = rater_source_rows(context)
-            details["rater_rows"] = [int(row) for row in sources]
-            details["raters"] = len(sources)
+        if "rater_rows" not in details:  # first SparseVLM layer of this request: the one host sync
+            details["rater_rows"] = rater_source_list(context)
+            details["raters"] = len(details["rater_rows"])
         sources = torch.tensor(details["rater_rows"], dtype=torch.long, device=context.row_source.device)
         rows = current_rows(context, sources)
         if len(rows) == 0:  # no text after the video: fall back to the last row
@@ -262,9 +270,10 @@ class RaterAttentionPrune(InsideLLM):
         keep = top_k_sorted(scores, kept)
         if recycled == 0:
             return Selection(keep=keep), 0
-        dropped = torch.ones(num_in, dtype=torch.bool, device=scores.device)
-        dropped[keep] = False
-        pruned = dropped.nonzero().flatten()  # (m,) in sequence order
+        kept_mask = torch.zeros(num_in, dtype=torch.uint8, device=scores.device)
+        kept_mask[keep] = 1
+        # (m,) the others, in sequence order: a stable sort puts them first (nonzero would sync)
+        pruned = torch.sort(kept_mask, stable=True).indices[:num_in - kept]
         merged, representative, members = recycle_pruned_members(hidden[pruned], scores[pruned])
         if merged.shape[0] != recycled:  # recycle_pruned's rule changed under us
             raise RuntimeError(f"SparseVLM recycling made {merged.shape[0]} tokens, expected {recycled}")

@@ -112,7 +112,7 @@ def round_to_total(
 
 def adatp_segment_budgets(
     sizes: Sequence[int],
-    relevance: Tensor,
+    relevance: Tensor | Sequence[float],
     budget: int,
     mix: float = 0.5,
     temperature: float = 0.1,
@@ -125,7 +125,7 @@ def adatp_segment_budgets(
 
     Args:
         sizes: `S` segment sizes (tokens per segment), >= 0.
-        relevance: `[S]` text relevance of each segment.
+        relevance: `[S]` text relevance of each segment (a tensor, or floats already on the host).
         budget: total number of tokens to keep, `0 <= budget <= sum(sizes)`.
         mix: weight of the size-proportional term, in `[0, 1]`.
         temperature: softmax temperature, > 0.
@@ -134,6 +134,8 @@ def adatp_segment_budgets(
         `S` ints summing to `budget`, each `<= sizes[s]`.
     """
     num_segments = len(sizes)
+    if not isinstance(relevance, Tensor):
+        relevance = torch.tensor(list(relevance), dtype=torch.float64)
     if relevance.numel() != num_segments:
         raise ValueError(f"got {num_segments} sizes but {relevance.numel()} relevance scores")
     if not 0.0 <= mix <= 1.0:
