@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from prefill import BENCH_DIMS, QUESTION, bench_clip_path, bench_model_dir, machine  # noqa: E402
 
 DEFAULT_PRESETS = ("none", "evs", "vidcom2", "visionzip", "fastv", "adatp", "prunevid", "sparsevlm", "fastvid",
-                   "flashvid", "holitom", "dycoke")
+                   "flashvid", "holitom", "dycoke", "earlytom")
 PHASES = ("video_decode_s", "preprocess_s", "vision_encoder_s", "pruning_s", "prefill_s", "decode_s", "total_s")
 
 

@@ -68,7 +68,7 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom")
+DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom", "earlytom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 QUESTION = "what happens in this video ? which way does the square move , left or right ?"
 

@@ -251,6 +251,10 @@ def test_every_preset_on_a_sharded_model_gives_the_unsharded_answer(family_check
     options = engine.GenerationOptions(max_new_tokens=3)
     for name in available_presets():
         preset = load_preset(name)
+        try:
+            build_pruner(preset, whole)
+        except BadInput:  # a preset for other families (earlytom: per-frame SigLIP towers) refuses in one line
+            continue
         results = [engine.answer(a, clip, QUESTION, options, pruner=build_pruner(preset, a)) for a in (whole, sharded)]
         assert results[1].text == results[0].text, name
         assert results[1].stats.tokens.visual_tokens_per_layer == results[0].stats.tokens.visual_tokens_per_layer, name

@@ -13,7 +13,7 @@ Steps (each resumable: rerunning skips the records already in the results files)
    questions each, questions.csv;
 2. the preset sweep, by running the real CLI on it (a subprocess):
        vidqa batch questions.csv -o sweep.jsonl --model CHECKPOINT --frames 8 --max-new-tokens 3 \\
-           --device cpu --prune none,fastv,prunevid,sparsevlm,adatp,evs,vidcom2,visionzip,fastvid,dycoke,flashvid,holitom --keep 0.1,0.25,0.5
+           --device cpu --prune none,fastv,prunevid,sparsevlm,adatp,evs,vidcom2,visionzip,fastvid,dycoke,flashvid,holitom,earlytom --keep 0.1,0.25,0.5
    `vidqa batch` ignores the CSV's `type` column, so records are joined to their question type by
    id (`c0042-square_start`). A keep a preset cannot reach on the 4-layer micro model (e.g. FastV
    drops after layer 1 of 4, so R >= 1/4) is an error in its records: shown as "unreachable".
@@ -53,7 +53,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
-DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom")
+DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom", "earlytom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
 FRAMES = 8
 MAX_NEW_TOKENS = 3  # one answer word + <|im_end|>, as microworld.train.evaluate

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vidqa.tensors.frames import EncoderTrace
 from vidqa.tensors.tokens import VisualTokens
 from vidqa.video.frame_rules import FrameRule, UniformFrames
 
@@ -211,7 +212,30 @@ class ModelAdapter:
         tokens.vision_layer = observed.layer
         return tokens
 
+    # --- stages inside the vision encoder (models/encoder_stages.py) ----------------------
+    # whether this family's adapter runs in-encoder stages (whole frames merged or dropped
+    # after an encoder layer, `encode_video_inside`). Read by PresetPruner, which refuses a
+    # preset with such a stage on a family without it, in one line.
+    inside_encoder: ClassVar[bool] = False
+
+    def encode_video_inside(self, prompt: Prompt, plan) -> tuple[VisualTokens, EncoderTrace]:
+        """`encode_video` with `plan` (the models/encoder_stages.py contract) merging or dropping
+        whole frames after encoder layers: the remaining layers, the projector and pooling see
+        the frames it leaves. Returns the tokens of the frames left on the UNPRUNED grid
+        (`frame_tokens`: provenance, and meta "vision_attention" when the plan carries
+        attention) and what the hooks observed (`EncoderTrace`)."""
+        from vidqa.errors import BadInput
+
+        raise BadInput(f"{self.family} cannot run stages inside its vision encoder")
+
     # --- decoder internals the in-LLM stages need ----------------------------------------
+    # whether every decoder layer is softmax attention over a per-token KV cache, as the in-LLM
+    # stages (attention rows, rows dropped at layer K) and the decode-time KV selection assume.
+    # A family with other layers (Qwen3.5's linear attention) sets False and says why in
+    # `in_llm_stages_reason`; PresetPruner then refuses such presets in one line.
+    in_llm_stages: ClassVar[bool] = True
+    in_llm_stages_reason: ClassVar[str] = ""
+
     @property
     def text_config(self):
         return self.model.config.get_text_config()

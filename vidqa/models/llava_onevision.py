@@ -12,8 +12,11 @@ import math
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vidqa.errors import BadInput
 from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.encoder_stages import FrameStageRun
 from vidqa.models.vision_attention import VisionProbe, bilinear_pool, read_siglip_attention, resolve_vision_layer
+from vidqa.tensors.frames import EncoderTrace, frame_tokens
 from vidqa.tensors.tokens import VisualTokens
 from vidqa.video.frame_rules import UniformFrames
 
@@ -93,17 +96,53 @@ class LlavaOnevisionAdapter(ModelAdapter):
             kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=start + num_video_rows
         )
 
+    # --- stages inside the vision encoder ------------------------------------------------
+    inside_encoder = True
+
+    def encoder_layers(self) -> torch.nn.ModuleList:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest vision_model
+
+    def feature_layer_index(self) -> int:
+        """The last SigLIP layer whose output `vision_feature_layer` reads."""
+        feature = self.model.config.vision_feature_layer
+        hidden_index = max(feature) if isinstance(feature, (list, tuple)) else feature
+        if hidden_index < 0:  # hidden_states[i] is the output of layer i - 1
+            hidden_index += len(self.encoder_layers()) + 1
+        return hidden_index - 1
+
+    def encode_video_inside(self, prompt: Prompt, plan) -> tuple[VisualTokens, EncoderTrace]:
+        """`get_video_features` step by step around the hooked tower: the feature layer's
+        output of the frames left -> projector -> `apply_pooling` (each frame's whole 27x27 grid
+        to 14x14) -> the one image_newline after the video, as the model does."""
+        if isinstance(self.model.config.vision_feature_layer, (list, tuple)):
+            raise BadInput("stages inside the vision encoder need a single vision_feature_layer; this checkpoint concatenates several")
+        pixels = prompt.inputs["pixel_values_videos"].to(self.model.device, self.model.dtype)
+        num_frames = pixels.shape[1]
+        feature = self.feature_layer_index()
+        run = FrameStageRun(self.encoder_layers(), plan, num_frames, depth=feature + 1, feature_layer=feature,
+                            read=read_siglip_attention)
+        with run:
+            self.model.model.vision_tower(pixels.flatten(0, 1))
+        selected = run.features  # (M, patches, vision hidden)
+        if self.model.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        video = self.model.model.apply_pooling(self.model.model.multi_modal_projector(selected))  # (M, h*w, hidden)
+        newline = self.model.model.image_newline[None].to(video)
+        grid = self.pooled_grid(num_frames)
+        tokens = frame_tokens(video.reshape(-1, video.shape[-1]), grid, prompt.visual_index, run.track,
+                              fixed_features=newline)
+        if run.received is not None:  # resized like the features, as the probe does
+            vision = self.model.config.vision_config
+            tokens.meta["vision_attention"] = bilinear_pool(run.received, vision.image_size // vision.patch_size).reshape(-1).to(video.device)
+        return tokens, run.trace(video.shape[0])
+
     # --- vision-encoder attention ----------------------------------------------------------
     def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:
         """SigLIP layer `layer` (-1: the layer `vision_feature_layer` reads); its 27x27 patch
         values are resized to 14x14 exactly as `apply_pooling` resizes the features."""
-        tower = self.model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest vision_model
-        feature = self.model.config.vision_feature_layer
-        hidden_index = max(feature) if isinstance(feature, (list, tuple)) else feature
-        if hidden_index < 0:  # hidden_states[i] is the output of layer i - 1
-            hidden_index += len(layers) + 1
-        index = resolve_vision_layer(layer, len(layers), feature_layer=hidden_index - 1)
+        layers = self.encoder_layers()
+        index = resolve_vision_layer(layer, len(layers), feature_layer=self.feature_layer_index())
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
 

@@ -27,7 +27,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vidqa.errors import RuntimeFailure
 from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.encoder_stages import FrameStageRun
 from vidqa.models.vision_attention import VisionProbe, block_mean, read_siglip_attention, resolve_vision_layer
+from vidqa.tensors.frames import EncoderTrace, frame_tokens
 from vidqa.tensors.tokens import VisualTokens
 from vidqa.video.frame_rules import SmolVLMFrames
 
@@ -161,6 +163,40 @@ class SmolVLMAdapter(ModelAdapter):
         last_visual = int(visual.max()) if len(visual) else -1
         text_start = int((seq_index <= last_visual).sum())
         return GenerationInputs(kwargs=kwargs, seq_index=seq_index, visual_rows=visual_rows, text_start=text_start)
+
+    # --- stages inside the vision encoder ------------------------------------------------
+    inside_encoder = True
+
+    def encode_video_inside(self, prompt: Prompt, plan) -> tuple[VisualTokens, EncoderTrace]:
+        """`get_image_features` step by step around the hooked tower: SigLIP (+ post_layernorm)
+        on the frames left -> the connector's pixel shuffle (each frame's whole patch grid) and
+        projection, as the model does."""
+        device = self.model.device
+        pixels = prompt.inputs["pixel_values"].to(device, self.model.dtype)  # (1, T, 3, S, S)
+        num_frames = pixels.shape[1]
+        frames = pixels.flatten(0, 1)
+        padding = (frames == 0.0).flatten(1).all(dim=1)  # the model skips all-zero padding images
+        if bool(padding.any()):
+            raise RuntimeFailure("SmolVLM: a video frame is an all-zero padding image; stages inside the encoder need every frame")
+        mask = prompt.inputs.get("pixel_attention_mask")
+        if mask is None:
+            mask = torch.ones((num_frames, *frames.shape[2:]), dtype=torch.bool, device=device)
+        else:
+            mask = mask.to(device).flatten(0, 1)
+        patch = self.model.config.vision_config.patch_size
+        patch_mask = mask.unfold(1, patch, patch).unfold(2, patch, patch).sum(dim=(-1, -2)) > 0
+        layers = self.model.model.vision_model.encoder.layers
+        run = FrameStageRun(layers, plan, num_frames, depth=len(layers), read=read_siglip_attention)
+        with run:
+            hidden = self.model.model.vision_model(pixel_values=frames, patch_attention_mask=patch_mask).last_hidden_state
+        features = self.model.model.connector(hidden)  # (M, rows * cols, hidden)
+        grid = self.frame_grid(pixels)
+        tokens = frame_tokens(features.reshape(-1, features.shape[-1]), grid, prompt.visual_index, run.track)
+        if run.received is not None:  # averaged over the pixel-shuffle blocks, as the probe does
+            side = pixels.shape[-1] // patch
+            received = block_mean(run.received, side, self.model.config.scale_factor)
+            tokens.meta["vision_attention"] = received.reshape(-1).to(features.device)
+        return tokens, run.trace(features.shape[0])
 
     # --- vision-encoder attention ----------------------------------------------------------
     def observe_vision_layer(self, prompt: Prompt, layer: int) -> VisionProbe:

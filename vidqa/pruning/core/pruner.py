@@ -12,8 +12,9 @@ from vidqa import flops as flops_model
 from vidqa.errors import BadInput
 from vidqa.pruning.core.decode_kv import DecodeKVSelection
 from vidqa.pruning.core.decoder import DecoderPruning
+from vidqa.pruning.core.encoder import encode_inside
 from vidqa.pruning.core.runtime import STAGE_RANGE, Pruner, RequestState, stage_threads
-from vidqa.pruning.core.stage import DuringDecode
+from vidqa.pruning.core.stage import DuringDecode, InsideEncoder
 from vidqa.tensors.device import synchronize
 
 
@@ -60,10 +61,14 @@ class PresetPruner(Pruner):
         self.num_layers = adapter.text_config.num_hidden_layers
         self.bound = [(stage.resolved_layer(self.num_layers), stage) for _, stage in preset.inside_llm]
         self.layer_names = {stage.resolved_layer(self.num_layers): name for name, stage in preset.inside_llm}
+        if not getattr(adapter, "in_llm_stages", True) and (
+                self.bound or any(isinstance(stage, DuringDecode) for _, stage in preset.stages)):
+            raise BadInput(_inside_llm_refusal(preset, adapter))
         layers = [layer for layer, _ in self.bound]
         if len(set(layers)) != len(layers):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         self.budget_stage = self._pre_llm_budget_stage()
+        self.encoder_stage = self._inside_encoder_stage(adapter)
         self.decode_stage = next((s for _, s in preset.stages if isinstance(s, DuringDecode)), None)
         if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
             raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
@@ -76,6 +81,30 @@ class PresetPruner(Pruner):
             lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
             if keep < lowest - 1e-9:
                 raise BadInput(f"--keep {keep} is below what '{preset.name}' can reach on this {self.num_layers}-layer model (at least {lowest:.3f})")
+
+    # -- inside the vision encoder ---------------------------------------------------------
+    def _inside_encoder_stage(self, adapter) -> tuple[str, InsideEncoder] | None:
+        """The preset's in-encoder stage (name, stage), or None; one line when it cannot run here."""
+        found = [(name, stage) for name, stage in self.preset.stages if isinstance(stage, InsideEncoder)]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise BadInput(f"preset '{self.preset.name}' has {len(found)} stages inside the vision encoder; use one")
+        if not getattr(adapter, "inside_encoder", False):
+            raise BadInput(
+                f"preset '{self.preset.name}' merges whole frames inside the vision encoder, which vidqa supports on "
+                f"LLaVA-OneVision and SmolVLM2 (per-frame SigLIP towers), not on {adapter.family} (its tower encodes "
+                f"frame pairs as temporal patches); pick another preset")
+        if self.vision_layer is not None:  # its probe would see the frames the stage left
+            raise BadInput(f"preset '{self.preset.name}': a stage inside the vision encoder cannot be combined with "
+                           f"stages reading vision_layer")
+        return found[0]
+
+    def encode_video(self, adapter, prompt, state: RequestState):
+        if self.encoder_stage is None:
+            return None
+        name, stage = self.encoder_stage
+        return encode_inside(adapter, prompt, name, stage, state, self.preset.name)
 
     # -- before the LLM ----------------------------------------------------------------------
     def _pre_llm_budget_stage(self) -> str | None:
@@ -148,7 +177,11 @@ class PresetPruner(Pruner):
         with stage_threads(state.device):
             for name, stage in self.preset.before_llm:
                 if budgeted and name == self.budget_stage:
-                    stage = stage.with_retention(self._pre_llm_fraction(stage, tokens, state.stage_counts["vision encoder"], state))
+                    original = state.stage_counts["vision encoder"]
+                    fraction = self._pre_llm_fraction(stage, tokens, original, state)
+                    if stage.budget_of_clip:  # its parameter counts the clip's tokens, not its input's
+                        fraction = fraction * len(tokens) / max(original, 1)
+                    stage = stage.with_retention(fraction)
                 with record_function(STAGE_RANGE + name):  # benchmarks/ops.py counts the ops inside
                     tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens), origin=tokens.origin)
@@ -183,14 +216,19 @@ class PresetPruner(Pruner):
     # -- during decode (DyCoke) --------------------------------------------------------------
     def inside_llm(self, inputs, state: RequestState):
         """The prefill hooks, plus the decode-time KV selection when the preset has one."""
+        prefill, decode = self.inside_llm_split(inputs, state)
+        return prefill if decode is None else _entered_together(prefill, decode)
+
+    def inside_llm_split(self, inputs, state: RequestState):
+        """(the prefill hooks, the DecodeKVSelection not entered, or None)."""
         prefill = self._prefill_hooks(inputs, state)
         if self.decode_stage is None:
-            return prefill
+            return prefill, None
         layer = self.decode_stage.resolved_layer(self.num_layers)
         name = next(name for name, stage in self.preset.stages if stage is self.decode_stage)
         decode = DecodeKVSelection(self.adapter, layer, self.decode_stage.decode_keep, inputs.visual_rows, state,
                                    name=name)
-        return _entered_together(prefill, decode)
+        return prefill, decode
 
     def _solve(self, num_tokens: int, original: int, meta: dict, state) -> float | None:
         """The in-LLM ratio meeting --keep (retention) or --flops (paper FLOPs fraction)."""
@@ -230,6 +268,24 @@ class PresetPruner(Pruner):
             else:
                 high = middle
         return low if abs(measure(low) - target) <= abs(measure(high) - target) else high
+
+
+def _inside_llm_refusal(preset, adapter) -> str:
+    """One line: `preset` acts inside the LLM or while decoding, which `adapter`'s family cannot
+    run (`in_llm_stages_reason`), and the built-in presets whose stages all act before the LLM."""
+    from vidqa.pruning.core.presets import available_presets, load_preset
+
+    working = []
+    for name in available_presets():
+        try:
+            other = load_preset(name)
+        except BadInput:
+            continue
+        if other.stages and len(other.before_llm) == len(other.stages):
+            working.append(name)
+    where = "inside the LLM" if preset.inside_llm else "while decoding (KV-cache selection)"
+    return (f"preset '{preset.name}' has a stage {where}, which vidqa does not run on {adapter.family}: "
+            f"{adapter.in_llm_stages_reason}; the presets that act before the LLM work: {', '.join(working)}")
 
 
 @contextlib.contextmanager

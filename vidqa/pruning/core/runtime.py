@@ -38,6 +38,9 @@ class RequestState:
     # decoder layer -> (members, into): LLM-input rows that an in-LLM stage merged at that layer, and
     # the LLM-input row each one went into (a row that stays, or the row an inserted merge takes)
     layer_merges: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # frames entering each vision-encoder layer, then the frames leaving it, as observed when an
+    # in-encoder stage changed them (pruning/core/encoder.py); empty: every frame everywhere
+    encoder_frames: list[int] = field(default_factory=list)
 
     def record_stage(self, name: str, count: int, origin: torch.Tensor | None = None) -> None:
         self.stage_counts[name] = int(count)
@@ -100,6 +103,12 @@ class Pruner:
     # question). Read by engine/session.py to decide whether the video prefix is reusable.
     preset = None
 
+    def encode_video(self, adapter, prompt, state: RequestState):
+        """The clip's VisualTokens when the pruner's stages act inside the vision encoder (it
+        then records the encoder's unpruned count and its stages' in `state`), else None: the
+        engine encodes as usual (and may share that encoding across presets)."""
+        return None
+
     def before_llm(self, tokens, state: RequestState):
         """Prune/merge the video's tokens before the LLM; returns VisualTokens."""
         return tokens
@@ -107,6 +116,13 @@ class Pruner:
     def inside_llm(self, inputs, state: RequestState):
         """Context manager active around `generate`; attaches (and always removes) hooks."""
         return contextlib.nullcontext()
+
+    def inside_llm_split(self, inputs, state: RequestState):
+        """`inside_llm` in two parts, for a decode loop of the engine's own (engine/decode.py):
+        (a context manager for the prefill, the decode-time KV selection to apply at each step
+        or None). A pruner whose inside_llm acts after the prefill overrides this (the default
+        says inside_llm acts on the prefill only)."""
+        return self.inside_llm(inputs, state), None
 
 
 NO_PRUNING = Pruner()

@@ -5,7 +5,9 @@ holds each field's range and help) with one job:
 - `BeforeLLM.apply(tokens, state) -> tokens`: on the projected visual features, before the LLM;
 - `InsideLLM.select(context) -> Selection`: at decoder layer `layer` during prefill, keeping
   `context.budget` visual tokens;
-- `DuringDecode`: a setting the engine applies at every decoding step (pruning/core/decode_kv.py).
+- `DuringDecode`: a setting the engine applies at every decoding step (pruning/core/decode_kv.py);
+- `InsideEncoder.apply(hidden, layer, last, state) -> FrameMerge | None`: after vision-encoder
+  layer k, on whole frames (models/encoder_stages.py runs it through hooks on the encoder).
 Every hook and capability flag the pruner and the engine read is declared here with its default;
 a method overrides what it needs. Per-request state never lives on a stage.
 """
@@ -22,9 +24,13 @@ from vidqa.errors import BadInput
 if TYPE_CHECKING:  # for annotations only: the base classes need none of these at run time
     from vidqa.pruning.core.decoder import LayerContext, Selection
     from vidqa.pruning.core.runtime import RequestState
+    from vidqa.tensors.frames import FrameMerge
     from vidqa.tensors.tokens import VisualTokens
 
 REFERENCE_DEPTH = 32  # the papers' layer indices are for 32-layer LLaMA-7B
+# in-encoder stages' layer indices are for LLaVA-OneVision's SigLIP-so400m: 27 layers, the last
+# dropped, so 26 feed the projector (EarlyTom's PRUNE_LAYERS)
+REFERENCE_ENCODER_DEPTH = 26
 
 
 def param(default, low=None, high=None, help: str = "", choices: tuple | None = None):
@@ -67,6 +73,11 @@ class BeforeLLM(Stage):
     # average (FlashVID, HoliTom). False: a preset with in-LLM stages solves their ratio instead.
     # Read by PresetPruner.
     budget_with_inner_stages: ClassVar[bool] = False
+    # True when `budget_param` is a retention of the clip's tokens (the unpruned grid), not of
+    # the tokens entering the stage: an in-encoder stage before it already dropped frames
+    # (EarlyTom rescales its ratio by the frames left). --keep/--flops then set it to the
+    # clip-level retention. Read by PresetPruner.
+    budget_of_clip: ClassVar[bool] = False
     # True when the stage's output depends on the question (text-guided selection): a session
     # then cannot reuse the pruned video prefix across questions. Read by engine/session.py.
     reads_question: ClassVar[bool] = False
@@ -157,6 +168,45 @@ class DuringDecode(Stage):
     def resolved_layer(self, num_layers: int) -> int:
         """The absolute decoder layer of a model `num_layers` deep that this stage acts from."""
         return scaled_layer(self.layer, num_layers)
+
+
+@dataclass(frozen=True)
+class InsideEncoder(Stage):
+    """A stage inside the vision encoder, on whole frames (EarlyTom's frame merge).
+
+    After each encoder layer of `resolved_layers(depth)` (depth = the layers that feed the
+    projector), `apply` sees that layer's output and may merge or drop frames; the remaining
+    layers, the projector / pooling and the LLM then see the frames it leaves. The unit is a
+    whole frame: one attention block of a per-frame encoder (SigLIP), whose whole patch grid the
+    pooling or pixel shuffle after the encoder needs. Families whose adapter has
+    `inside_encoder` run it (LLaVA-OneVision, SmolVLM2); a preset with one refuses the others.
+    A preset has at most one in-encoder stage; the engine encodes with it instead of encoding
+    once and sharing the encoding across presets.
+    """
+
+    where: ClassVar[str] = "inside vision encoder"
+    # True: the attention RECEIVED in the stage's last layer (mean over heads and queries),
+    # merged with the frames like the hidden states, leaves the encoder as meta
+    # "vision_attention" (mapped to LLM tokens as the family maps features) for a later pre-LLM
+    # stage. Read by the adapter's hooks (models/encoder_stages.py).
+    carries_attention = False
+
+    def resolved_layers(self, depth: int) -> list[int]:
+        """The encoder layers (0-based, sorted, distinct, < depth) after which `apply` runs."""
+        raise NotImplementedError
+
+    def apply(self, hidden: torch.Tensor, layer: int, last: bool, state: RequestState) -> FrameMerge | None:
+        """After encoder layer `layer` (`last`: the stage's last layer): hidden (frames,
+        patches, dim) is that layer's output for the frames still there. Returns how they
+        merge (`FrameMerge`: rows, coefficients, and per-output-frame meta for later stages),
+        or None to leave them. Stats go to `state.details`."""
+        raise NotImplementedError
+
+
+def scaled_encoder_layer(reference_layer: int, depth: int) -> int:
+    """Map an encoder layer index of the 26-layer reference tower to one `depth` layers deep:
+    round(k*depth/26), within [0, depth - 1]."""
+    return min(max(0, round(reference_layer * depth / REFERENCE_ENCODER_DEPTH)), depth - 1)
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,6 +18,12 @@ cheap hooks of its own and stops the request before the first token is streamed 
   holds;
 - after prefill, a layer's KV cache holds another number of entries than the rows that layer
   processed (with `prune_cache`, the layers before the stage hold only the surviving rows).
+  Linear-attention layers (`layer_types` "linear_attention": Qwen3.5's Gated DeltaNet) cache a
+  fixed-size recurrent state with no entry per row, so there is nothing to count: they are
+  skipped, after checking that exactly the layers the config calls linear hold such a state
+  (their rows were checked on the way in, as every layer's).
+A stage inside the vision encoder is checked when the clip is encoded (pruning/core/encoder.py:
+the frames entering every encoder layer against its plan); the record then lists `vision_encoder`.
 
 Cost: a forward hook per decoder layer that reads shapes; tensors are compared only when a
 layer receives a new rotary table (after a stage), plus one comparison of the visual rows of the
@@ -31,7 +37,15 @@ import torch
 from vidqa.pruning.core.compat import PruningMismatch, cache_argument, transformers_version
 from vidqa.pruning.core.decoder import DecoderPruning
 
+try:  # the cache layers of linear-attention models (Qwen3.5)
+    from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+except ImportError:  # a release without them
+    CacheLayerMixin = LinearAttentionCacheLayerMixin = None
+
 CHECKS = ("llm_input", "visual_features", "positions", "stages", "layer_tokens", "kv_cache")
+# checked before the prefill, when a preset acts inside the vision encoder (pruning/core/encoder.py)
+ENCODER_CHECK = "vision_encoder"
+ORDER = (ENCODER_CHECK, *CHECKS)
 
 
 class PrefillCheck:
@@ -49,6 +63,8 @@ class PrefillCheck:
         self.budgets = dict(pruning.budgets) if self.stages else {}
         self.prune_cache = bool(self.stages) and pruning.prune_cache
         self.num_layers = len(adapter.decoder_layers)
+        layer_types = getattr(adapter.text_config, "layer_types", None) or ()
+        self.recurrent = {index for index, kind in enumerate(layer_types) if kind == "linear_attention"}
         self.visual_in = len(state.llm_tokens)  # visual tokens entering layer 0
         self.llm_rows = int(inputs.kwargs["input_ids"].shape[1])
         self.text_rows = self.llm_rows - self.visual_in  # rows no stage touches
@@ -59,6 +75,8 @@ class PrefillCheck:
         self._layer_rows: dict[int, int] = {}
         self._layer0: dict = {}
         self._last_checked: dict[str, object] = {}
+        if getattr(state, "encoder_frames", None):  # an in-encoder stage's frames were checked when encoding
+            self._note(ENCODER_CHECK)
 
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self):
@@ -218,6 +236,12 @@ class PrefillCheck:
         first = self.stages[0].layer if self.stages else self.num_layers
         final_rows = self._layer_rows[self.num_layers - 1]
         for index, length in enumerate(lengths):
+            if (length is None) != (index in self.recurrent):
+                held = "a recurrent state" if length is None else f"{length} KV entries"
+                kind = "linear" if index in self.recurrent else "full"
+                self._fail(f"after the prefill decoder layer {index}'s cache holds {held}, but the config makes it a {kind}-attention layer")
+            if length is None:  # linear attention: a fixed-size state, no entry per row to count
+                continue
             planned = final_rows if self.prune_cache and index < first else self._layer_rows[index]
             if length != planned:
                 self._fail(f"after the prefill decoder layer {index}'s KV cache holds {length} entries, planned {planned}")
@@ -226,18 +250,30 @@ class PrefillCheck:
     def _note(self, check: str) -> None:
         if check not in self.checked:
             self.checked.append(check)
-            self.checked.sort(key=CHECKS.index)
+            self.checked.sort(key=ORDER.index)
 
 
-def _cache_lengths(cache, num_layers: int) -> list[int] | None:
-    """Entries held by each layer of a DynamicCache-like cache (None when it cannot be read)."""
+def _cache_lengths(cache, num_layers: int) -> list[int | None] | None:
+    """Entries held by each layer of a DynamicCache-like cache (None when it cannot be read); a
+    linear-attention layer's entry is None: its cache is a recurrent state, not entries per row."""
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) != num_layers:
         return None
     lengths = []
     for layer in layers:
+        if _is_recurrent(layer):
+            lengths.append(None)
+            continue
         keys = getattr(layer, "keys", None)
         if not isinstance(keys, torch.Tensor) or keys.dim() < 2:
             return None
         lengths.append(int(keys.shape[-2]))
     return lengths
+
+
+def _is_recurrent(layer) -> bool:
+    """Whether a cache layer holds only a linear-attention state (conv + recurrent), no keys:
+    transformers' own test (`Cache.is_linear`)."""
+    if LinearAttentionCacheLayerMixin is None:
+        return False
+    return isinstance(layer, LinearAttentionCacheLayerMixin) and not isinstance(layer, CacheLayerMixin)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from vidqa.pruning.core.stage import BeforeLLM, DuringDecode, InsideLLM, Stage, scaled_layer
+from vidqa.pruning.core.stage import BeforeLLM, DuringDecode, InsideEncoder, InsideLLM, Stage, scaled_layer
 from vidqa.pruning.methods.adatp import DebiasedSegmentSelect, SegmentDedup
 from vidqa.pruning.methods.dycoke import DecodeAttentionKV, WindowTemporalMerge
+from vidqa.pruning.methods.earlytom import EarlyTomFrames, EarlyTomSpatial
 from vidqa.pruning.methods.evs import TemporalChangeSelect
 from vidqa.pruning.methods.fastv import LastTokenAttention
 from vidqa.pruning.methods.fastvid import DySegStage, STPruneStage
@@ -27,7 +28,8 @@ STAGES: dict[str, type[Stage]] = {
         WindowTemporalMerge, DecodeAttentionKV,
         ADTSTreeMerge,
         HoliTomMergeStage, SimilarityMerge,
+        EarlyTomFrames, EarlyTomSpatial,
     )
 }
 
-__all__ = ["STAGES", "BeforeLLM", "DuringDecode", "InsideLLM", "Stage", "scaled_layer"]
+__all__ = ["STAGES", "BeforeLLM", "DuringDecode", "InsideEncoder", "InsideLLM", "Stage", "scaled_layer"]
