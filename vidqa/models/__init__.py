@@ -10,11 +10,14 @@ from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
 from vidqa.models.llava_onevision import LlavaOnevisionAdapter
 from vidqa.models.placement import Placement, plan_placement
 from vidqa.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from vidqa.models.qwen3_5 import Qwen3_5Adapter
 from vidqa.models.qwen3_vl import Qwen3VLAdapter
 from vidqa.models.smolvlm import SmolVLMAdapter
 from vidqa.tensors.tokens import VisualTokens
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
+)
 
 __all__ = [
     "ADAPTERS",

@@ -77,6 +77,8 @@ class QwenVLAdapter(ModelAdapter):
     token_side: ClassVar[int]
     # the prompt inputs the model's get_rope_index reads
     rope_index_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "mm_token_type_ids", "video_grid_thw", "attention_mask")
+    # extra keyword arguments for the checkpoint's chat template (Qwen3.5: enable_thinking)
+    chat_template_kwargs: ClassVar[dict] = {}
 
     @property
     def video_token_id(self) -> int:
@@ -110,7 +112,7 @@ class QwenVLAdapter(ModelAdapter):
 
     def build_prompt(self, frames, timestamps, question: str, history: tuple = (), sample_fps: float | None = None) -> Prompt:
         conversation = self.conversation(question, history)
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, **self.chat_template_kwargs)
         inputs = self.processor(
             text=text, videos=[self.processor_video(frames)], return_tensors="pt",
             **self.video_kwargs(timestamps, len(frames), sample_fps),
