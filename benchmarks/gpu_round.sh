@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU round in one run (results: docs/benchmarks.md, "On a GPU"): the prefill benchmark on the
-# 7B-dimension and the 0.5B-dimension bench models at 32 frames, DyCoke's decode on the 7B one,
+# 7B-dimension and the 0.5B-dimension bench models at 32 frames, DyCoke's decode and the decode
+# paths (eager, static, CUDA graphs) on every preset on the 7B one,
 # the whole request end to end (64 and 256 answer tokens) on the 7B one, then the CUDA tests (the figures first: on a lent machine with minutes to spend, they are what
 # cannot be had elsewhere). Each step has its own time limit, so one that hangs costs only
-# itself; about 5 minutes on an H200, the 13 GiB 7B build included.
+# itself; about 9 minutes on an H200, the 13 GiB 7B build included (estimated: not yet run with the decode paths).
 #
 #   bash benchmarks/gpu_round.sh OUT_DIR      # writes a log, results JSON and plots to OUT_DIR
 set -uo pipefail
@@ -42,11 +43,16 @@ keep prefill-7b
 step 100 "prefill, 0.5B dimensions" python3 benchmarks/prefill.py --device cuda --frames 32 --keeps 0.1,0.25 \
     --repeats 3 --warmup 1 --decode-tokens 4 --reference-frames 4,8,16 --workdir "$work" --out "$work/prefill-0.5b"
 keep prefill-0.5b
-step 100 "decode (DyCoke), 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b --device cuda \
-    --frames 32 --decode-tokens 64 --repeats 2 --warmup 1 --workdir "$work" --out "$work/decode-7b"
+step 150 "decode (DyCoke), 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b --device cuda \
+    --frames 32 --decode-tokens 64 --repeats 2 --warmup 1 --paths eager,graphs --workdir "$work" --out "$work/decode-7b"
 keep decode-7b
+# the decode paths on every preset (issue #30 item 2: >= 100 tok/s with graphs; where graphs win incl. warm-up)
+step 240 "decode paths, every preset, 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b \
+    --device cuda --frames 32 --decode-tokens 64 --repeats 1 --warmup 1 --presets all --paths eager,static,graphs \
+    --workdir "$work" --out "$work/decode-paths-7b"
+keep decode-paths-7b
 step 150 "end to end, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b --device cuda --frames 32 \
     --tokens 64,256 --repeats 2 --warmup 1 --workdir "$work" --out "$work/e2e-7b"
 keep e2e-7b
-step 70 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py
+step 150 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py
 ls -la "$out"

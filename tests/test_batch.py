@@ -130,7 +130,7 @@ def test_sweep_records_summary_and_decode_once(run_cli, tiny_llava, videos, monk
     assert first["preset"] == "none" and first["keep"] is None and first["error"] is None
     assert first["model"] == str(tiny_llava)
     assert set(first["stats"]) == {"tokens", "time", "flops", "peak_memory_bytes", "peak_memory_kind",
-                                   "peak_memory_total_bytes", "verified", "prefix_reused"}
+                                   "peak_memory_total_bytes", "verified", "prefix_reused", "decode_path"}
     assert first["stats"]["tokens"]["frames"] == 4
     assert first["stats"]["tokens"]["visual_tokens_before"] == 4 * 16
     assert len(encoded) == 2  # and encoded once each, for their three questions

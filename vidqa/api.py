@@ -55,6 +55,8 @@ class Settings:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     seed: int | None = None
+    # the decode path: auto | eager | static | graphs (vidqa/engine/decode.py; README "Decode paths")
+    decode: str = "auto"
 
     def replace(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -78,12 +80,14 @@ def check_generation(max_new_tokens: int, temperature: float) -> None:
 def check_options(settings: Settings, video: str | Path | None = None) -> None:
     """The checks that need neither torch nor a model: generation values, the budget's range, the
     frame options, and that `video` (when given) is a file. Fast: the CLI runs them first."""
+    from vidqa.engine.generation import check_decode
     from vidqa.pruning.core.budget import check_budget
     from vidqa.video.decode import check_frame_options, check_video_path
 
     if video is not None:
         check_video_path(video)
     check_generation(settings.max_new_tokens, settings.temperature)
+    check_decode(settings.decode)
     check_budget(settings.keep, settings.flops)
     frames = settings.frames if settings.frames is not None or settings.fps is not None else 1
     check_frame_options(frames, settings.fps, settings.start, settings.end)
@@ -134,7 +138,7 @@ def generation_options(settings: Settings):
     from vidqa.engine.request import GenerationOptions
 
     return GenerationOptions(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                             seed=settings.seed)
+                             seed=settings.seed, decode=settings.decode)
 
 
 def placement(model) -> dict | None:
@@ -252,6 +256,7 @@ class Model:
             "frames": options.frames, "fps": settings.fps, "start": settings.start, "end": settings.end,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "attn": settings.attn,
             "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "seed": settings.seed,
+            "decode": settings.decode,
             "keep": settings.keep, "flops": settings.flops, "preset_parameters": preset.parameters(),
             "positions": preset.positions, "max_pixels": settings.max_pixels,
             "sampling": options.sampling.describe() if options.sampling is not None else None,

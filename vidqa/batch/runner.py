@@ -379,6 +379,7 @@ class Runner:
             frames=frames.frames, fps=frames.fps, start=frames.start, end=frames.end, prune=task.preset,
             keep=task.keep, params=tuple(overrides_for(task.preset, self.settings.overrides)),
             max_new_tokens=generation.max_new_tokens, temperature=generation.temperature, seed=generation.seed,
+            decode=generation.decode,
         )
 
     def _session(self, clip, task: Task):

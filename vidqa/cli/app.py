@@ -20,6 +20,8 @@ from vidqa.cli.common import (
     EXIT_CODES,
     Attention,
     AttnOpt,
+    Decode,
+    DecodeOpt,
     Device,
     DeviceMapOpt,
     DeviceOpt,
@@ -136,6 +138,7 @@ def ask(
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    decode: DecodeOpt = Decode.auto,
     prune: PruneOpt = "none",
     keep: KeepOpt = None,
     flops: FlopsOpt = None,
@@ -166,7 +169,7 @@ def ask(
         model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
         device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
         end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed,
+        temperature=temperature, seed=seed, decode=decode.value,
     )
     if server:  # vidqa/cli/serve.py: no torch here, the server has the model
         cli_serve.ask_remote(server, video, question, settings, stream=stream, stats=stats, as_json=as_json,

@@ -14,6 +14,8 @@ from vidqa.cli.common import (
     DEFAULT_MODEL,
     Attention,
     AttnOpt,
+    Decode,
+    DecodeOpt,
     Device,
     DeviceMapOpt,
     DeviceOpt,
@@ -116,6 +118,7 @@ def chat(
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
+    decode: DecodeOpt = Decode.auto,
     prune: PruneOpt = "none",
     keep: KeepOpt = None,
     flops: FlopsOpt = None,
@@ -132,7 +135,7 @@ def chat(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print the answers only.")] = False,
     show_kept: Annotated[
         Optional[Path],
-        typer.Option("--show-kept", metavar="DIR", help="Also draw, per question, the frames with its visual tokens' fates (kept, merged, dropped) to DIR/q001.png, q002.png... (needs matplotlib: pip install \"vidqa[plot]\").",
+        typer.Option("--show-kept", metavar="DIR", help="Also draw, per question, the frames with its visual tokens' fates (kept, merged, dropped) to DIR/q001.png, q002.png... (needs matplotlib: pip install -e \".[plot]\").",
                      show_default=False),
     ] = None,
 ) -> None:
@@ -149,7 +152,7 @@ def chat(
         model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
         device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
         end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed,
+        temperature=temperature, seed=seed, decode=decode.value,
     )
     try:
         api.check_options(settings, video)  # before torch loads: a typo is reported at once

@@ -128,6 +128,13 @@ class Attention(str, Enum):
     flash_attention_2 = "flash_attention_2"
 
 
+class Decode(str, Enum):  # vidqa.engine.generation.DECODE_PATHS
+    auto = "auto"
+    eager = "eager"
+    static = "static"
+    graphs = "graphs"
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint directory, or 'micro' (the bundled demo model: offline, answers questions about samples/).")]
 FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames sampled uniformly. Default: the model family's reference sampling (LLaVA-OneVision 32 uniform; Qwen2.5-VL 2 fps, 4-768 frames; SmolVLM2 1 fps, at most 64; --model micro: 8).", show_default=False)]
 FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --frames.")]
@@ -138,6 +145,7 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on GPUs th
 AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; pruning never needs eager.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")]
+DecodeOpt = Annotated[Decode, typer.Option("--decode", help="How tokens after the first are decoded: eager = transformers' generate; static = fixed-shape steps over a pre-allocated KV cache; graphs = static steps replayed as CUDA graphs (GPU only); auto = graphs on a GPU when --max-new-tokens is 32 or more, else eager; static on CPU. Same tokens on every path (README \"Decode paths\").")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (with --temperature > 0).")]
 MaxPixelsOpt = Annotated[
     Optional[int], typer.Option("--max-pixels", help="Qwen2.5-VL and Qwen3-VL: most pixels per frame, e.g. 200704 (= 448x448); default: qwen-vl-utils' budget.", show_default=False)
@@ -151,7 +159,7 @@ SystemOpt = Annotated[
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
-ShowKeptOpt = Annotated[Optional[Path], typer.Option("--show-kept", metavar="PNG", help="Also draw the sampled frames with each visual token's cell shaded: kept, merged, dropped before or inside the LLM (needs matplotlib: pip install \"vidqa[plot]\").", show_default=False)]
+ShowKeptOpt = Annotated[Optional[Path], typer.Option("--show-kept", metavar="PNG", help="Also draw the sampled frames with each visual token's cell shaded: kept, merged, dropped before or inside the LLM (needs matplotlib: pip install -e \".[plot]\").", show_default=False)]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
 
 

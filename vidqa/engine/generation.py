@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import copy
 
+from vidqa.errors import BadInput
+
+# how the tokens after the first are decoded (vidqa/engine/decode.py); auto picks per device
+DECODE_PATHS = ("auto", "eager", "static", "graphs")
+
 RECORDED = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
             "length_penalty", "num_beams", "max_new_tokens", "eos_token_id", "pad_token_id")
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+def check_decode(value: str) -> None:
+    """`--decode` must name a decode path (no torch needed: the CLI checks it before loading)."""
+    if value not in DECODE_PATHS:
+        raise BadInput(f"--decode must be one of {', '.join(DECODE_PATHS)}, got '{value}'")
 
 
 def generation_overrides(adapter, options) -> dict:

@@ -11,12 +11,13 @@ import torch
 from transformers import TextStreamer
 
 from vidqa import flops as flops_model
+from vidqa.engine import decode as decoding
 from vidqa.engine.context_fit import PromptExtent, remedies
 from vidqa.engine.generation import generation_overrides, generation_settings, sampling_note
 from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
 from vidqa.errors import BadInput, RuntimeFailure
 from vidqa.models import ModelAdapter
-from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch
+from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch, cache_keyword, returned_cache
 from vidqa.pruning.core.provenance import token_fates
 from vidqa.pruning.core.runtime import NO_PRUNING, Pruner, RequestState
 from vidqa.pruning.core.verify import PrefillCheck
@@ -41,6 +42,7 @@ class GenerationOptions:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     seed: int | None = None
+    decode: str = "auto"  # auto | eager | static | graphs (vidqa/engine/decode.py)
 
 
 @dataclass
@@ -92,11 +94,17 @@ def decode_video(path: str, options: FrameOptions) -> Clip:
                      sampling=options.sampling or UniformFrames(32))
 
 
-def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, encoded_cache: dict | None = None):
+def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, encoded_cache: dict | None = None,
+                  state: RequestState | None = None):
     """The clip's vision-encoder tokens, with the encoder attention the pruner's pre-LLM stages
     read (`pruner.vision_layer`). `encoded_cache` (id(clip) -> tokens) lets one clip asked under
     several presets be encoded once; a cached encoding made without that layer's attention is
-    redone."""
+    redone. With `state`, a pruner whose stages act inside the encoder encodes itself (recording
+    its counts in `state`); that encoding is the preset's own and is never cached."""
+    if state is not None:
+        tokens = pruner.encode_video(adapter, prompt, state)
+        if tokens is not None:
+            return tokens
     cached = encoded_cache.get(id(clip)) if encoded_cache is not None else None
     layer = pruner.vision_layer
     if cached is not None and layer is not None and cached.vision_layer != adapter.vision_layer_index(prompt, layer):
@@ -136,10 +144,11 @@ def answer(
     with timed(stats.time, "preprocess_s", device):
         prompt = adapter.prompt_for_clip(clip, question, history=history)
     with torch.inference_mode():
-        with timed(stats.time, "vision_encoder_s", device):
-            tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache)
         state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
-        state.record_stage("vision encoder", len(tokens))
+        with timed(stats.time, "vision_encoder_s", device):
+            tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache, state)
+        if not state.stage_counts:  # else an in-encoder stage recorded the encoder's count and its own
+            state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = pruner.before_llm(tokens, state)
         state.llm_tokens = tokens
@@ -202,7 +211,11 @@ def check_context(adapter, prompt, inputs, generation, state, num_frames: int) -
 def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify: bool = True) -> str:
     """Run `generate`; with `verify`, the prefill is checked against the plan (PrefillCheck).
     verify=False only for a question's rows generated from an already verified video prefix
-    (vidqa/engine/session.py): they hold no visual token and nothing is pruned there."""
+    (vidqa/engine/session.py): they hold no visual token and nothing is pruned there.
+
+    The decode path (`generation.decode`, vidqa/engine/decode.py): eager runs `generate` to the
+    end; static and graphs run the prefill and first token with `generate`, then the engine's
+    own fixed-shape decode steps."""
     model, device = adapter.model, adapter.model.device
     tokenizer = adapter.processor.tokenizer
     pieces: list[str] = []
@@ -212,8 +225,17 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify
         if on_text is not None:
             on_text(text)
 
+    plan = decoding.plan_decode(adapter, generation)
+    if plan.note:
+        state.notes.append(plan.note)
+    stats.decode_path = plan.path
+    streamer = _CallbackStreamer(tokenizer, emit)
     kwargs = dict(inputs.kwargs)
-    kwargs.update(generation_overrides(adapter, generation), streamer=_CallbackStreamer(tokenizer, emit))
+    kwargs.update(generation_overrides(adapter, generation))
+    if plan.path == "eager":
+        kwargs["streamer"] = streamer
+    else:  # the prefill and the first token; the static path streams every token itself
+        kwargs.update(decoding.prefill_overrides(plan, kwargs["input_ids"].shape[1]))
     note = sampling_note(adapter, generation)
     if note:
         state.notes.append(note)
@@ -223,13 +245,30 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify
     prompt_length = kwargs["input_ids"].shape[1]
     try:
         preset = pruner.name
-        pruning = pruner.inside_llm(inputs, state)
+        if plan.path == "eager":
+            pruning, selection = pruner.inside_llm(inputs, state), None
+        else:  # DyCoke's decode-time selection runs inside the static steps, not as hooks
+            pruning, selection = pruner.inside_llm_split(inputs, state)
         # entered after the pruning hooks, so it sees the prefill as they left it (PrefillCheck)
         check = PrefillCheck(adapter, inputs, state, pruning, preset=preset) if verify else contextlib.nullcontext()
         with _StepClock(model, device) as clock, pruning, check:
             synchronize(device)
             start = time.perf_counter()
             output = model.generate(**kwargs)
+        decoded = None
+        if plan.path != "eager":
+            sequence = output.sequences
+            positions = inputs.kwargs.get("position_ids")
+            if positions is None:  # as generate makes them for an all-ones attention mask
+                positions = torch.arange(prompt_length, device=device)[None]
+            caller_cache = inputs.kwargs.get(cache_keyword(model)) is not None  # a session's prefix: keep it
+            decoded = decoding.decode_rest(
+                adapter, plan, sequence, returned_cache(output), positions, generation.max_new_tokens,
+                streamer=streamer, selection=selection, release=not caller_cache)
+            streamer.end()
+            if selection is not None:
+                selection.publish()
+            output = decoded.sequence
     except DecoderMismatch as error:
         raise PruningMismatch(str(error), preset) from None
     except torch.OutOfMemoryError:
@@ -242,10 +281,17 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify
         stats.verified = check.finish()
     generated = output.shape[1] - prompt_length
     stats.tokens.generated_tokens = int(generated)
+    if decoded is not None:
+        stats.decode_path, stats.time.decode_warmup_s = decoded.path, decoded.warmup_s
+        state.notes.extend(decoded.notes)
     if clock.ends:
         stats.time.prefill_s = clock.ends[0] - start
-        stats.time.decode_s = clock.ends[-1] - clock.ends[0]
-        steps = len(clock.ends) - 1
+        if decoded is None:  # eager: from the prefill's end to the last forward's
+            stats.time.decode_s = clock.ends[-1] - clock.ends[0]
+            steps = len(clock.ends) - 1
+        else:  # static/graphs: the same span, without the one-time warm-up
+            stats.time.decode_s = max(decoded.end - clock.ends[0] - decoded.warmup_s, 0.0) if decoded.steps else 0.0
+            steps = decoded.steps
         stats.time.decode_tokens_per_s = steps / stats.time.decode_s if stats.time.decode_s > 0 else 0.0
     return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
 
@@ -256,6 +302,7 @@ def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
     counts.frames = clip.num_frames
     counts.visual_tokens_before = len(prompt.visual_index)
     counts.visual_tokens_per_stage = dict(state.stage_counts)
+    counts.encoder_frames_per_layer = list(state.encoder_frames)
     per_layer = state.visual_tokens_per_layer(num_layers)
     counts.visual_tokens_per_layer = per_layer
     counts.visual_tokens_after = per_layer[-1]
@@ -275,7 +322,8 @@ def _fill_flops(stats, adapter, clip) -> None:
     stats.flops.prompt_prefill_macs = flops_model.prompt_prefill_macs(llm, _prompt_lengths_per_layer(stats))
     if vision is not None:
         stats.flops.vision_encoder_macs = flops_model.vision_encoder_macs(
-            vision, clip.num_frames, projector_hidden=llm.hidden
+            vision, clip.num_frames, projector_hidden=llm.hidden,
+            images_per_layer=counts.encoder_frames_per_layer or None,  # an in-encoder stage merged frames
         )
 
 

@@ -131,7 +131,8 @@ class VideoSession:
             state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
                                  stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
                                  details=dict(prefix.state.details), llm_tokens=prefix.tokens,
-                                 stage_origins=dict(prefix.state.stage_origins))
+                                 stage_origins=dict(prefix.state.stage_origins),
+                                 encoder_frames=list(prefix.state.encoder_frames))
             inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
             if prefix.cache is None:
                 self._prefill(inputs, stats)
@@ -157,8 +158,9 @@ class VideoSession:
         adapter, device = self.adapter, self.adapter.model.device
         state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device)
         with timed(stats.time, "vision_encoder_s", device):
-            tokens = engine.encoded_video(adapter, self.clip, prompt, self.pruner, self._encoded)
-        state.record_stage("vision encoder", len(tokens))
+            tokens = engine.encoded_video(adapter, self.clip, prompt, self.pruner, self._encoded, state)
+        if not state.stage_counts:  # else an in-encoder stage recorded the encoder's count and its own
+            state.record_stage("vision encoder", len(tokens))
         with timed(stats.time, "pruning_s", device):
             tokens = self.pruner.before_llm(tokens, state)
         state.llm_tokens = tokens

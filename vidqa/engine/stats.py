@@ -32,8 +32,11 @@ class Timings:
     # prefill_saved_s the prefix prefill a request reusing it did not pay (else 0)
     video_prefill_s: float = 0.0
     prefill_saved_s: float = 0.0
+    # decode after the first token; on the static/graphs paths without decode_warmup_s, the
+    # one-time set-up (the padded KV cache, the CUDA graph capture) reported on its own
     decode_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    decode_warmup_s: float = 0.0
     total_s: float = 0.0
 
 
@@ -44,6 +47,9 @@ class TokenCounts:
     visual_tokens_after: int = 0  # video tokens entering the last decoder layer
     visual_tokens_per_stage: dict[str, int] = field(default_factory=dict)
     visual_tokens_per_layer: list[int] = field(default_factory=list)
+    # frames entering each vision-encoder layer, then leaving it (layers + 1 entries), when a stage
+    # inside the encoder merged frames (EarlyTom); empty: every frame went through every layer
+    encoder_frames_per_layer: list[int] = field(default_factory=list)
     layer_avg_retention: float = 1.0  # (1/L) sum_l n_l / n_0 (docs/design.md, "Budgets")
     prompt_tokens: int = 0  # the unpruned prompt, as the processor built it
     llm_prompt_tokens: int = 0  # what the LLM's first layer received
@@ -75,6 +81,7 @@ class Stats:
     # what was checked after the prefill (pruning/core/verify.py): {"transformers", "checks", "layers"}
     verified: dict = field(default_factory=dict)
     prefix_reused: bool = False  # generation started from a cached video prefix (vidqa/engine/session.py)
+    decode_path: str = "eager"  # the decode path that ran: eager | static | graphs (vidqa/engine/decode.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -69,7 +69,9 @@ def stats_table(stats: Stats, preset: str) -> Table:
     table.add_row("vision encoder", _seconds(time.vision_encoder_s))
     table.add_row("pruning overhead", _seconds(time.pruning_s))
     table.add_row("LLM prefill (time to first token)", _seconds(time.prefill_s))
-    table.add_row("decode", f"{time.decode_tokens_per_s:.1f} tok/s")
+    warmup = getattr(time, "decode_warmup_s", 0.0)  # the static/graphs paths' one-time set-up
+    path = getattr(stats, "decode_path", "eager") + (f", warm-up {_seconds(warmup)}" if warmup else "")
+    table.add_row("decode", f"{time.decode_tokens_per_s:.1f} tok/s ({path})")
     table.add_row("total", _seconds(time.total_s))
     table.add_section()
     table.add_row(
