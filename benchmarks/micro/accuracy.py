@@ -52,6 +52,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from vidqa.pruning.core.runtime import Pruner  # noqa: E402
 DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
 DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom", "earlytom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
@@ -189,13 +193,10 @@ def selection_index(name: str, tokens, budget: int, truth: dict | None = None, s
     return torch.as_tensor(np.sort(chosen), dtype=torch.long, device=tokens.features.device)
 
 
-class SubsetPruner:
-    """A Pruner (vidqa.pruning.core.runtime interface) that keeps a fixed subset of the frame tokens
-    before the LLM; kept tokens keep their original positions."""
-
-    positions = "original"
-    vision_layer = None  # no stage reads vision-encoder attention
-    preset = None  # no preset: nothing depends on the question, the video prefix is reusable
+class SubsetPruner(Pruner):
+    """A Pruner that keeps a fixed subset of the frame tokens before the LLM; kept tokens keep
+    their original positions. Everything else is the base class's (no preset: nothing depends
+    on the question, the video prefix is reusable)."""
 
     def __init__(self, name: str, budget: int, truth: dict | None = None, seed: int = 0):
         self.name, self.budget, self.truth, self.seed = name, int(budget), truth, int(seed)
@@ -204,11 +205,6 @@ class SubsetPruner:
         kept = tokens.select(selection_index(self.name, tokens, self.budget, self.truth, self.seed))
         state.record_stage(self.name, len(kept))
         return kept
-
-    def inside_llm(self, inputs, state):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 # --- running ---------------------------------------------------------------------------------
