@@ -445,9 +445,18 @@ def test_a_disconnect_cancels_and_a_killed_server_fails_cleanly_then_restarts(ti
             first = next(line for line in reply.iter_lines() if '"content"' in line and '"role"' not in line)
         assert first.startswith("data: ")
         assert idle(url, cancelled=1)["served"] == 0
-        with pytest.raises(httpx.ReadTimeout):  # not streaming: the same
-            httpx.post(url + "/v1/chat/completions", json=dict(long, stream=False), timeout=httpx.Timeout(60, read=1))
-        assert idle(url, cancelled=2)["failed"] == 0
+        # not streaming: a client that gives up after 1 s cancels the same way; the tiny model may
+        # finish its answer (it ends after ~180 tokens) within that second on an idle machine, and
+        # then the answer must simply be whole
+        try:
+            whole = httpx.post(url + "/v1/chat/completions", json=dict(long, stream=False),
+                               timeout=httpx.Timeout(60, read=1))
+        except httpx.ReadTimeout:
+            cancelled = 2
+        else:
+            assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            cancelled = 1
+        assert idle(url, cancelled=cancelled)["failed"] == 0
         short = dict(long, stream=False, max_tokens=3)
         answered = httpx.post(url + "/v1/chat/completions", json=short, timeout=60).json()
         assert answered["usage"]["completion_tokens"] == 3
