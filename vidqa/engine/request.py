@@ -154,11 +154,11 @@ def answer(
         state.llm_tokens = tokens
         inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
         check_context(adapter, prompt, inputs, generation, state, clip.num_frames)
-        text = _generate(adapter, inputs, generation, pruner, state, stats, on_text)
+        text = generate_text(adapter, inputs, generation, pruner, state, stats, on_text)
 
     stats.time.pruning_s += state.in_llm_seconds
-    _fill_counts(stats, adapter, clip, prompt, state, inputs)
-    _fill_flops(stats, adapter, clip)
+    fill_counts(stats, adapter, clip, prompt, state, inputs)
+    fill_flops(stats, adapter, clip)
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
@@ -208,7 +208,7 @@ def check_context(adapter, prompt, inputs, generation, state, num_frames: int) -
         )
 
 
-def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify: bool = True) -> str:
+def generate_text(adapter, inputs, generation, pruner, state, stats, on_text, verify: bool = True) -> str:
     """Run `generate`; with `verify`, the prefill is checked against the plan (PrefillCheck).
     verify=False only for a question's rows generated from an already verified video prefix
     (vidqa/engine/session.py): they hold no visual token and nothing is pruned there.
@@ -296,7 +296,7 @@ def _generate(adapter, inputs, generation, pruner, state, stats, on_text, verify
     return "".join(pieces) or tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
 
 
-def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
+def fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
     counts = stats.tokens
     num_layers = adapter.text_config.num_hidden_layers
     counts.frames = clip.num_frames
@@ -312,7 +312,7 @@ def _fill_counts(stats, adapter, clip, prompt, state, inputs) -> None:
     counts.llm_prompt_tokens = int(inputs.kwargs["input_ids"].shape[1])
 
 
-def _fill_flops(stats, adapter, clip) -> None:
+def fill_flops(stats, adapter, clip) -> None:
     llm, vision = flops_model.shapes_from_model_config(adapter.model.config)
     counts = stats.tokens
     num_layers = llm.num_layers

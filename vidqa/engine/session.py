@@ -144,10 +144,10 @@ class VideoSession:
                 stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
             if suffix_inputs is not None:  # the video's rows were verified when the prefix was prefilled
                 stats.verified = prefix.verified
-            text = engine._generate(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text,
+            text = engine.generate_text(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text,
                                     verify=suffix_inputs is None)
-        engine._fill_counts(stats, adapter, self.clip, prompt, state, inputs)
-        engine._fill_flops(stats, adapter, self.clip)
+        engine.fill_counts(stats, adapter, self.clip, prompt, state, inputs)
+        engine.fill_flops(stats, adapter, self.clip)
         stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
         stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
