@@ -207,6 +207,7 @@ def test_a_video_session_prefills_in_full(adapter, clip):
     got = [session.ask(q) for q in questions]
     assert [a.text for a in got] == [a.text for a in expected]
     assert [a.stats.prefix_reused for a in got] == [False, False] and not session.reuse
+    assert any("cannot be cropped" in note for note in got[0].notes), got[0].notes  # the user is told why
 
 
 def test_the_static_decode_path_names_the_linear_layers(adapter, clip):

@@ -128,17 +128,18 @@ class VideoSession:
             prompt = adapter.prompt_for_clip(self.clip, question, history=history)
         with torch.inference_mode():
             prefix = self._prefix or self._encode_and_prune(prompt, question, stats)
-            state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
-                                 stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
-                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens,
-                                 stage_origins=dict(prefix.state.stage_origins),
-                                 encoder_frames=list(prefix.state.encoder_frames))
             inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
             if prefix.cache is None:
                 self._prefill(inputs, stats)
             elif isinstance(prefix.cache, DynamicCache):
                 stats.prefix_reused = True
                 stats.time.prefill_saved_s = prefix.prefill_s
+            # after the first prefill: a note it adds (e.g. the cache cannot be cropped) reaches this answer
+            state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
+                                 stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
+                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens,
+                                 stage_origins=dict(prefix.state.stage_origins),
+                                 encoder_frames=list(prefix.state.encoder_frames))
             suffix_inputs = self._suffix_inputs(inputs, state)
             if suffix_inputs is None:
                 stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
