@@ -52,11 +52,9 @@ def build_tiny_qwen3_vl(
     (vidqa's adapter replaces it with qwen-vl-utils' budget unless --max-pixels is given: tests
     pass max_pixels = frame_size**2 to keep 4x4 tokens per temporal patch).
     """
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     path = Path(path)
     tokenizer = qwen_tokenizer(words, TIMESTAMP_WORDS)
-    ids = tokenizer.convert_tokens_to_ids
     text_config = qwen_text_config(tokenizer, hidden=text_hidden, layers=text_layers, heads=text_heads,
                                    kv_heads=text_kv_heads, intermediate=text_intermediate,
                                    mrope_section=mrope_section, mrope_interleaved=True)
@@ -83,7 +81,19 @@ def build_tiny_qwen3_vl(
     else:
         from transformers import Qwen3VLConfig as Config
         from transformers import Qwen3VLForConditionalGeneration as Model
-    config = Config(
+    return save_qwen3_family_checkpoint(path, Config, Model, text_config, vision_config, tokenizer, seed=seed,
+                                        attn_implementation=attn_implementation, weight_scale=weight_scale,
+                                        frame_size=frame_size)
+
+
+def save_qwen3_family_checkpoint(path, config_class, model_class, text_config: dict, vision_config: dict, tokenizer, *,
+                                 seed: int, attn_implementation: str, weight_scale: float, frame_size: int):
+    """Random weights for a Qwen3-VL-style model (Qwen3-VL, Qwen3.5; dense or MoE) from its text and
+    vision configs, saved with a Qwen3-VL processor whose frames are `frame_size` pixels square."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids("<|image_pad|>"),
@@ -92,7 +102,7 @@ def build_tiny_qwen3_vl(
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    model = init_random_model(Model, config, tokenizer, seed=seed, attn_implementation=attn_implementation).eval()
+    model = init_random_model(model_class, config, tokenizer, seed=seed, attn_implementation=attn_implementation).eval()
     scale_weight_matrices(model, weight_scale)
     model.save_pretrained(path)
 

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidqa.testing.builders import init_random_model, scale_weight_matrices
-from vidqa.testing.families import DEFAULT_WORDS, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
-from vidqa.testing.qwen3 import TIMESTAMP_WORDS
+from vidqa.testing.families import DEFAULT_WORDS, QWEN_SPECIAL_TOKENS
+from vidqa.testing.qwen3 import TIMESTAMP_WORDS, save_qwen3_family_checkpoint
 
 EOS = "<|im_end|>"
 
@@ -95,7 +94,6 @@ def build_tiny_qwen3_5(
     The video processor's default pixel budget is one `frame_size` x `frame_size` frame per frame
     (tests pass max_pixels = frame_size**2 to keep 4x4 tokens per temporal patch).
     """
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     path = Path(path)
     head_dim = text_hidden // text_heads
@@ -103,7 +101,6 @@ def build_tiny_qwen3_5(
         raise ValueError(f"mrope_section {mrope_section} must sum to the rotary dims / 2 = "
                          f"{int(head_dim * partial_rotary_factor) // 2}")
     tokenizer = qwen3_5_tokenizer(words)
-    ids = tokenizer.convert_tokens_to_ids
     layer_types = ["full_attention" if (layer + 1) % full_attention_interval == 0 else "linear_attention"
                    for layer in range(text_layers)]
     text_config = {
@@ -149,25 +146,6 @@ def build_tiny_qwen3_5(
     else:
         from transformers import Qwen3_5Config as Config
         from transformers import Qwen3_5ForConditionalGeneration as Model
-    config = Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-    model = init_random_model(Model, config, tokenizer, seed=seed, attn_implementation=attn_implementation).eval()
-    scale_weight_matrices(model, weight_scale)
-    model.save_pretrained(path)
-
-    pixels = frame_size * frame_size
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16, size={"shortest_edge": pixels, "longest_edge": pixels}),
-        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": pixels, "longest_edge": pixels * 768}),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(path)
-    return path
+    return save_qwen3_family_checkpoint(path, Config, Model, text_config, vision_config, tokenizer, seed=seed,
+                                        attn_implementation=attn_implementation, weight_scale=weight_scale,
+                                        frame_size=frame_size)
