@@ -25,7 +25,7 @@ from vidqa.pruning.core import verify
 from vidqa.pruning.core.compat import PruningMismatch, cache_argument, cache_keyword, returned_cache
 from vidqa.pruning.core.presets import available_presets, build_pruner, load_preset
 from vidqa.pruning.core.runtime import NO_PRUNING
-from vidqa.pruning.core.verify import CHECKS, _cache_lengths
+from vidqa.pruning.core.verify import CHECKS, cache_lengths
 from vidqa.testing.families import QWEN_CHAT_TEMPLATE
 from vidqa.testing.qwen3_5 import build_tiny_qwen3_5
 from vidqa.video.decode import load_clip
@@ -235,7 +235,7 @@ def test_cache_lengths_skip_the_linear_layers(adapter, clip):
     """Linear-attention layers hold a fixed-size state (None: nothing per row to count); the
     full-attention layers one entry per prompt row."""
     cache, rows = prefill_cache(adapter, clip)
-    assert _cache_lengths(cache, 4) == [None, rows, None, rows]
+    assert cache_lengths(cache, 4) == [None, rows, None, rows]
 
 
 class TruncateCache:

@@ -18,7 +18,7 @@ from vidqa.engine import request as engine
 from vidqa.pruning.core import decoder, verify
 from vidqa.pruning.core.compat import TESTED_TRANSFORMERS, PruningMismatch, transformers_version
 from vidqa.pruning.core.presets import build_pruner, load_preset
-from vidqa.pruning.core.verify import CHECKS, _cache_lengths
+from vidqa.pruning.core.verify import CHECKS, cache_lengths
 
 QUESTION = "what happens in this video ?"
 PRESETS = ["none", "fastv", "prunevid", "sparsevlm", "adatp"]
@@ -196,7 +196,7 @@ def test_recomputed_qwen_positions_stop_the_request(family_adapters, family_clip
 
 
 def test_an_unreadable_cache_fails_only_where_pruning_needs_it(family_adapters, family_clips, monkeypatch):
-    monkeypatch.setattr(verify, "_cache_lengths", lambda cache, num_layers: None)
+    monkeypatch.setattr(verify, "cache_lengths", lambda cache, num_layers: None)
     plain = ask(family_adapters["smol"], family_clips["smol"], "none")
     assert "kv_cache" not in plain.stats.verified["checks"]
     with pytest.raises(PruningMismatch, match="KV cache could not be read"):
@@ -211,9 +211,9 @@ def test_cache_lengths_reads_layers_and_refuses_other_layouts():
     class Cache:
         layers = [Layer(5), Layer(3)]
 
-    assert _cache_lengths(Cache(), 2) == [5, 3]
-    assert _cache_lengths(Cache(), 3) is None
-    assert _cache_lengths(object(), 2) is None
+    assert cache_lengths(Cache(), 2) == [5, 3]
+    assert cache_lengths(Cache(), 3) is None
+    assert cache_lengths(object(), 2) is None
 
 
 def test_the_declared_range_matches_the_messages_and_ci_tests_both_ends():

@@ -228,7 +228,7 @@ class PrefillCheck:
         self._last_checked.clear()
 
     def _check_cache(self, cache) -> None:
-        lengths = _cache_lengths(cache, self.num_layers)
+        lengths = cache_lengths(cache, self.num_layers)
         if lengths is None:
             if self.stages:  # in-LLM pruning must be visible in the cache
                 self._fail("the KV cache could not be read after the prefill")
@@ -253,7 +253,7 @@ class PrefillCheck:
             self.checked.sort(key=ORDER.index)
 
 
-def _cache_lengths(cache, num_layers: int) -> list[int | None] | None:
+def cache_lengths(cache, num_layers: int) -> list[int | None] | None:
     """Entries held by each layer of a DynamicCache-like cache (None when it cannot be read); a
     linear-attention layer's entry is None: its cache is a recurrent state, not entries per row."""
     layers = getattr(cache, "layers", None)
