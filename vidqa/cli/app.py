@@ -47,10 +47,11 @@ from vidqa.cli.common import (
     fail,
     file_error,
     interactive,
-    named,
     nothing,
     read_question,
+    request_settings,
     stdout_writer,
+    write_answer,
 )
 from vidqa.errors import BadInput, VidqaError
 
@@ -165,11 +166,10 @@ def ask(
     """
     from vidqa import api
 
-    settings = api.Settings(
-        model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
-        device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
-        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, decode=decode.value,
+    settings = request_settings(
+        model=model, device=device, dtype=dtype, attn=attn, max_pixels=max_pixels, device_map=device_map,
+        system=system, frames=frames, fps=fps, start=start, end=end, prune=prune, keep=keep, flops=flops,
+        param=param, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, decode=decode,
     )
     if server:  # vidqa/cli/serve.py: no torch here, the server has the model
         cli_serve.ask_remote(server, video, question, settings, stream=stream, stats=stats, as_json=as_json,
@@ -206,14 +206,7 @@ def ask(
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
-    try:
-        if as_json:
-            sys.stdout.write(json.dumps(result.record(loaded.notes)) + "\n")
-        else:
-            sys.stdout.write("\n" if streaming else result.text + "\n")
-        sys.stdout.flush()  # here, not at exit: a full disk is reported, not ignored
-    except OSError as error:
-        fail(file_error(named(error, sys.stdout)))
+    write_answer(result.text, result.record(loaded.notes) if as_json else None, streaming)
     if show_kept is not None:
         draw_kept(result, show_kept, text)
     if as_json or quiet:

@@ -39,6 +39,7 @@ from vidqa.cli.common import (
     fail,
     interactive,
     nothing,
+    request_settings,
     stdout_writer,
 )
 from vidqa.errors import VidqaError
@@ -148,11 +149,10 @@ def chat(
     """
     from vidqa import api
 
-    settings = api.Settings(
-        model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
-        device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
-        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, decode=decode.value,
+    settings = request_settings(
+        model=model, device=device, dtype=dtype, attn=attn, max_pixels=max_pixels, device_map=device_map,
+        system=system, frames=frames, fps=fps, start=start, end=end, prune=prune, keep=keep, flops=flops,
+        param=param, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, decode=decode,
     )
     try:
         api.check_options(settings, video)  # before torch loads: a typo is reported at once

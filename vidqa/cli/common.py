@@ -8,6 +8,7 @@ imports torch or transformers: `vidqa --help` stays fast.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from enum import Enum
@@ -179,3 +180,29 @@ def stdout_writer():
             raise named(error, sys.stdout) from None
 
     return write
+
+
+def request_settings(*, model, device, dtype, attn, max_pixels, device_map, system, frames, fps, start, end, prune,
+                     keep, flops, param, max_new_tokens, temperature, seed, decode):
+    """The shared options of `ask` and `chat` as `vidqa.api.Settings` (the enums' values, -P as a tuple)."""
+    from vidqa import api
+
+    return api.Settings(
+        model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
+        device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
+        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, decode=decode.value,
+    )
+
+
+def write_answer(text: str, record: dict | None, streaming: bool) -> None:
+    """The answer on stdout: the --json record, or the text (after streaming, just its newline).
+    Flushed here, not at exit, so a full disk is reported, not ignored."""
+    try:
+        if record is not None:
+            sys.stdout.write(json.dumps(record) + "\n")
+        else:
+            sys.stdout.write("\n" if streaming else text + "\n")
+        sys.stdout.flush()
+    except OSError as error:
+        fail(file_error(named(error, sys.stdout)))

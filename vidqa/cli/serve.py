@@ -7,7 +7,6 @@ loads them when it runs.
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from pathlib import Path
@@ -32,10 +31,10 @@ from vidqa.cli.common import (
     fail,
     file_error,
     interactive,
-    named,
     nothing,
     read_question,
     stdout_writer,
+    write_answer,
 )
 from vidqa.errors import BadInput, RuntimeFailure, VidqaError
 from vidqa.serve.config import API_KEY_ENV, MIB
@@ -176,14 +175,7 @@ def ask_remote(server: str, video: Path, question: str | None, settings, *, stre
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
-    try:
-        if as_json:
-            sys.stdout.write(json.dumps(record) + "\n")
-        else:
-            sys.stdout.write("\n" if streaming else record["answer"] + "\n")
-        sys.stdout.flush()
-    except OSError as error:
-        fail(file_error(named(error, sys.stdout)))
+    write_answer(record["answer"], record if as_json else None, streaming)
     if as_json or quiet:
         return
     for note in record["notes"]:
