@@ -109,7 +109,7 @@ def token_fates(state, visual_rows: torch.Tensor, num_layers: int, sampled_frame
     row = origin.detach().cpu().long()
     visual_rows = visual_rows.detach().cpu().long()
     token_left = _layer_each_token_left(state, visual_rows)
-    stand_in = _merged_in_llm(state, visual_rows)  # (M,) the LLM token each one's content went to
+    stand_in = merged_in_llm(state, visual_rows)  # (M,) the LLM token each one's content went to
     final = stand_in[row.clamp(min=0)]
     entered = row >= 0
     left_at_layer = torch.where(entered, token_left[final], torch.full_like(row, -1))
@@ -150,17 +150,36 @@ def _layer_each_token_left(state, visual_rows: torch.Tensor) -> torch.Tensor:
     return left
 
 
-def _merged_in_llm(state, visual_rows: torch.Tensor) -> torch.Tensor:
+def merged_in_llm(state, visual_rows: torch.Tensor) -> torch.Tensor:
     """(M,) for each LLM token, the LLM token its content ends up in after the in-LLM merges
-    (itself when none), following chains of merges layer by layer."""
-    stand_in = torch.arange(len(visual_rows))
-    token_of_row = {int(r): i for i, r in enumerate(visual_rows.tolist())}
+    (itself when none), following chains of merges layer by layer.
+
+    Per layer the merges are one redirect table (member token -> target token), chased to its
+    fixed point so a chain inside one layer (a -> b, b -> c) ends where it would member by
+    member: a few vector ops per layer, whatever the number of merged tokens."""
+    count = len(visual_rows)
+    stand_in = torch.arange(count)
+    if not state.layer_merges or count == 0:
+        return stand_in
+    token_of_row = torch.full((int(visual_rows.max()) + 1,), -1, dtype=torch.long)
+    token_of_row[visual_rows] = torch.arange(count)
+
+    def tokens_at(rows: torch.Tensor) -> torch.Tensor:  # -1 for rows that are not visual tokens
+        rows = rows.detach().cpu().long()
+        inside = (rows >= 0) & (rows < len(token_of_row))
+        return torch.where(inside, token_of_row[rows.clamp(0, len(token_of_row) - 1)], -1)
+
     for layer in sorted(state.layer_merges):
-        members, into = state.layer_merges[layer]
-        for member, target in zip(members.tolist(), into.tolist()):
-            if member in token_of_row and target in token_of_row:
-                moved = stand_in == token_of_row[member]  # everything that had gone into the member
-                stand_in[moved] = stand_in[token_of_row[target]]
+        members, into = (tokens_at(rows) for rows in state.layer_merges[layer])
+        both = (members >= 0) & (into >= 0)
+        redirect = torch.arange(count)
+        redirect[members[both]] = into[both]
+        for _ in range(max(count, 1).bit_length()):  # pointer doubling: chains of any length
+            chased = redirect[redirect]
+            if torch.equal(chased, redirect):
+                break
+            redirect = chased
+        stand_in = redirect[stand_in]
     return stand_in
 
 
