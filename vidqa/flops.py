@@ -122,7 +122,9 @@ class LLMShape:
         The router (``D * num_experts`` per token, ~0.5% of a Qwen3-VL-30B-A3B layer) is
         not counted, like the norms. A shared expert (Qwen3.5-MoE:
         ``shared_expert_intermediate_size``) runs for every token and adds its width; its
-        one-output gate is not counted either.
+        one-output gate is not counted either. DeepSeek-style fields (GLM-4.5V) read the same
+        way: ``n_routed_experts``, ``n_shared_experts`` always-active experts of
+        ``moe_intermediate_size``, and the first ``first_k_dense_replace`` layers dense.
         Hybrid configs (``layer_types`` with "linear_attention": Qwen3.5) also give the
         linear-attention dimensions (``linear_*``); Qwen3.5's and Qwen3-Next's softmax
         attention has an output gate (``attention_gate``).
@@ -190,13 +192,17 @@ def _hybrid_layers(text_config: Any) -> dict:
 def _active_ffn_widths(text_config: Any) -> list[int]:
     """Per-layer FFN width a token passes through (MoE: its active experts only)."""
     num_layers = int(text_config.num_hidden_layers)
-    experts = int(getattr(text_config, "num_experts", 0) or 0)
+    # Qwen-style `num_experts`, DeepSeek-style `n_routed_experts` (GLM-4.5V)
+    experts = int(getattr(text_config, "num_experts", 0) or getattr(text_config, "n_routed_experts", 0) or 0)
     if experts <= 0 or getattr(text_config, "moe_intermediate_size", None) is None:
         return [int(text_config.intermediate_size)] * num_layers
+    expert_width = int(text_config.moe_intermediate_size)
     shared = int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)  # Qwen3.5-MoE: always active
-    sparse = int(text_config.num_experts_per_tok) * int(text_config.moe_intermediate_size) + shared
+    shared += int(getattr(text_config, "n_shared_experts", 0) or 0) * expert_width  # GLM-4.5V: always active
+    sparse = int(text_config.num_experts_per_tok) * expert_width + shared
     step = int(getattr(text_config, "decoder_sparse_step", 1) or 1)  # Qwen3.5-MoE has neither: every layer sparse
     dense_layers = set(getattr(text_config, "mlp_only_layers", None) or [])
+    dense_layers |= set(range(int(getattr(text_config, "first_k_dense_replace", 0) or 0)))  # GLM-4.5V: the first k
     widths = [sparse if layer not in dense_layers and (layer + 1) % step == 0 else None for layer in range(num_layers)]
     if None in widths:
         dense = int(text_config.intermediate_size)
@@ -261,8 +267,11 @@ def shapes_from_model_config(config: Any) -> tuple[LLMShape, VisionShape | None]
     vision_config = getattr(config, "vision_config", None)
     vision = None
     # Only fixed-resolution ViTs (an `image_size`) are modelled: Qwen2.5-VL's dynamic-resolution,
-    # windowed-attention encoder is not, and gets None (its vision FLOPs are reported as 0).
-    if vision_config is not None and getattr(vision_config, "image_size", None) is not None:
+    # windowed-attention encoder is not, and gets None (its vision FLOPs are reported as 0); nor are
+    # other towers that merge patches at any resolution (`spatial_merge_size`: GLM-4.1V's `image_size`
+    # only sizes its position-embedding table).
+    dynamic = getattr(vision_config, "spatial_merge_size", None) is not None
+    if vision_config is not None and getattr(vision_config, "image_size", None) is not None and not dynamic:
         vision = VisionShape.from_config(vision_config)
         if getattr(config, "model_type", "") in ("smolvlm", "idefics3"):
             from dataclasses import replace

@@ -7,7 +7,9 @@ from pathlib import Path
 from vidqa.errors import BadInput, RuntimeFailure
 from vidqa.hub import DEFAULT_MODEL, config_error, resolve_model
 from vidqa.models.base import GenerationInputs, ModelAdapter, Prompt
+from vidqa.models.glm4v import Glm4vAdapter
 from vidqa.models.llava_onevision import LlavaOnevisionAdapter
+from vidqa.models.llava_onevision1_5 import LlavaOnevision15Adapter
 from vidqa.models.placement import Placement, plan_placement
 from vidqa.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from vidqa.models.qwen3_5 import Qwen3_5Adapter
@@ -17,6 +19,7 @@ from vidqa.tensors.tokens import VisualTokens
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
+    LlavaOnevision15Adapter, Glm4vAdapter,
 )
 
 __all__ = [
@@ -78,7 +81,21 @@ def _read_config(model_id: str):
     except OSError as error:
         raise config_error(model_id, error) from None
     except ValueError as error:
+        # a family this transformers release does not know yet: say which release it needs
+        _check_family_of(str(local) if looks_local else model_id)
         raise BadInput(f"cannot read the config of '{model_id}': {str(error).splitlines()[0]}") from None
+
+
+def _check_family_of(source: str) -> None:
+    """`check_transformers` of the family a config.json names, read raw (AutoConfig could not parse it)."""
+    from transformers import PretrainedConfig
+
+    try:
+        model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type", "")
+        adapter_class = adapter_for(model_type)
+    except (OSError, ValueError, BadInput):
+        return
+    adapter_class.check_transformers()
 
 
 def frame_rule_for(model_id: str):
@@ -86,6 +103,7 @@ def frame_rule_for(model_id: str):
     what `--frames`/`--fps` replace. See `vidqa.video.frame_rules`."""
     model_id = resolve_model(model_id)  # fast, one-line failure without the hub (vidqa.hub)
     adapter_class = adapter_for(_read_config(model_id).model_type)
+    adapter_class.check_transformers()
     return adapter_class.reference_frame_rule(_source(model_id))
 
 
@@ -123,6 +141,7 @@ def load_model(
     model_id = resolve_model(model_id)  # bundled name, hub id or cached snapshot; fails fast offline
     config = _read_config(model_id)
     adapter_class = adapter_for(config.model_type)
+    adapter_class.check_transformers()
     adapter_class.check_max_pixels(max_pixels)  # before the weights load
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)

@@ -18,6 +18,16 @@ from vidqa.tensors.tokens import VisualTokens
 from vidqa.video.frame_rules import FrameRule, UniformFrames
 
 
+def has_transformers_module(name: str) -> bool:
+    """Whether the installed transformers has module `name` (e.g. a model family added later)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @dataclass
 class Prompt:
     """A processed prompt for one request.
@@ -102,6 +112,25 @@ class ModelAdapter:
             return []
         vocab = tokenizer.get_vocab()
         return [vocab[token] for token in self.stop_tokens if token in vocab]
+
+    # a family whose model classes only the newer tested transformers releases have: the module
+    # they live in and the first release with it (`check_transformers` refuses older ones in one line)
+    transformers_module: ClassVar[str | None] = None
+    since_transformers: ClassVar[str | None] = None
+
+    @classmethod
+    def check_transformers(cls) -> None:
+        """Raise BadInput, naming the release needed, when this transformers lacks the family."""
+        if cls.transformers_module is None or has_transformers_module(cls.transformers_module):
+            return
+        import transformers
+
+        from vidqa.errors import BadInput
+
+        raise BadInput(
+            f"{cls.family} ({', '.join(cls.model_types)}) needs transformers >= {cls.since_transformers}, "
+            f"this is {transformers.__version__}: pip install 'transformers>={cls.since_transformers}'"
+        )
 
     @classmethod
     def reference_frame_rule(cls, source: str) -> FrameRule:

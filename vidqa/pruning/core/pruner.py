@@ -93,8 +93,9 @@ class PresetPruner(Pruner):
         if not getattr(adapter, "inside_encoder", False):
             raise BadInput(
                 f"preset '{self.preset.name}' merges whole frames inside the vision encoder, which vidqa supports on "
-                f"LLaVA-OneVision and SmolVLM2 (per-frame SigLIP towers), not on {adapter.family} (its tower encodes "
-                f"frame pairs as temporal patches); pick another preset")
+                f"LLaVA-OneVision and SmolVLM2 (per-frame SigLIP towers), not on {adapter.family} "
+                f"({getattr(adapter, 'inside_encoder_reason', 'its tower encodes frame pairs as temporal patches')}); "
+                f"pick another preset")
         if self.vision_layer is not None:  # its probe would see the frames the stage left
             raise BadInput(f"preset '{self.preset.name}': a stage inside the vision encoder cannot be combined with "
                            f"stages reading vision_layer")
