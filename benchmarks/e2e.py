@@ -9,6 +9,10 @@ pruning the LLM's visual tokens saves only the prefill's share of a request.
     python benchmarks/e2e.py --threads 2 --frames 8 --tokens 16             # CPU, 0.5B-dim bench model
     python benchmarks/e2e.py --bench-dims qwen2-7b --device cuda --frames 32  # GPU, 7B dimensions
 
+`--preprocess-on model,cpu` runs every configuration twice: the family's video processor where
+the adapter puts it (the model's GPU on CUDA: models/base.py, `preprocessing_device`) and on the
+CPU, so the preprocessing column compares the two (issue #35 item 4).
+
 Each configuration: `--warmup` untimed requests, then `--repeats` timed ones (median; the
 configurations interleaved so drift hits all alike). Every request generates exactly N tokens
 (the bench model's vocabulary has no end-of-sequence word it would choose: the count is checked
@@ -88,12 +92,21 @@ def measure(model, video, presets, keep, frames, tokens_list, repeats, warmup, l
     return rows
 
 
+def preprocess_on(model, where: str) -> None:
+    """Run the video processor on the CPU ("cpu") or where the adapter chose ("model")."""
+    adapter = model.adapter
+    device = adapter.preprocess_device if where == "model" else "cpu"
+    adapter.processor.video_processor.device = None if device is None else str(device)
+
+
 def markdown_table(rows: list[dict]) -> str:
     header = ("| preset | answer tokens | visual tokens | decode video ms | preprocess ms | encoder ms | pruning ms "
               "| prefill ms | decode ms (tok/s) | TTFT ms | total ms | speedup end to end | speedup TTFT |")
     lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         label = row["preset"] if row["keep"] is None else f"{row['preset']} @ {row['keep']:g}"
+        if row.get("preprocess_on", "model") != "model":
+            label += f" (preprocessing on {row['preprocess_on']})"
         if "error" in row:
             lines.append(f"| {label} | {row['tokens']} | {row['error']} |" + " |" * 10)
             continue
@@ -124,6 +137,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--decode", default=None, help="the decode path (api.Settings.decode), if this vidqa has one")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--preprocess-on", default="model",
+                        help="where the video processor runs, comma-separated: model (the adapter's choice: the GPU on "
+                             "CUDA), cpu")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "vidqa-bench")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quiet", action="store_true")
@@ -144,8 +160,15 @@ def main(argv=None) -> list[dict]:
         settings = settings.replace(decode=args.decode)
     model = api.open_model(settings)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    rows = measure(model, video, [p for p in args.presets.split(",") if p], args.keep, args.frames,
-                   [int(t) for t in args.tokens.split(",")], args.repeats, args.warmup, log=log)
+    rows = []
+    for where in [w for w in args.preprocess_on.split(",") if w]:
+        if where not in ("model", "cpu"):
+            raise SystemExit(f"--preprocess-on {where}: expected model or cpu")
+        preprocess_on(model, where)
+        measured = measure(model, video, [p for p in args.presets.split(",") if p], args.keep, args.frames,
+                           [int(t) for t in args.tokens.split(",")], args.repeats, args.warmup, log=log)
+        rows += [row | {"preprocess_on": where} for row in measured]
+    preprocess_on(model, "model")
     table = markdown_table(rows)
     print(table)
     if args.out is not None:

@@ -54,5 +54,10 @@ keep decode-paths-7b
 step 150 "end to end, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b --device cuda --frames 32 \
     --tokens 64,256 --repeats 2 --warmup 1 --workdir "$work" --out "$work/e2e-7b"
 keep e2e-7b
+# the video processor on the GPU against the CPU (issue #35 item 4): the preprocessing column, 4 answer tokens
+step 120 "preprocessing on the GPU and the CPU, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b \
+    --device cuda --frames 32 --tokens 4 --presets none --repeats 3 --warmup 1 --preprocess-on model,cpu \
+    --workdir "$work" --out "$work/preprocess-7b"
+keep preprocess-7b
 step 150 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py
 ls -la "$out"

@@ -142,6 +142,7 @@ def answer(
     memory = RequestMemory(device).start()
 
     with timed(stats.time, "preprocess_s", device):
+        clip = pruner.before_encoder(clip)  # a preset's frame selection, before the processor and encoder
         prompt = adapter.prompt_for_clip(clip, question, history=history)
     with torch.inference_mode():
         state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)

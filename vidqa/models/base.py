@@ -28,6 +28,16 @@ def has_transformers_module(name: str) -> bool:
         return False
 
 
+def preprocessing_device(model) -> torch.device | None:
+    """Where the family's video processor runs: the model's device when it is a GPU (CUDA) or
+    the CPU; None (the processor's own default, the CPU) for any other device or none."""
+    device = getattr(model, "device", None)
+    if device is None:
+        return None
+    device = torch.device(device)
+    return device if device.type in ("cuda", "cpu") else None
+
+
 @dataclass
 class Prompt:
     """A processed prompt for one request.
@@ -90,6 +100,12 @@ class ModelAdapter:
         self.max_pixels = max_pixels
         self.system_prompt = self.resolve_system_prompt(system_prompt)
         self.placement_notes: list[str] = []  # e.g. that the model was sharded because it did not fit
+        self.preprocess_device = preprocessing_device(model)
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None and self.preprocess_device is not None:
+            # transformers' (torchvision) video processors read `device` from the instance when a
+            # call names none (5.18 to 5.25): the frames go there as uint8, then resize/normalize there
+            video_processor.device = str(self.preprocess_device)
 
     def resolve_system_prompt(self, asked: str | None) -> str | None:
         """The system text to send: the user's when given ("" = none); else the family default,

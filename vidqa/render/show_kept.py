@@ -15,6 +15,9 @@ one role (`cell_roles`):
 - dropped before the LLM: a grey veil (mid grey shows on dark and bright frames alike);
 - dropped inside the LLM at layer k: tinted, one colour per layer (merged or not: gone either way).
 
+A frame a stage dropped whole (a frame selector before the encoder, e.g. `dedup`, which never
+encoded it) is veiled like any token dropped before the LLM, and its caption names the stage.
+
 Each panel's caption counts the tokens the LLM carries to its last layer from that frame (kept
 and group cells, once per token) and its merged-away cells, so the captions add up to the
 title's "visual tokens N → n". The data comes from `pruning.provenance.TokenFates`, the same
@@ -225,12 +228,27 @@ def cell_overlay(fill: np.ndarray, role: np.ndarray, colour: np.ndarray, height:
     return image
 
 
+def dropped_whole_by(fates: TokenFates, grid_frame: int) -> str | None:
+    """The pre-LLM stage that dropped every token of `grid_frame`, or None (some token went on,
+    or several stages dropped them)."""
+    _, rows, cols = fates.grid
+    cells = slice(grid_frame * rows * cols, (grid_frame + 1) * rows * cols)
+    stages = fates.left_at_stage[cells].unique().tolist()
+    if len(stages) != 1 or stages[0] < 0 or bool((fates.row[cells] >= 0).any()):
+        return None
+    return fates.stages[stages[0]]
+
+
 def panel_caption(fates: TokenFates, grid_frame: int, timestamps, tokens: int, merged_away: int) -> str:
-    """Two lines: the frame's time(s), then what reaches the LLM's last layer from it."""
+    """Two lines: the frame's time(s), then what reaches the LLM's last layer from it (or the
+    stage that dropped the whole frame)."""
     step = fates.frames_per_grid_frame
     first = grid_frame * step
     times = [float(timestamps[t]) for t in range(first, min(first + step, len(timestamps)))]
     when = f"{times[0]:.1f} s" if len(times) == 1 else f"{times[0]:.1f}–{times[-1]:.1f} s"
+    stage = dropped_whole_by(fates, grid_frame)
+    if stage is not None:
+        return f"{when}\nframe dropped ({stage})"
     counts = f"{tokens} kept" + (f" · {merged_away} merged away" if merged_away else "")
     return f"{when}\n{counts}"
 

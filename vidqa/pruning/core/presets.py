@@ -3,6 +3,11 @@
 `load_preset("fastv", ["ratio=0.3"])` or `load_preset("my.yaml")` returns a validated, frozen
 `Preset`; `build_pruner(preset, adapter, keep=0.3)` makes a fresh per-model `PresetPruner`.
 Every bad name, key or value raises BadInput naming it, the valid choices and the closest match.
+
+Frame selectors (`presets/<name>.frames.yaml`, stages before the vision encoder only) are kept
+apart from the token presets `available_presets` lists: they choose which frames a clip has
+rather than prune its tokens, and compose in front of any preset: `load_preset("dedup+evs")` is
+EVS on the frames dedup keeps; `dedup` alone (or `dedup+none`) selects frames and prunes nothing.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import yaml
 
 from vidqa.errors import BadInput
 from vidqa.pruning.core.budget import check_budget
-from vidqa.pruning.methods import STAGES, BeforeLLM, InsideLLM, Stage
+from vidqa.pruning.methods import STAGES, BeforeEncoder, BeforeLLM, InsideLLM, Stage
 
 PRESET_KEYS = {"name", "description", "reference", "positions", "stages", "keep", "typical_keep"}
 POSITIONS = ("original", "compact")
+SELECTOR_SUFFIX = ".frames"  # presets/<name>.frames.yaml: a frame selector, composed with "+"
 
 
 def presets_dir() -> Path:
@@ -30,7 +36,15 @@ def presets_dir() -> Path:
 
 
 def available_presets() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(presets_dir().glob("*.yaml"))}
+    """The token presets (`--prune NAME`): presets/*.yaml but the frame selectors."""
+    paths = sorted(presets_dir().glob("*.yaml"))
+    return {path.stem: path for path in paths if not path.stem.endswith(SELECTOR_SUFFIX)}
+
+
+def frame_selectors() -> dict[str, Path]:
+    """The frame selectors (`--prune NAME` or `--prune NAME+PRESET`): presets/*.frames.yaml."""
+    paths = sorted(presets_dir().glob(f"*{SELECTOR_SUFFIX}.yaml"))
+    return {path.stem.removesuffix(SELECTOR_SUFFIX): path for path in paths}
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,12 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
             raise BadInput(f"preset file not found: {name_or_path}")
         source = str(path)
     else:
-        presets = available_presets()
+        presets = {**available_presets(), **frame_selectors()}
         if name_or_path not in presets:
             raise BadInput(
                 f"unknown preset '{name_or_path}'{_suggest(name_or_path, presets)}; "
-                f"available: {', '.join(presets)} (or a path to a .yaml file)"
+                f"available: {', '.join(available_presets())}; frame selectors: {', '.join(frame_selectors())} "
+                f"(or a path to a .yaml file)"
             )
         path, source = presets[name_or_path], name_or_path
     try:
@@ -133,8 +148,8 @@ def _configure(stage_class: type[Stage], values: dict, where: str) -> Stage:
     return stage_class(**configured)
 
 
-def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
-    """Read and validate a preset, then apply `key=value` overrides (`param` or `stage.param`)."""
+def _raw_preset(name_or_path: str) -> tuple[dict, str, list[tuple[str, type[Stage], dict]]]:
+    """(the YAML mapping, its source, [(stage name, stage class, raw values)]) of one preset file."""
     data, source = _read_yaml(name_or_path)
     unknown = set(data) - PRESET_KEYS
     if unknown:
@@ -149,6 +164,51 @@ def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise BadInput(f"preset {source}: stage {position + 1} has unknown type '{kind}'{_suggest(str(kind), STAGES)}; valid: {', '.join(STAGES)}")
         name = str(entry.pop("name", kind))
         stage_values.append((name, STAGES[kind], entry))
+    return data, source, stage_values
+
+
+def _is_selector(stage_values) -> bool:
+    return bool(stage_values) and all(issubclass(cls, BeforeEncoder) for _, cls, _ in stage_values)
+
+
+def _composed(name: str) -> tuple[dict, str, list[tuple[str, type[Stage], dict]]]:
+    """`selector+preset` (e.g. dedup+evs) as one preset: the selector's stages, then the preset's;
+    the preset's positions, keep rule and typical keep (--keep counts the kept frames' tokens)."""
+    parts = [part.strip() for part in name.split("+")]
+    example = f"e.g. {next(iter(frame_selectors()), 'dedup')}+evs"
+    if len(parts) != 2 or not all(parts):
+        raise BadInput(f"--prune {name}: compose one frame selector with one preset, the selector first ({example})")
+    (first, first_source, first_stages), (second, second_source, second_stages) = (_raw_preset(p) for p in parts)
+    if not _is_selector(first_stages):
+        raise BadInput(f"--prune {name}: '{parts[0]}' is not a frame selector (its stages must all act before the "
+                       f"vision encoder); frame selectors: {', '.join(frame_selectors())} ({example})")
+    if any(issubclass(cls, BeforeEncoder) for _, cls, _ in second_stages):
+        raise BadInput(f"--prune {name}: '{parts[1]}' selects frames too; compose one frame selector with one preset")
+    clash = sorted({n for n, _, _ in first_stages} & {n for n, _, _ in second_stages})
+    if clash:
+        raise BadInput(f"--prune {name}: both have a stage named '{clash[0]}'; rename it in a copy of one preset file")
+    first_name, second_name = first.get("name", parts[0]), second.get("name", parts[1])
+    second_keep = str(second.get("keep", "")).strip()
+    data = {
+        "name": f"{first_name}+{second_name}",
+        "description": f"{str(first.get('description', '')).strip()} Then {second_name}: "
+                       f"{str(second.get('description', '')).strip()}",
+        "reference": "; ".join(str(d.get("reference", "")).strip() for d in (first, second) if d.get("reference")),
+        "positions": second.get("positions", "original"),
+        "keep": (f"{second_keep} " if second_keep else "") + f"({first_name} chooses the frames first, from "
+                f"their pixels; --keep/--flops count the tokens of the frames it kept.)",
+        "typical_keep": second.get("typical_keep"),
+    }
+    return data, f"{first_source}+{second_source}", [*first_stages, *second_stages]
+
+
+def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """Read and validate a preset (a name, a .yaml path, or `selector+preset`), then apply
+    `key=value` overrides (`param` or `stage.param`)."""
+    if "+" in name_or_path and not Path(name_or_path).is_file():
+        data, source, stage_values = _composed(name_or_path)
+    else:
+        data, source, stage_values = _raw_preset(name_or_path)
     positions = data.get("positions", "original")
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -205,4 +265,5 @@ def build_pruner(preset: Preset, adapter, keep: float | None = None, flops: floa
     return PresetPruner(preset, adapter, keep=keep, flops=flops)
 
 
-__all__ = ["Preset", "available_presets", "build_pruner", "check_budget", "default_retention", "load_preset", "replace"]
+__all__ = ["Preset", "available_presets", "build_pruner", "check_budget", "default_retention", "frame_selectors",
+           "load_preset", "replace"]

@@ -113,7 +113,7 @@ def token_fates(state, visual_rows: torch.Tensor, num_layers: int, sampled_frame
     final = stand_in[row.clamp(min=0)]
     entered = row >= 0
     left_at_layer = torch.where(entered, token_left[final], torch.full_like(row, -1))
-    return TokenFates(
+    fates = TokenFates(
         grid=tuple(int(n) for n in tokens.grid),
         sampled_frames=int(sampled_frames),
         row=row,
@@ -124,6 +124,9 @@ def token_fates(state, visual_rows: torch.Tensor, num_layers: int, sampled_frame
         num_layers=int(num_layers),
         representative=_representatives(tokens, row, final),
     )
+    # frames a stage dropped before the encoder (pruning/core/frame_selection.py): back onto the decoded clip
+    selection = getattr(getattr(state, "clip", None), "frame_selection", None)
+    return fates if selection is None else selection.lift(fates)
 
 
 def _representatives(tokens, row: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
+import torch
 from torch.profiler import record_function
 
 from vidqa import flops as flops_model
@@ -13,8 +14,9 @@ from vidqa.errors import BadInput
 from vidqa.pruning.core.decode_kv import DecodeKVSelection
 from vidqa.pruning.core.decoder import DecoderPruning
 from vidqa.pruning.core.encoder import encode_inside
+from vidqa.pruning.core.frame_selection import SelectedClip, frames_per_unit, selected_clip
 from vidqa.pruning.core.runtime import STAGE_RANGE, Pruner, RequestState, stage_threads
-from vidqa.pruning.core.stage import DuringDecode, InsideEncoder
+from vidqa.pruning.core.stage import BeforeEncoder, DuringDecode, InsideEncoder
 from vidqa.tensors.device import synchronize
 
 
@@ -69,6 +71,7 @@ class PresetPruner(Pruner):
             raise BadInput(f"preset '{preset.name}': two in-LLM stages resolve to the same layer {layers} on this {self.num_layers}-layer model")
         self.budget_stage = self._pre_llm_budget_stage()
         self.encoder_stage = self._inside_encoder_stage(adapter)
+        self.frame_stage = self._before_encoder_stage()
         self.decode_stage = next((s for _, s in preset.stages if isinstance(s, DuringDecode)), None)
         if self.decode_stage is not None and self.bound:  # its cache rows assume no in-LLM dropping
             raise BadInput(f"preset '{preset.name}': a decode-time stage cannot be combined with in-LLM stages")
@@ -81,6 +84,45 @@ class PresetPruner(Pruner):
             lowest = sum(layer_counts(self.bound, 10_000, self.num_layers, {}, 0.0)) / (self.num_layers * 10_000)
             if keep < lowest - 1e-9:
                 raise BadInput(f"--keep {keep} is below what '{preset.name}' can reach on this {self.num_layers}-layer model (at least {lowest:.3f})")
+
+    # -- before the vision encoder ---------------------------------------------------------
+    def _before_encoder_stage(self) -> tuple[str, BeforeEncoder] | None:
+        """The preset's frame-selection stage (name, stage), or None."""
+        found = [(name, stage) for name, stage in self.preset.stages if isinstance(stage, BeforeEncoder)]
+        if len(found) > 1:
+            raise BadInput(f"preset '{self.preset.name}' has {len(found)} stages before the vision encoder; use one")
+        return found[0] if found else None
+
+    def before_encoder(self, clip):
+        """The clip of the frames the preset's before-encoder stage keeps (a `SelectedClip`: the
+        kept frames with their own indices and timestamps, and the record of the choice), or
+        `clip` itself without one. The unit is the family's temporal patch (Qwen-VL: a frame
+        pair), so the kept frames pair up as before. A clip this stage already selected comes
+        back as it is; one another stage selected is selected again from its decoded frames."""
+        if self.frame_stage is None:
+            return clip
+        name, stage = self.frame_stage
+        unit = frames_per_unit(self.adapter)
+        if isinstance(clip, SelectedClip):
+            if clip.selected_with == (name, stage, unit):
+                return clip
+            clip = clip.source
+        return selected_clip(clip, name, stage, unit)
+
+    def _record_frame_selection(self, prompt, state: RequestState) -> None:
+        """The selection's counts (before "vision encoder"), provenance and details, or one line
+        when the clip was not selected (a path that builds its prompt without `before_encoder`)."""
+        name, _ = self.frame_stage
+        selection = getattr(state.clip, "frame_selection", None)
+        if selection is None or selection.stage != name:
+            raise BadInput(f"preset '{self.preset.name}' picks frames before the vision encoder, which a session "
+                           f"reusing the video prefix (vidqa chat, batch) does not run yet; use vidqa ask or "
+                           f"vidqa chat --no-reuse")
+        encoded = len(prompt.visual_index)
+        # every unit gives the same tokens (one frame size per clip): the clip's, had every unit been encoded
+        state.record_stage("decoded frames", round(encoded * selection.num_units / max(len(selection.kept_units), 1)))
+        state.record_stage(name, encoded, origin=torch.arange(encoded))
+        state.details["frame_selection"] = selection.details()
 
     # -- inside the vision encoder ---------------------------------------------------------
     def _inside_encoder_stage(self, adapter) -> tuple[str, InsideEncoder] | None:
@@ -102,6 +144,12 @@ class PresetPruner(Pruner):
         return found[0]
 
     def encode_video(self, adapter, prompt, state: RequestState):
+        if self.frame_stage is not None:
+            self._record_frame_selection(prompt, state)
+            if self.encoder_stage is None:  # encoded here: a selected clip is this request's own, never cached by id
+                tokens = adapter.encode_video_for(prompt, vision_layer=self.vision_layer)
+                state.record_stage("vision encoder", len(tokens))
+                return tokens
         if self.encoder_stage is None:
             return None
         name, stage = self.encoder_stage

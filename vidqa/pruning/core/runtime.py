@@ -103,6 +103,11 @@ class Pruner:
     # question). Read by engine/session.py to decide whether the video prefix is reusable.
     preset = None
 
+    def before_encoder(self, clip):
+        """The clip of the frames to encode: the pruner's before-encoder stage picks them from the
+        decoded frames (pruning/core/frame_selection.py); the default keeps the clip as it is."""
+        return clip
+
     def encode_video(self, adapter, prompt, state: RequestState):
         """The clip's VisualTokens when the pruner's stages act inside the vision encoder (it
         then records the encoder's unpruned count and its stages' in `state`), else None: the

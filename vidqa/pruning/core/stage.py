@@ -7,7 +7,9 @@ holds each field's range and help) with one job:
   `context.budget` visual tokens;
 - `DuringDecode`: a setting the engine applies at every decoding step (pruning/core/decode_kv.py);
 - `InsideEncoder.apply(hidden, layer, last, state) -> FrameMerge | None`: after vision-encoder
-  layer k, on whole frames (models/encoder_stages.py runs it through hooks on the encoder).
+  layer k, on whole frames (models/encoder_stages.py runs it through hooks on the encoder);
+- `BeforeEncoder.select(frames, unit, carry) -> ChunkSelection`: on the decoded pixels, before the
+  processor and the encoder, which frames are encoded at all (pruning/core/frame_selection.py).
 Every hook and capability flag the pruner and the engine read is declared here with its default;
 a method overrides what it needs. Per-request state never lives on a stage.
 """
@@ -23,6 +25,7 @@ from vidqa.errors import BadInput
 
 if TYPE_CHECKING:  # for annotations only: the base classes need none of these at run time
     from vidqa.pruning.core.decoder import LayerContext, Selection
+    from vidqa.pruning.core.frame_selection import ChunkSelection
     from vidqa.pruning.core.runtime import RequestState
     from vidqa.tensors.frames import FrameMerge
     from vidqa.tensors.tokens import VisualTokens
@@ -53,7 +56,8 @@ class Stage:
     """
 
     kind: ClassVar[str] = ""
-    where: ClassVar[str] = ""  # "before LLM" | "inside LLM" | "during decode"
+    # "before vision encoder" | "inside vision encoder" | "before LLM" | "inside LLM" | "during decode"
+    where: ClassVar[str] = ""
 
     @classmethod
     def parameter_specs(cls) -> dict:
@@ -200,6 +204,32 @@ class InsideEncoder(Stage):
         patches, dim) is that layer's output for the frames still there. Returns how they
         merge (`FrameMerge`: rows, coefficients, and per-output-frame meta for later stages),
         or None to leave them. Stats go to `state.details`."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BeforeEncoder(Stage):
+    """A stage on the decoded frames, before the processor and the vision encoder: which frames
+    are encoded at all. It needs no model, so the frames it drops cost no preprocessing, no
+    encoder and no LLM tokens; the kept frames keep their indices and timestamps.
+
+    The unit is `unit` consecutive frames: 1, or the family's temporal patch size (Qwen-VL
+    encodes two frames as one temporal patch, so a pair is kept or dropped whole and the kept
+    frames still pair up as they did). `select` sees one chunk of whole units at a time with the
+    state carried from the chunk before it (None at the start of a clip), so a streaming
+    pipeline can run it chunk by chunk; `frame_selection.select_units` runs it over a whole clip.
+    A preset has at most one; it composes in front of any preset (`--prune dedup+evs`). Its
+    selection is data-driven (--keep/--flops do not set it): it decides which frames the clip
+    has, and --keep then counts the tokens of the frames it kept.
+    """
+
+    where: ClassVar[str] = "before vision encoder"
+
+    def select(self, frames, unit: int, carry) -> ChunkSelection:
+        """frames: uint8 numpy (F, H, W, 3), whole units of `unit` frames in time order (the
+        clip's last unit may be shorter); carry: the previous chunk's `ChunkSelection.carry`,
+        None for the clip's first chunk. Returns one keep flag and one score per unit, and the
+        carry for the next chunk. Per-request state lives in the carry, never on the stage."""
         raise NotImplementedError
 
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from vidqa.pruning.core.stage import BeforeLLM, DuringDecode, InsideEncoder, InsideLLM, Stage, scaled_layer
+from vidqa.pruning.core.stage import (
+    BeforeEncoder,
+    BeforeLLM,
+    DuringDecode,
+    InsideEncoder,
+    InsideLLM,
+    Stage,
+    scaled_layer,
+)
 from vidqa.pruning.methods.adatp import DebiasedSegmentSelect, SegmentDedup
+from vidqa.pruning.methods.dedup import FrameDedup
 from vidqa.pruning.methods.dycoke import DecodeAttentionKV, WindowTemporalMerge
 from vidqa.pruning.methods.earlytom import EarlyTomFrames, EarlyTomSpatial
 from vidqa.pruning.methods.evs import TemporalChangeSelect
@@ -29,7 +38,8 @@ STAGES: dict[str, type[Stage]] = {
         ADTSTreeMerge,
         HoliTomMergeStage, SimilarityMerge,
         EarlyTomFrames, EarlyTomSpatial,
+        FrameDedup,
     )
 }
 
-__all__ = ["STAGES", "BeforeLLM", "DuringDecode", "InsideEncoder", "InsideLLM", "Stage", "scaled_layer"]
+__all__ = ["STAGES", "BeforeEncoder", "BeforeLLM", "DuringDecode", "InsideEncoder", "InsideLLM", "Stage", "scaled_layer"]
