@@ -48,7 +48,7 @@ class Settings:
     end: float | None = None
     # pruning: a preset name or .yaml path, its budget (--keep or --flops), -P overrides
     prune: str = "none"
-    keep: float | None = None
+    keep: float | str | None = None  # a retention in (0, 1], or "auto": the one that fits the context
     flops: float | None = None
     params: tuple[str, ...] = ()
     # generation
@@ -57,6 +57,20 @@ class Settings:
     seed: int | None = None
     # the decode path: auto | eager | static | graphs (vidqa/engine/decode.py; README "Decode paths")
     decode: str = "auto"
+    # long videos (README "Long videos"): frames per streamed chunk (None: stream above
+    # engine.streaming.STREAM_ABOVE_FRAMES frames, chunks from the free memory), and the most
+    # visual tokens the LLM may receive (the retention is chosen to fit, as with keep="auto")
+    chunk_frames: int | None = None
+    max_visual_tokens: int | None = None
+
+    @property
+    def keep_auto(self) -> bool:
+        return self.keep == "auto"
+
+    @property
+    def keep_fraction(self) -> float | None:
+        """--keep as a number (None when it is "auto" or not given)."""
+        return None if self.keep_auto else self.keep
 
     def replace(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -88,7 +102,15 @@ def check_options(settings: Settings, video: str | Path | None = None) -> None:
         check_video_path(video)
     check_generation(settings.max_new_tokens, settings.temperature)
     check_decode(settings.decode)
-    check_budget(settings.keep, settings.flops)
+    if isinstance(settings.keep, str) and not settings.keep_auto:
+        raise BadInput(f"--keep must be a number in (0, 1] or 'auto', got '{settings.keep}'")
+    if settings.keep_auto and settings.flops is not None:
+        raise BadInput("give --keep auto or --flops, not both")
+    check_budget(settings.keep_fraction, settings.flops)
+    if settings.chunk_frames is not None and settings.chunk_frames < 1:
+        raise BadInput(f"--chunk-frames must be at least 1, got {settings.chunk_frames}")
+    if settings.max_visual_tokens is not None and settings.max_visual_tokens < 1:
+        raise BadInput(f"--max-visual-tokens must be at least 1, got {settings.max_visual_tokens}")
     frames = settings.frames if settings.frames is not None or settings.fps is not None else 1
     check_frame_options(frames, settings.fps, settings.start, settings.end)
 
@@ -101,7 +123,7 @@ def check_settings(settings: Settings, video: str | Path | None = None):
     check_options(settings, video)
     preset = load_preset(settings.prune, list(settings.params))
     if not preset.stages:  # `none`: its --keep/--flops limits need no model
-        build_pruner(preset, None, keep=settings.keep, flops=settings.flops)
+        build_pruner(preset, None, keep=settings.keep_fraction, flops=settings.flops)
     return preset
 
 
@@ -131,7 +153,7 @@ def decode_video(video: str | Path, settings: Settings, stats=None):
     options = frame_options(settings)
     stats = stats if stats is not None else Stats()
     with timed(stats.time, "video_decode_s"):
-        return decode(str(video), options)
+        return decode(str(video), options, chunk_frames=settings.chunk_frames)
 
 
 def generation_options(settings: Settings):
@@ -197,10 +219,12 @@ class Result:
         """Draw the frames with each visual token's fate (needs matplotlib) -> the image's path."""
         from vidqa.errors import RuntimeFailure
         from vidqa.render.show_kept import describe, draw_kept
+        from vidqa.video.decode import load_frames
 
         if self.answer.kept is None:
             raise RuntimeFailure("no kept-token image: this request's tokens carry no provenance")
-        draw_kept(self.answer.kept, self.clip.frames, self.clip.timestamps, Path(path),
+        clip = load_frames(self.clip)  # a streamed clip is decoded again, for the drawing only
+        draw_kept(self.answer.kept, clip.frames, clip.timestamps, Path(path),
                   describe(self.settings.model, self.preset.name, self.settings.keep, question, self.stats))
         return Path(path)
 
@@ -239,7 +263,7 @@ class Model:
         from vidqa.pruning.core.presets import build_pruner
 
         settings = settings or self.settings
-        return build_pruner(self.preset(settings), self.adapter, keep=settings.keep, flops=settings.flops)
+        return build_pruner(self.preset(settings), self.adapter, keep=settings.keep_fraction, flops=settings.flops)
 
     def frame_options(self, settings: Settings):
         """FrameOptions for `settings`, worked out once (the reference rule reads the config)."""
@@ -256,7 +280,8 @@ class Model:
             "frames": options.frames, "fps": settings.fps, "start": settings.start, "end": settings.end,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "attn": settings.attn,
             "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "seed": settings.seed,
-            "decode": settings.decode,
+            "decode": settings.decode, "chunk_frames": settings.chunk_frames,
+            "max_visual_tokens": settings.max_visual_tokens,
             "keep": settings.keep, "flops": settings.flops, "preset_parameters": preset.parameters(),
             "positions": preset.positions, "max_pixels": settings.max_pixels,
             "sampling": options.sampling.describe() if options.sampling is not None else None,
@@ -272,14 +297,16 @@ class Model:
         from vidqa.engine.stats import timed
 
         with timed(stats.time, "video_decode_s"):
-            return decode(str(video), self.frame_options(settings))
+            return decode(str(video), self.frame_options(settings), chunk_frames=settings.chunk_frames)
 
     def ask(self, video, question: str, settings: Settings | None = None, *,
-            on_text: Callable[[str], None] | None = None, stats=None, encoded_cache=None, **changes) -> Result:
+            on_text: Callable[[str], None] | None = None, stats=None, encoded_cache=None,
+            progress: Callable | None = None, **changes) -> Result:
         """Answer `question` about `video` (a path, or a Clip from `decode_video`).
 
         settings/changes: this request's settings (default: the model's, with `changes` applied,
-        e.g. prune="evs", keep=0.3). on_text receives the answer as it streams."""
+        e.g. prune="evs", keep=0.3). on_text receives the answer as it streams; progress, a
+        long video's `engine.streaming.Progress` after each chunk."""
         from vidqa.engine import request as engine
         from vidqa.engine.stats import Stats
 
@@ -287,10 +314,15 @@ class Model:
         stats = stats if stats is not None else Stats()
         pruner = self.pruner(settings)
         clip = self._clip(video, settings, stats)
+        long_video = engine.LongVideoOptions(chunk_frames=settings.chunk_frames, keep_auto=settings.keep_auto,
+                                             max_visual_tokens=settings.max_visual_tokens, progress=progress)
         answer = engine.answer(self.adapter, clip, question, generation_options(settings), pruner=pruner,
-                               on_text=on_text, stats=stats, encoded_cache=encoded_cache)
+                               on_text=on_text, stats=stats, encoded_cache=encoded_cache, long_video=long_video)
         parameters = self.parameters(settings, generation=answer.generation)
-        return Result(answer, clip, settings, self.preset(settings), parameters)
+        if "fit" in answer.details:  # --keep auto / --max-visual-tokens chose the positions rule too
+            parameters["positions"] = answer.details["fit"]["positions"]
+        preset = self.preset(settings) if answer.preset is None else answer.preset
+        return Result(answer, clip, settings, preset, parameters)
 
     def session(self, video, settings: Settings | None = None, *, history: bool = False, reuse: bool = True,
                 encoded_cache=None, stats=None, **changes) -> Session:
@@ -298,10 +330,13 @@ class Model:
         question-agnostic pre-LLM presets) prefilled once (vidqa/engine/session.py)."""
         from vidqa.engine.session import VideoSession
         from vidqa.engine.stats import Stats
+        from vidqa.video.decode import load_frames
 
         settings = self._settings(settings, changes)
+        if settings.keep_auto or settings.max_visual_tokens is not None:
+            raise BadInput("--keep auto and --max-visual-tokens work with vidqa ask; give --keep a number here")
         stats = stats if stats is not None else Stats()
-        clip = self._clip(video, settings, stats)
+        clip = load_frames(self._clip(video, settings, stats))  # a session holds the decoded clip
         pruner = self.pruner(settings)
         session = VideoSession(self.adapter, clip, pruner, generation_options(settings), reuse=reuse,
                                history=history, encoded_cache=encoded_cache)

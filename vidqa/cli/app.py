@@ -20,6 +20,7 @@ from vidqa.cli.common import (
     EXIT_CODES,
     Attention,
     AttnOpt,
+    ChunkFramesOpt,
     Decode,
     DecodeOpt,
     Device,
@@ -34,8 +35,10 @@ from vidqa.cli.common import (
     KeepOpt,
     MaxNewOpt,
     MaxPixelsOpt,
+    MaxVisualTokensOpt,
     ModelOpt,
     ParamOpt,
+    ProgressBar,
     PruneOpt,
     SeedOpt,
     ShowKeptOpt,
@@ -144,6 +147,8 @@ def ask(
     keep: KeepOpt = None,
     flops: FlopsOpt = None,
     param: ParamOpt = None,
+    chunk_frames: ChunkFramesOpt = None,
+    max_visual_tokens: MaxVisualTokensOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer token by token.")] = True,
     stats: Annotated[
         Optional[bool], typer.Option("--stats/--no-stats", help="Stats table on stderr [default: on when stderr is a terminal].", show_default=False)
@@ -170,6 +175,7 @@ def ask(
         model=model, device=device, dtype=dtype, attn=attn, max_pixels=max_pixels, device_map=device_map,
         system=system, frames=frames, fps=fps, start=start, end=end, prune=prune, keep=keep, flops=flops,
         param=param, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, decode=decode,
+        chunk_frames=chunk_frames, max_visual_tokens=max_visual_tokens,
     )
     if server:  # vidqa/cli/serve.py: no torch here, the server has the model
         cli_serve.ask_remote(server, video, question, settings, stream=stream, stats=stats, as_json=as_json,
@@ -196,7 +202,9 @@ def ask(
             for note in loaded.notes:
                 err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         streaming = stream and not as_json
-        result = loaded.ask(clip, text, on_text=stdout_writer() if streaming else None, stats=run_stats)
+        with ProgressBar(wanted=not quiet and not as_json) as progress:
+            result = loaded.ask(clip, text, on_text=stdout_writer() if streaming else None, stats=run_stats,
+                                progress=progress)
     except VidqaError as error:
         fail(error)
         return

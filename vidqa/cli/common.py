@@ -158,7 +158,9 @@ SystemOpt = Annotated[
     Optional[str], typer.Option("--system", help="System prompt; \"\" for none. Default: the family's (LLaVA-OneVision: the one it was trained with; Qwen2.5-VL: its chat template's).", show_default=False)
 ]
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
-KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; default: the preset's paper setting.")]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; 'auto' = the most that fits the model's context (with --prune none: evs), and the positions rule that fits, both reported; default: the preset's paper setting.", show_default=False)]
+ChunkFramesOpt = Annotated[Optional[int], typer.Option("--chunk-frames", help="Decode, encode and prune the video this many frames at a time (bounded memory; Qwen-VL rounds up to an even count). Default: chunks sized from the free memory for clips of more than 128 frames, else one piece (README \"Long videos\").", show_default=False)]
+MaxVisualTokensOpt = Annotated[Optional[int], typer.Option("--max-visual-tokens", help="At most this many visual tokens for the LLM: the retention (and positions) are chosen to fit, as with --keep auto.", show_default=False)]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
 ShowKeptOpt = Annotated[Optional[Path], typer.Option("--show-kept", metavar="PNG", help="Also draw the sampled frames with each visual token's cell shaded: kept, merged, dropped before or inside the LLM (needs matplotlib: pip install -e \".[plot]\").", show_default=False)]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-P", help="Override a preset parameter: -P ratio=0.3 or -P select.layer=4 (repeatable).")]
@@ -182,17 +184,66 @@ def stdout_writer():
     return write
 
 
+def keep_value(text: str | None) -> float | str | None:
+    """--keep as given: a number, or "auto"; anything else stays text for `api.check_options` to
+    refuse in one line."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def request_settings(*, model, device, dtype, attn, max_pixels, device_map, system, frames, fps, start, end, prune,
-                     keep, flops, param, max_new_tokens, temperature, seed, decode):
+                     keep, flops, param, max_new_tokens, temperature, seed, decode, chunk_frames=None,
+                     max_visual_tokens=None):
     """The shared options of `ask` and `chat` as `vidqa.api.Settings` (the enums' values, -P as a tuple)."""
     from vidqa import api
 
     return api.Settings(
         model=model, device=device.value, dtype=dtype.value, attn=attn.value, max_pixels=max_pixels,
         device_map=device_map.value if device_map else None, system=system, frames=frames, fps=fps, start=start,
-        end=end, prune=prune, keep=keep, flops=flops, params=tuple(param or ()), max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, decode=decode.value,
+        end=end, prune=prune, keep=keep_value(keep), flops=flops, params=tuple(param or ()),
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, decode=decode.value,
+        chunk_frames=chunk_frames, max_visual_tokens=max_visual_tokens,
     )
+
+
+class ProgressBar:
+    """A long video's progress on stderr (rich): frames encoded, visual tokens kept so far. Drawn
+    only on a terminal and never with -q/--json (`wanted`); the engine calls it after each chunk
+    (vidqa.engine.streaming.Progress), and it is closed by leaving the `with`."""
+
+    def __init__(self, wanted: bool):
+        self.wanted, self.bar, self.task, self.done = wanted and interactive(), None, None, False
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, progress) -> None:
+        if not self.wanted or self.done:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[kept]}"),
+                                TimeElapsedColumn(), console=err_console, transient=True, redirect_stdout=False,
+                                redirect_stderr=False)
+            self.bar.start()
+            self.task = self.bar.add_task("frames", total=progress.frames_total, kept="")
+        self.bar.update(self.task, completed=progress.frames_done, kept=f"{progress.tokens_kept} tokens kept")
+        if progress.frames_done >= progress.frames_total:  # gone before the answer streams
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        self.bar, self.done = None, True
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def write_answer(text: str, record: dict | None, streaming: bool) -> None:

@@ -12,6 +12,7 @@ from transformers import TextStreamer
 
 from vidqa import flops as flops_model
 from vidqa.engine import decode as decoding
+from vidqa.engine import fit, streaming
 from vidqa.engine.context_fit import PromptExtent, remedies
 from vidqa.engine.generation import generation_overrides, generation_settings, sampling_note
 from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
@@ -21,7 +22,7 @@ from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch, cache_ke
 from vidqa.pruning.core.provenance import token_fates
 from vidqa.pruning.core.runtime import NO_PRUNING, Pruner, RequestState
 from vidqa.pruning.core.verify import PrefillCheck
-from vidqa.video.decode import Clip, load_clip
+from vidqa.video.decode import Clip, load_frames, plan_clip
 from vidqa.video.frame_rules import FrameRule, UniformFrames
 
 
@@ -53,6 +54,7 @@ class Answer:
     details: dict = field(default_factory=dict)  # the preset's method-specific stats
     generation: dict = field(default_factory=dict)  # the generation settings in effect (`generation_settings`)
     kept: object = None  # pruning.provenance.TokenFates: where each visual token went (None: unknown)
+    preset: object = None  # the Preset that ran when --keep auto chose another than asked (`none` -> evs)
 
 
 class _CallbackStreamer(TextStreamer):
@@ -89,9 +91,12 @@ class _StepClock:
         self._handle.remove()
 
 
-def decode_video(path: str, options: FrameOptions) -> Clip:
-    return load_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end,
+def decode_video(path: str, options: FrameOptions, chunk_frames: int | None = None) -> Clip:
+    """The clip the options sample: decoded, or only planned (its frames decoded a chunk at a
+    time later, engine/streaming.py) when it will stream (`streaming.wants_streaming`)."""
+    clip = plan_clip(path, num_frames=options.frames, fps=options.fps, start=options.start, end=options.end,
                      sampling=options.sampling or UniformFrames(32))
+    return clip if streaming.wants_streaming(clip.num_frames, chunk_frames) else load_frames(clip)
 
 
 def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, encoded_cache: dict | None = None,
@@ -115,6 +120,62 @@ def encoded_video(adapter: ModelAdapter, clip: Clip, prompt, pruner: Pruner, enc
     return tokens
 
 
+@dataclass
+class LongVideoOptions:
+    """How a long video is handled (engine/streaming.py, engine/fit.py; README "Long videos").
+
+    chunk_frames: stream with chunks of this many frames (None: stream a planned clip, or one of
+    more than streaming.STREAM_ABOVE_FRAMES frames, with chunks sized from the free memory).
+    keep_auto: choose the retention (and positions) that fit the context; max_visual_tokens: at
+    most this many visual tokens for the LLM. progress: called after each streamed chunk
+    (`streaming.Progress`)."""
+
+    chunk_frames: int | None = None
+    keep_auto: bool = False
+    max_visual_tokens: int | None = None
+    progress: Callable | None = None
+
+
+def video_tokens(adapter, clip: Clip, question: str, pruner: Pruner, stats: Stats, history: tuple = (),
+                 encoded_cache: MutableMapping | None = None, long_video: LongVideoOptions | None = None,
+                 answer_tokens: int = 0):
+    """The prompt and the tokens for the LLM: decoded, encoded and pruned in one piece, or a chunk
+    at a time (engine/streaming.py) -> (prompt, tokens, state, pruner: the one that ran, fitted
+    to the context by --keep auto / --max-visual-tokens, engine/fit.py). `state.clip` is the clip
+    the prompt holds. answer_tokens: the room the context keeps for the answer."""
+    long_video = long_video or LongVideoOptions()
+    device = adapter.model.device
+    streamed = clip.planned or streaming.wants_streaming(clip.num_frames, long_video.chunk_frames)
+    refusal = streaming.streaming_refusal(adapter, pruner) if streamed else None
+    if refusal is not None and long_video.chunk_frames is not None:
+        raise BadInput(f"--chunk-frames: {refusal}; leave --chunk-frames out")
+    notes = [f"the clip was decoded and encoded in one piece: {refusal}"] if refusal is not None else []
+    fitting = fit.Fitting(adapter, pruner, long_video.keep_auto, long_video.max_visual_tokens, answer_tokens, notes)
+    if streamed and refusal is None:
+        prompt, tokens, state = streaming.streamed_video(
+            adapter, clip, question, fitting, stats, history=history, chunk_frames=long_video.chunk_frames,
+            progress=long_video.progress, notes=notes)
+        return prompt, tokens, state, fitting.pruner
+    if clip.planned:
+        started = time.perf_counter()
+        clip = load_frames(clip)
+        stats.time.video_decode_s += time.perf_counter() - started
+    with timed(stats.time, "preprocess_s", device):
+        clip = pruner.before_encoder(clip)  # issue #35: a preset's frame selection, before the processor and encoder
+        prompt = adapter.prompt_for_clip(clip, question, history=history)
+    pruner = fitting.fit(prompt, clip.num_frames)
+    state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device, notes=notes)
+    fitting.apply_to(state)
+    with timed(stats.time, "vision_encoder_s", device):
+        tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache, state)
+    if not state.stage_counts:  # else an in-encoder stage recorded the encoder's count and its own
+        state.record_stage("vision encoder", len(tokens))
+    with timed(stats.time, "pruning_s", device):
+        tokens = pruner.before_llm(tokens, state)
+    state.llm_tokens = tokens
+    return prompt, tokens, state, pruner
+
+
 def answer(
     adapter: ModelAdapter,
     clip: Clip,
@@ -125,13 +186,16 @@ def answer(
     stats: Stats | None = None,
     encoded_cache: MutableMapping | None = None,
     history: tuple = (),
+    long_video: LongVideoOptions | None = None,
 ) -> Answer:
-    """Answer `question` about an already decoded `clip`. `on_text` receives streamed text.
+    """Answer `question` about `clip` (decoded, or planned: its frames decoded a chunk at a time).
+    `on_text` receives streamed text.
 
     encoded_cache: optional mapping reused across calls (batch mode); the vision encoder's output
     for a clip is stored under id(clip), so a clip asked several questions is encoded once.
     Keep the clip object alive as long as the cache holds it.
     history: earlier (question, answer) turns about the same clip (see ModelAdapter.build_prompt).
+    long_video: streaming and context fitting (`LongVideoOptions`).
     """
     generation = generation or GenerationOptions()
     if not question.strip():
@@ -141,18 +205,11 @@ def answer(
     total_start = time.perf_counter()
     memory = RequestMemory(device).start()
 
-    with timed(stats.time, "preprocess_s", device):
-        clip = pruner.before_encoder(clip)  # a preset's frame selection, before the processor and encoder
-        prompt = adapter.prompt_for_clip(clip, question, history=history)
+    asked = pruner
     with torch.inference_mode():
-        state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=question, device=device)
-        with timed(stats.time, "vision_encoder_s", device):
-            tokens = encoded_video(adapter, clip, prompt, pruner, encoded_cache, state)
-        if not state.stage_counts:  # else an in-encoder stage recorded the encoder's count and its own
-            state.record_stage("vision encoder", len(tokens))
-        with timed(stats.time, "pruning_s", device):
-            tokens = pruner.before_llm(tokens, state)
-        state.llm_tokens = tokens
+        prompt, tokens, state, pruner = video_tokens(adapter, clip, question, pruner, stats, history, encoded_cache,
+                                                     long_video, answer_tokens=generation.max_new_tokens)
+        clip = state.clip
         inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
         check_context(adapter, prompt, inputs, generation, state, clip.num_frames)
         text = generate_text(adapter, inputs, generation, pruner, state, stats, on_text)
@@ -163,7 +220,8 @@ def answer(
     stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
     stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
-                  generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs))
+                  generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs),
+                  preset=getattr(pruner, "preset", None) if pruner is not asked else None)
 
 
 def request_fates(adapter, clip, state, inputs):

@@ -8,7 +8,7 @@ The engine and the pruning stages only talk to this interface, so a new family i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -171,12 +171,15 @@ class ModelAdapter:
             )
 
     # --- prompt and vision -------------------------------------------------------------
-    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
+    def prompt_for_clip(self, clip, question: str, history: tuple = (), processor_kwargs: dict | None = None) -> Prompt:
         """The prompt for a decoded `vidqa.video.decode.Clip`; families that use more of the clip than
-        frames and timestamps (its sampling rate, its duration) override this."""
-        return self.build_prompt(clip.frames, clip.timestamps, question, history=history)
+        frames and timestamps (its sampling rate, its duration) override this. processor_kwargs:
+        extra keyword arguments for the processor call (`prompt_layout`'s stand-in frames)."""
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history,
+                                 processor_kwargs=processor_kwargs)
 
-    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (),
+                     processor_kwargs: dict | None = None) -> Prompt:
         """The processed prompt: the video, then `question`. history: earlier (question,
         answer) turns of a conversation about the same video (`vidqa chat --history`); the
         video goes in the first turn (`conversation` builds the messages)."""
@@ -300,3 +303,43 @@ class ModelAdapter:
         half = states.shape[-1] // 2
         rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
         return states * cos + rotated * sin
+
+    # --- streamed requests (engine/streaming.py; docs/design.md, "Long videos") ----------------
+    # whether `prompt_layout` and `chunk_prompt` hold for this family; False: a long video is
+    # decoded and encoded in one piece, with a note
+    streams: ClassVar[bool] = False
+    # a chunk's frame count must be a multiple of this (Qwen-VL: 2 frames make one temporal patch)
+    stream_frame_multiple: ClassVar[int] = 1
+    # side in px of the stand-in frames `prompt_layout` hands the processor
+    stand_in_side: ClassVar[int] = 2
+    # True for M-RoPE families: a position is a (time, row, col) coordinate (`full_positions`),
+    # so pruning shortens the rows, never the position range (engine/fit.py)
+    mrope: ClassVar[bool] = False
+
+    def prompt_layout(self, clip, question: str, history: tuple = (), first_chunk: Prompt | None = None) -> Prompt:
+        """The prompt of `clip` (a planned Clip: frame count and times, no pixels needed) with every
+        input but the pixels: the input ids, the visual rows, the grid inputs the positions read.
+
+        The processor builds it itself from blank stand-in frames it does not resize: for these
+        families the prompt's text and token counts depend on the frame count and times, not on
+        the pixels (tests/test_streaming.py checks it against the one-shot prompt). A family
+        whose token count per frame depends on the frame size reads it from `first_chunk` (the
+        first chunk's `chunk_prompt`)."""
+        import numpy as np
+
+        side = self.stand_in_side
+        stand_in = replace(clip, frames=np.zeros((clip.num_frames, side, side, 3), dtype=np.uint8))
+        prompt = self.prompt_for_clip(stand_in, question, history, processor_kwargs={"do_resize": False})
+        return without_pixels(prompt)
+
+    def chunk_prompt(self, chunk, total_frames: int) -> Prompt:
+        """The processor's pixel inputs for `chunk` (a decoded piece of a clip of `total_frames`
+        frames), exactly as the whole clip's prompt holds them for those frames; its text and rows
+        are not used (`engine/streaming.py` takes the rows from `prompt_layout`)."""
+        return self.prompt_for_clip(chunk, "?")
+
+
+def without_pixels(prompt: Prompt) -> Prompt:
+    """`prompt` without its pixel inputs (a layout: `ModelAdapter.prompt_layout`)."""
+    inputs = {key: value for key, value in prompt.inputs.items() if not key.startswith("pixel_")}
+    return replace(prompt, inputs=inputs)

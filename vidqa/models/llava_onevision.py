@@ -41,11 +41,14 @@ class LlavaOnevisionAdapter(ModelAdapter):
     default_system_prompt = "You are a helpful assistant."
     stop_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2 chat markup
 
-    def build_prompt(self, frames, timestamps, question: str, history: tuple = ()) -> Prompt:
+    streams = True
+
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (),
+                     processor_kwargs: dict | None = None) -> Prompt:
         # LLaVA-OneVision's processor takes no timestamps: the model was trained without them.
         conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        inputs = self.processor(text=text, videos=[frames], return_tensors="pt")
+        inputs = self.processor(text=text, videos=[frames], return_tensors="pt", **(processor_kwargs or {}))
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()
         return Prompt(
             inputs=dict(inputs),

@@ -51,6 +51,8 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     checkpoints = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
     token_side = TOKEN_SIDE
+    streams = True  # prompt_layout + chunk_prompt hold (tests/test_streaming.py)
+    mrope = True
     # without second_per_grid_ts get_rope_index silently falls back to 1-D positions
     rope_index_inputs = (*QwenVLAdapter.rope_index_inputs, "second_per_grid_ts")
     stop_tokens = ("<|im_end|>", "<|endoftext|>")  # its generation_config lists both; forks often only one
@@ -82,7 +84,8 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         return processor_class(image_processor=image_processor, video_processor=video_processor,
                                tokenizer=tokenizer, chat_template=chat_template)
 
-    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None) -> dict:
+    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None,
+                     budget_frames: int | None = None) -> dict:
         """Processor kwargs for our already sampled (and reference-resized) frames: their timing,
         and the checkpoint's own pixel budget unless `--max-pixels` replaces it."""
         fps = sample_fps if sample_fps is not None else sampled_fps(timestamps)
@@ -96,9 +99,9 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
             kwargs["size"] = {"shortest_edge": min(shortest, self.max_pixels), "longest_edge": self.max_pixels}
         return kwargs
 
-    def processor_video(self, frames) -> torch.Tensor:
+    def processor_video(self, frames, budget_frames: int | None = None) -> torch.Tensor:
         """The frames resized as qwen-vl-utils does (`qwen_vl_sizing`): float [T, 3, h, w]."""
-        return qwen_vl_sizing.resize_frames(frames, self.max_pixels)
+        return qwen_vl_sizing.resize_frames(frames, self.max_pixels, budget_frames)
 
     def merge_unit_order(self, prompt: Prompt) -> torch.Tensor:
         """Windowed blocks attend within windows, full-attention blocks within one temporal patch:

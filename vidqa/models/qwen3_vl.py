@@ -74,6 +74,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
         "Qwen/Qwen3-VL-30B-A3B-Instruct",
     )
     token_side = TOKEN_SIDE
+    streams = True  # prompt_layout + chunk_prompt hold (tests/test_streaming.py)
+    mrope = True
 
     @property
     def deepstack_layers(self) -> int:
@@ -81,13 +83,15 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return len(self.model.config.vision_config.deepstack_visual_indexes)
 
     # --- prompt and vision -------------------------------------------------------------
-    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None) -> dict:
+    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None,
+                     budget_frames: int | None = None) -> dict:
         """Processor kwargs for our sampled frames: their times, and the per-frame pixel budget
-        (`sample_fps` is not needed: the processor writes each temporal patch's time)."""
+        of a clip of `budget_frames` (default `num_frames`) frames (`sample_fps` is not needed:
+        the processor writes each temporal patch's time)."""
         video_processor = self.processor.video_processor
         factor = video_processor.patch_size * video_processor.merge_size
         self.check_max_pixels(self.max_pixels)
-        low, high = frame_pixel_budget(num_frames, factor, self.max_pixels)
+        low, high = frame_pixel_budget(budget_frames or num_frames, factor, self.max_pixels)
         # the processor writes each temporal patch's time as mean(frames_indices / fps): give it seconds at fps 1
         metadata = {"total_num_frames": num_frames, "fps": 1.0, "frames_indices": [float(t) for t in timestamps]}
         return {

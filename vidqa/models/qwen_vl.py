@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -98,28 +99,73 @@ class QwenVLAdapter(ModelAdapter):
             )
 
     # --- prompt and vision (hooks: processor_video, video_kwargs, deepstack_features) --------
-    def processor_video(self, frames):
-        """What the processor receives for uint8 frames [T, H, W, 3] (hook: as they are)."""
+    def processor_video(self, frames, budget_frames: int | None = None):
+        """What the processor receives for uint8 frames [T, H, W, 3] (hook: as they are).
+        budget_frames: the frame count the pixel budget is shared by (default T; a streamed
+        chunk's is the whole clip's)."""
         return frames
 
-    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None) -> dict:
+    def video_kwargs(self, timestamps, num_frames: int, sample_fps: float | None = None,
+                     budget_frames: int | None = None) -> dict:
         """Processor kwargs for our sampled frames: their timing (`timestamps`, the clip's
-        `sample_fps`) and the pixel budget. Each family implements it."""
+        `sample_fps`) and the pixel budget (shared by `budget_frames`, default `num_frames`).
+        Each family implements it."""
         raise NotImplementedError
 
-    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
-        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, sample_fps=clip.sample_fps)
+    def prompt_for_clip(self, clip, question: str, history: tuple = (), processor_kwargs: dict | None = None) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, sample_fps=clip.sample_fps,
+                                 processor_kwargs=processor_kwargs)
 
-    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), sample_fps: float | None = None) -> Prompt:
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), sample_fps: float | None = None,
+                     processor_kwargs: dict | None = None, budget_frames: int | None = None) -> Prompt:
         conversation = self.conversation(question, history)
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, **self.chat_template_kwargs)
+        video = frames if processor_kwargs else self.processor_video(frames, budget_frames)  # stand-ins stay as they are
         inputs = self.processor(
-            text=text, videos=[self.processor_video(frames)], return_tensors="pt",
-            **self.video_kwargs(timestamps, len(frames), sample_fps),
+            text=text, videos=[video], return_tensors="pt",
+            **self.video_kwargs(timestamps, len(frames), sample_fps, budget_frames), **(processor_kwargs or {}),
         )
         inputs = {key: value for key, value in inputs.items() if key != "video_metadata"}
         video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()
         return Prompt(inputs=inputs, visual_index=video_positions, fixed_visual_index=video_positions[:0], text=text)
+
+    # --- streamed requests ------------------------------------------------------------------
+    # (each family says `streams = True` itself once its layout is tested: tests/test_streaming.py)
+    stream_frame_multiple = 2  # a chunk holds whole temporal patches
+
+    def chunk_prompt(self, chunk, total_frames: int) -> Prompt:
+        """The chunk's pixels, resized within the WHOLE clip's pixel budget (it depends on the
+        frame count). An odd last chunk gets its last frame twice, as the processor pads a whole
+        clip of an odd count (Qwen3-VL's refuses a lone frame)."""
+        frames, times = chunk.frames, chunk.timestamps
+        if len(frames) % 2:
+            frames, times = np.concatenate([frames, frames[-1:]]), np.concatenate([times, times[-1:]])
+        return self.build_prompt(frames, times, "?", sample_fps=chunk.sample_fps, budget_frames=total_frames)
+
+    def prompt_layout(self, clip, question: str, history: tuple = (), first_chunk: Prompt | None = None) -> Prompt:
+        """The processor's prompt for stand-in frames of one merged token each (patch x merge px,
+        not resized), every `<|video_pad|>` row then widened to the rows of one temporal patch of
+        the real frames (`first_chunk`'s grid), and `video_grid_thw` set to the real grid: the
+        timestamps, wrappers and text are the processor's own."""
+        video_processor = self.processor.video_processor
+        side = video_processor.patch_size * video_processor.merge_size
+        stand_in = torch.zeros((clip.num_frames, 3, side, side))
+        prompt = self.build_prompt(np.asarray(stand_in), clip.timestamps, question, history=history,
+                                   sample_fps=clip.sample_fps, processor_kwargs={"do_resize": False})
+        _, height, width = (int(v) for v in first_chunk.inputs["video_grid_thw"][0])
+        per_patch = height * width // self.spatial_merge_size ** 2
+        ids = prompt.inputs["input_ids"]
+        widths = torch.where(ids[0] == self.video_token_id, per_patch, 1)
+        inputs = {key: value for key, value in prompt.inputs.items() if not key.startswith("pixel_")}
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if key in inputs:
+                inputs[key] = inputs[key].repeat_interleave(widths, dim=1)
+        grid = inputs["video_grid_thw"].clone()
+        grid[0, 1], grid[0, 2] = height, width
+        inputs["video_grid_thw"] = grid
+        video_positions = (inputs["input_ids"][0] == self.video_token_id).nonzero().flatten()
+        return Prompt(inputs=inputs, visual_index=video_positions, fixed_visual_index=video_positions[:0],
+                      text=prompt.text)
 
     def token_grid(self, prompt: Prompt) -> tuple[int, int, int]:
         """(temporal patches, rows, cols) of the LLM's video tokens."""

@@ -23,6 +23,25 @@ FRAME_FACTOR = 2  # two frames per temporal patch
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # 100,352 per frame
 VIDEO_MAX_PIXELS = 768 * 28 * 28  # 602,112 per frame
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800 across the video (its env default)
+# qwen-vl-utils reads the total budget from this environment variable (VIDEO_TOTAL_PIXELS =
+# int(float(os.environ.get('VIDEO_MAX_PIXELS', 128000 * 28 * 28 * 0.9)))): vidqa honours it the same way
+TOTAL_PIXELS_ENV = "VIDEO_MAX_PIXELS"
+
+
+def video_total_pixels() -> int:
+    """The total pixel budget of a video: $VIDEO_MAX_PIXELS when set (as qwen-vl-utils), else 90,316,800."""
+    import os
+
+    value = os.environ.get(TOTAL_PIXELS_ENV)
+    if value is None:
+        return VIDEO_TOTAL_PIXELS
+    try:
+        return int(float(value))
+    except ValueError:
+        from vidqa.errors import BadInput
+
+        raise BadInput(f"{TOTAL_PIXELS_ENV} must be a number of pixels (qwen-vl-utils' total video budget), "
+                       f"got '{value}'") from None
 MAX_RATIO = 200
 
 
@@ -36,7 +55,7 @@ def frame_pixel_limit(num_frames: int, max_pixels: int | None = None) -> tuple[i
     """
     cap = VIDEO_MAX_PIXELS if max_pixels is None else max_pixels
     min_pixels = min(VIDEO_MIN_PIXELS, cap)
-    share = VIDEO_TOTAL_PIXELS / max(num_frames, 1) * FRAME_FACTOR
+    share = video_total_pixels() / max(num_frames, 1) * FRAME_FACTOR
     return min_pixels, min(max(min(cap, share), int(min_pixels * 1.05)), cap)
 
 
@@ -64,13 +83,15 @@ def reference_size(num_frames: int, height: int, width: int, max_pixels: int | N
     return smart_resize(height, width, min_pixels, limit)
 
 
-def resize_frames(frames: np.ndarray, max_pixels: int | None = None) -> torch.Tensor:
+def resize_frames(frames: np.ndarray, max_pixels: int | None = None, budget_frames: int | None = None) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [T, 3, h, w] at `reference_size`, as fetch_video does it
-    (bicubic, antialiased, values left in 0..255 unrounded for the processor to rescale)."""
+    (bicubic, antialiased, values left in 0..255 unrounded for the processor to rescale).
+    budget_frames: the frames the total budget is shared by (default T; a streamed chunk's
+    frames share the whole clip's)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import resize
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     height, width = video.shape[-2:]
-    size = reference_size(video.shape[0], int(height), int(width), max_pixels)
+    size = reference_size(budget_frames or video.shape[0], int(height), int(width), max_pixels)
     return resize(video, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()

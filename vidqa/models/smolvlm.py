@@ -78,10 +78,14 @@ class SmolVLMAdapter(ModelAdapter):
         max_frames = getattr(video_processor, "num_frames", None) or cls.frame_rule.max_frames
         return SmolVLMFrames(fps=float(fps), max_frames=int(max_frames))
 
-    def prompt_for_clip(self, clip, question: str, history: tuple = ()) -> Prompt:
-        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, duration=clip.duration)
+    streams = True
 
-    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), duration: float | None = None) -> Prompt:
+    def prompt_for_clip(self, clip, question: str, history: tuple = (), processor_kwargs: dict | None = None) -> Prompt:
+        return self.build_prompt(clip.frames, clip.timestamps, question, history=history, duration=clip.duration,
+                                 processor_kwargs=processor_kwargs)
+
+    def build_prompt(self, frames, timestamps, question: str, history: tuple = (), duration: float | None = None,
+                     processor_kwargs: dict | None = None) -> Prompt:
         """duration: the video's length in seconds for the intro line, as the processor writes it
         when it reads the file itself; None = the last timestamp (its fallback)."""
         conversation = self.conversation(question, history)
@@ -93,7 +97,8 @@ class SmolVLMAdapter(ModelAdapter):
         # videos nested per prompt ([[clip]]): transformers < 5.23 counts len(videos[i]) as that
         # prompt's number of videos, so a flat [clip] read as one video per frame; >= 5.23 takes both
         inputs = self.processor(
-            text=text, videos=[[frames]], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+            text=text, videos=[[frames]], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt",
+            **(processor_kwargs or {}),
         )
         inputs = {key: value for key, value in inputs.items() if key != "video_metadata"}
         image_positions = (inputs["input_ids"][0] == self.image_token_id).nonzero().flatten()

@@ -10,6 +10,10 @@ Anything wrong with the path, the options or the file raises `BadInput` with one
 bad value. A file that ends early (truncated after its index) is read as far as it goes: the frames
 that decode are kept and a note says how many were lost; `BadInput` only if none decodes. (A
 truncated mp4 whose index comes last, as OpenCV writes them, cannot be opened at all: `BadInput`.)
+
+Long videos (engine/streaming.py): `plan_clip` chooses the frames without decoding any (a `Clip`
+whose `frames` is None) and `clip_chunks` decodes them a chunk at a time, so the decoded pixels
+held at once are one chunk's, whatever the video's length.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -36,7 +40,8 @@ _EPS = 1e-6  # slack for float times such as 0.1 * 30 = 3.0000000000000004
 class Clip:
     """Frames sampled from one video.
 
-    frames: uint8 [T, H, W, 3] RGB. indices: int [T], increasing source frame indices.
+    frames: uint8 [T, H, W, 3] RGB, or None for a planned clip whose frames are decoded a chunk at
+    a time (`plan_clip`, `clip_chunks`). indices: int [T], increasing source frame indices.
     timestamps: float [T], seconds (index / fps). fps, duration (s), total_frames: the whole
     source. decoder: "decord" or "opencv". notes: warnings for the user (clamping, fallbacks).
     sample_fps: the sampling rate the family's reference pipeline reports for these frames (set by
@@ -52,10 +57,16 @@ class Clip:
     decoder: str
     notes: list[str] = field(default_factory=list)
     sample_fps: float | None = None
+    path: Path | None = None  # the file, for a planned clip's chunks
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return int(len(self.indices))
+
+    @property
+    def planned(self) -> bool:
+        """True when the frames are not decoded yet (`clip_chunks` reads them)."""
+        return self.frames is None
 
 
 class _DecodeFailed(Exception):
@@ -77,6 +88,23 @@ def load_clip(
     over the window's frame indices, clamped (and a note) to the frames the window has. With
     neither, `sampling` (a model family's reference rule, `vidqa.video.frame_rules`) chooses.
     """
+    return _sample(path, num_frames, fps, start, end, sampling, decode=True)
+
+
+def plan_clip(
+    path: str | os.PathLike,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    sampling: FrameRule | None = None,
+) -> Clip:
+    """The frames `load_clip` would sample, not decoded: a Clip with `frames` None, read a chunk at
+    a time by `clip_chunks`. Opens the file (its length and rate), decodes nothing."""
+    return _sample(path, num_frames, fps, start, end, sampling, decode=False)
+
+
+def _sample(path, num_frames, fps, start, end, sampling, decode: bool) -> Clip:
     video = check_video_path(path)
     check_frame_options(1 if num_frames is None and sampling is not None else num_frames, fps, start, end)
     if video.stat().st_size == 0:
@@ -99,24 +127,119 @@ def load_clip(
     rule = sampling if num_frames is None and fps is None else None
     indices, sample_fps = _plan_indices(total, src_fps, num_frames, fps, start, end, notes, rule)
     planned = len(indices)
-    decoder, frames = "decord", None
-    if reader is not None:
-        try:
-            frames = _decord_read(reader, indices)
-        except _DecodeFailed as error:
-            decord_failure = str(error)
-    if frames is None:
-        decoder = "opencv"
-        if decord_failure is not None:
-            notes.append(f"decord could not read the video ({decord_failure}); used OpenCV")
-        try:
-            frames, indices = _opencv_read(video, indices, notes)
-        except _DecodeFailed as error:
-            raise _unreadable(video, error) from None
+    decoder, frames = ("decord" if reader is not None else "opencv"), None
+    if decode:
+        if reader is not None:
+            try:
+                frames = _decord_read(reader, indices)
+            except _DecodeFailed as error:
+                decord_failure = str(error)
+        if frames is None:
+            decoder = "opencv"
+            if decord_failure is not None:
+                notes.append(f"decord could not read the video ({decord_failure}); used OpenCV")
+            try:
+                frames, indices = _opencv_read(video, indices, notes)
+            except _DecodeFailed as error:
+                raise _unreadable(video, error) from None
+    elif decord_failure is not None:
+        notes.append(f"decord could not read the video ({decord_failure}); used OpenCV")
 
     return Clip(frames=frames, indices=indices, timestamps=indices / src_fps, fps=float(src_fps),
                 duration=total / src_fps, total_frames=int(total), decoder=decoder, notes=notes,
-                sample_fps=sample_fps if len(indices) == planned else None)  # a truncated file: no longer the rule's rate
+                sample_fps=sample_fps if len(indices) == planned else None,  # a truncated file: no longer the rule's rate
+                path=video)
+
+
+def load_frames(clip: Clip) -> Clip:
+    """A planned clip with every frame decoded at once (as `load_clip` decodes them: a file that
+    ends early keeps the frames that decode, with a note); a decoded clip as it is."""
+    if clip.frames is not None:
+        return clip
+    notes, frames, indices, decoder = list(clip.notes), None, clip.indices, "decord"
+    try:
+        reader = _decord_reader(clip)
+        frames = _decord_read(reader, indices) if reader is not None else None
+    except _DecodeFailed as error:
+        notes.append(f"decord could not read the video ({error}); used OpenCV")
+    if frames is None:
+        decoder = "opencv"
+        try:
+            frames, indices = _opencv_read(clip.path, indices, notes)
+        except _DecodeFailed as error:
+            raise _unreadable(clip.path, error) from None
+    whole = len(indices) == clip.num_frames
+    return replace(clip, frames=frames, indices=indices, timestamps=indices / clip.fps, decoder=decoder, notes=notes,
+                   sample_fps=clip.sample_fps if whole else None)
+
+
+def clip_chunks(clip: Clip, chunk_frames: int):
+    """Decode a planned clip's frames `chunk_frames` at a time, in order: yields Clips (frames
+    set) whose indices and timestamps are consecutive slices of `clip`'s. A decoded clip is
+    sliced. A file that ends before the plan's last frame is a one-line BadInput (the streamed
+    prompt was laid out for every planned frame)."""
+    count = clip.num_frames
+    if clip.frames is not None:
+        for first in range(0, count, chunk_frames):
+            part = slice(first, first + chunk_frames)
+            yield replace(clip, frames=clip.frames[part], indices=clip.indices[part], timestamps=clip.timestamps[part])
+        return
+    try:
+        reader = _decord_reader(clip)
+    except _DecodeFailed:
+        reader = None  # OpenCV reads it
+    pieces = (_decord_chunks(reader, clip.indices, chunk_frames) if reader is not None
+              else _opencv_chunks(clip.path, clip.indices, chunk_frames))
+    first = 0
+    for frames in pieces:
+        part = slice(first, first + len(frames))
+        yield replace(clip, frames=frames, indices=clip.indices[part], timestamps=clip.timestamps[part])
+        first += len(frames)
+    if first < count:
+        raise BadInput(f"{clip.path}: only {first} of the {count} planned frames could be decoded (the file ends "
+                       f"early); pass --end {_sec(float(clip.timestamps[max(first - 1, 0)]))} or re-encode the file")
+
+
+def _decord_reader(clip: Clip):
+    """decord's reader for a planned clip that decord opened, else None (OpenCV reads it)."""
+    if clip.decoder != "decord":
+        return None
+    opened = _decord_open(clip.path)
+    return None if opened is None else opened[0]
+
+
+def _decord_chunks(reader, indices: np.ndarray, chunk_frames: int):
+    for first in range(0, len(indices), chunk_frames):
+        yield _decord_read(reader, indices[first:first + chunk_frames])
+
+
+def _opencv_chunks(video: Path, indices: np.ndarray, chunk_frames: int):
+    """uint8 [<= chunk_frames, H, W, 3] RGB pieces of `indices`, read in one sequential pass."""
+    wanted = iter(int(i) for i in indices)
+    target = next(wanted, None)
+    capture = cv2.VideoCapture(str(video))
+    try:
+        if not capture.isOpened():
+            raise BadInput(f"cannot decode video {video}: OpenCV could not open it")
+        frames, index = [], 0
+        while target is not None:
+            if index < target:
+                if not capture.grab():
+                    break
+            else:
+                ok, frame = capture.read()
+                if not ok or frame is None:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                target = next(wanted, None)
+                if len(frames) == chunk_frames:
+                    yield np.stack(frames)
+                    frames = []
+            index += 1
+        if frames:
+            yield np.stack(frames)
+    finally:
+        capture.release()
 
 
 def check_video_path(path: str | Path) -> Path:

@@ -17,6 +17,7 @@ from vidqa.pruning.core.encoder import encode_inside
 from vidqa.pruning.core.frame_selection import SelectedClip, frames_per_unit, selected_clip
 from vidqa.pruning.core.runtime import STAGE_RANGE, Pruner, RequestState, stage_threads
 from vidqa.pruning.core.stage import BeforeEncoder, DuringDecode, InsideEncoder
+from vidqa.pruning.core.streaming import TokenStream
 from vidqa.tensors.device import synchronize
 
 
@@ -221,22 +222,40 @@ class PresetPruner(Pruner):
                 high = middle
         return low
 
-    def before_llm(self, tokens, state: RequestState):
-        budgeted = self.keep is not None or self.flops is not None
+    def _budgeted(self, name: str, stage, tokens, state: RequestState):
+        """`stage` at the retention --keep/--flops ask of it when it is the budget stage (tokens:
+        what enters it, or a `StreamShape` of them)."""
+        if (self.keep is None and self.flops is None) or name != self.budget_stage:
+            return stage
+        original = state.stage_counts["vision encoder"]
+        fraction = self._pre_llm_fraction(stage, tokens, original, state)
+        if stage.budget_of_clip:  # its parameter counts the clip's tokens, not its input's
+            fraction = fraction * len(tokens) / max(original, 1)
+        return stage.with_retention(fraction)
+
+    def before_llm(self, tokens, state: RequestState, stages=None):
         with stage_threads(state.device):
-            for name, stage in self.preset.before_llm:
-                if budgeted and name == self.budget_stage:
-                    original = state.stage_counts["vision encoder"]
-                    fraction = self._pre_llm_fraction(stage, tokens, original, state)
-                    if stage.budget_of_clip:  # its parameter counts the clip's tokens, not its input's
-                        fraction = fraction * len(tokens) / max(original, 1)
-                    stage = stage.with_retention(fraction)
+            for name, stage in self.preset.before_llm if stages is None else stages:
+                stage = self._budgeted(name, stage, tokens, state)
                 with record_function(STAGE_RANGE + name):  # benchmarks/ops.py counts the ops inside
                     tokens = stage.apply(tokens, state)
                 state.record_stage(name, len(tokens), origin=tokens.origin)
         synchronize(state.device)
         state.llm_tokens = tokens
         return tokens
+
+    def token_stream(self, shape, state: RequestState):
+        """The first pre-LLM stage streamed over the chunks when it can (`open_stream`), the rest
+        at the end; else every token held and every stage run at the end (pruning/core/streaming.py)."""
+        stages = self.preset.before_llm
+        if stages:
+            name, stage = stages[0]
+            with stage_threads(state.device):
+                opened = self._budgeted(name, stage, shape, state).open_stream(shape.grid, state)
+            if opened is not None:
+                return TokenStream(opened, lambda tokens: self.before_llm(tokens, state, stages[1:]),
+                                   first=(name, stage), state=state)
+        return super().token_stream(shape, state)
 
     # -- inside the LLM ----------------------------------------------------------------------
     def _prefill_hooks(self, inputs, state: RequestState):

@@ -118,6 +118,14 @@ class Pruner:
         """Prune/merge the video's tokens before the LLM; returns VisualTokens."""
         return tokens
 
+    def token_stream(self, shape, state: RequestState):
+        """A `pruning.core.streaming.TokenStream` for a video encoded a chunk at a time (shape: a
+        `StreamShape` of the whole video's tokens): the default holds every chunk's tokens and
+        runs `before_llm` on the whole video at the end."""
+        from vidqa.pruning.core.streaming import HeldTokens, TokenStream
+
+        return TokenStream(HeldTokens(), lambda tokens: self.before_llm(tokens, state))
+
     def inside_llm(self, inputs, state: RequestState):
         """Context manager active around `generate`; attaches (and always removes) hooks."""
         return contextlib.nullcontext()

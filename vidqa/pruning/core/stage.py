@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # for annotations only: the base classes need none of these a
     from vidqa.pruning.core.decoder import LayerContext, Selection
     from vidqa.pruning.core.frame_selection import ChunkSelection
     from vidqa.pruning.core.runtime import RequestState
+    from vidqa.pruning.core.streaming import ChunkStream
     from vidqa.tensors.frames import FrameMerge
     from vidqa.tensors.tokens import VisualTokens
 
@@ -117,6 +118,13 @@ class BeforeLLM(Stage):
         """The tokens this stage leaves of `tokens` (n rows in, k out), in sequence order; stats go
         to `state.details` / `state.notes`."""
         raise NotImplementedError
+
+    def open_stream(self, grid: tuple[int, int, int], state: RequestState) -> ChunkStream | None:
+        """A `pruning.core.streaming.ChunkStream` that gives what `apply` would on a video of token
+        grid `grid` received a chunk of whole frames at a time, holding only what it may keep;
+        None (the default) when the stage needs the whole video at once: a streamed request then
+        holds every token until the last chunk (pruning/core/streaming.py). Read by PresetPruner."""
+        return None
 
 
 @dataclass(frozen=True)

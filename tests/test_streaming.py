@@ -1,0 +1,289 @@
+"""Long videos (issue 31): the streamed pipeline gives what the one-shot one gives, carries its
+stages' state over chunk boundaries, holds bounded memory, and fits the context (--keep auto,
+--max-visual-tokens, the refusal of in-LLM presets that cannot fit)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_one_line_error
+
+from vidqa.engine import request as engine
+from vidqa.models import load_model
+from vidqa.pruning.core.presets import build_pruner, load_preset
+from vidqa.pruning.core.streaming import HeldTokens
+from vidqa.pruning.methods.evs import TemporalChangeSelect
+from vidqa.pruning.methods.vidcom2 import FrameUniquenessSelect
+from vidqa.tensors.tokens import VisualTokens
+from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+from vidqa.testing.qwen3_5 import build_tiny_qwen3_5
+from vidqa.testing.videos import moving_square_frames, write_video
+from vidqa.video.decode import load_clip, plan_clip
+
+QUESTION = "what happens in this video ?"
+
+
+@pytest.fixture(scope="module")
+def every_family(family_checkpoints, tmp_path_factory):
+    """Every streamed family's tiny checkpoint, loaded (CPU, float32)."""
+    paths = dict(family_checkpoints)
+    paths["qwen3"] = build_tiny_qwen3_vl(tmp_path_factory.mktemp("stream-qwen3"))
+    paths["qwen3_5"] = build_tiny_qwen3_5(tmp_path_factory.mktemp("stream-qwen3_5"))
+    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """A 400-frame 112 px clip (8 fps): 300 frames of tiny LLaVA-OV are 4,800 visual tokens > its 4,096 context."""
+    frames = moving_square_frames(num_frames=400, size=(112, 112), end_color=(0, 0, 255))
+    return write_video(tmp_path_factory.mktemp("long") / "long.mp4", frames, fps=8.0)
+
+
+class FakeState:
+    def __init__(self):
+        self.notes, self.details = [], {}
+
+
+# --- the prompt layout and the streamed request ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen", "smol", "qwen3", "qwen3_5"])
+@pytest.mark.parametrize("frames", [8, 7])
+def test_the_layout_is_the_one_shot_prompt_without_pixels(every_family, square_video, family, frames):
+    adapter = every_family[family]
+    full = adapter.prompt_for_clip(load_clip(square_video, num_frames=frames), QUESTION)
+    plan = plan_clip(square_video, num_frames=frames)
+    first = adapter.chunk_prompt(next(iter(_chunks(plan, 2))), frames)
+    layout = adapter.prompt_layout(plan, QUESTION, first_chunk=first)
+    assert not any(key.startswith("pixel_") for key in layout.inputs)
+    for key, value in layout.inputs.items():
+        assert torch.equal(value, full.inputs[key]), key
+    assert torch.equal(layout.visual_index, full.visual_index)
+    assert torch.equal(layout.fixed_visual_index, full.fixed_visual_index)
+
+
+def _chunks(clip, size):
+    from vidqa.video.decode import clip_chunks
+
+    return clip_chunks(clip, size)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen", "smol", "qwen3", "qwen3_5"])
+@pytest.mark.parametrize("preset, keep", [("none", None), ("evs", 0.3)])
+def test_streamed_equals_one_shot_for_chunks_of_1_3_and_all(every_family, square_video, family, preset, keep):
+    adapter = every_family[family]
+    frames = 6 if family == "smol" else 8
+    generation = engine.GenerationOptions(max_new_tokens=4)
+    reference = engine.answer(adapter, load_clip(square_video, num_frames=frames), QUESTION, generation,
+                              pruner=build_pruner(load_preset(preset), adapter, keep=keep))
+    planned = plan_clip(square_video, num_frames=frames)
+    assert planned.planned
+    for chunk in (1, 3, frames):
+        streamed = engine.answer(adapter, planned, QUESTION, generation,
+                                 pruner=build_pruner(load_preset(preset), adapter, keep=keep),
+                                 long_video=engine.LongVideoOptions(chunk_frames=chunk))
+        assert streamed.text == reference.text, chunk
+        assert streamed.stats.tokens.visual_tokens_per_stage == reference.stats.tokens.visual_tokens_per_stage
+        assert torch.equal(streamed.kept.row, reference.kept.row)  # the same tokens kept, in the same LLM rows
+        assert torch.equal(streamed.kept.left_at_stage, reference.kept.left_at_stage)
+        assert streamed.stats.tokens.llm_prompt_tokens == reference.stats.tokens.llm_prompt_tokens
+        if family.startswith("qwen") and chunk % 2:
+            assert any(f"--chunk-frames {chunk} rounded up to {chunk + 1}" in note for note in streamed.notes)
+
+
+def test_streamed_tokens_are_the_one_shot_tokens(every_family, square_video):
+    """The kept rows, their sequence rows, frames and features (the encoder runs per frame)."""
+    adapter = every_family["llava"]
+    clip, planned = load_clip(square_video, num_frames=8), plan_clip(square_video, num_frames=8)
+    stats = engine.Stats()
+    pruner = build_pruner(load_preset("evs"), adapter, keep=0.3)
+    _, whole, _, _ = engine.video_tokens(adapter, clip, QUESTION, pruner, stats)
+    streamed_pruner = build_pruner(load_preset("evs"), adapter, keep=0.3)
+    _, streamed, state, _ = engine.video_tokens(adapter, planned, QUESTION, streamed_pruner, stats,
+                                                long_video=engine.LongVideoOptions(chunk_frames=3))
+    assert torch.equal(streamed.seq_index, whole.seq_index)
+    assert torch.equal(streamed.frame, whole.frame)
+    assert torch.equal(streamed.origin, whole.origin)
+    torch.testing.assert_close(streamed.features, whole.features)
+    assert state.details["evs"] == {"pruning_rate": 0.7, "kept_per_frame": state.details["evs"]["kept_per_frame"]}
+
+
+# --- state carried over chunk boundaries ---------------------------------------------------------
+
+
+def _random_tokens(frames=7, rows=3, cols=4, hidden=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(frames * rows * cols, hidden, generator=generator)
+    features[rows * cols * 2:rows * cols * 3] = features[rows * cols:rows * cols * 2]  # a frame that did not change
+    return VisualTokens.from_grid(features, (frames, rows, cols), torch.arange(frames * rows * cols) + 5)
+
+
+def _pieces(tokens, frames_per_chunk):
+    per_frame = tokens.grid[1] * tokens.grid[2]
+    step = frames_per_chunk * per_frame
+    return [tokens.select(torch.arange(start, min(start + step, len(tokens)))).replace(origin=None)
+            for start in range(0, len(tokens), step)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+@pytest.mark.parametrize("rate", [0.5, 0.8, 0.99])
+def test_evs_carries_the_previous_frame_and_its_best_tokens(chunk, rate):
+    tokens = _random_tokens()
+    stage = TemporalChangeSelect(pruning_rate=rate)
+    whole_state, stream_state = FakeState(), FakeState()
+    whole = stage.apply(tokens, whole_state)
+    stream = stage.open_stream(tokens.grid, stream_state)
+    for piece in _pieces(tokens, chunk):
+        stream.push(piece)
+        assert stream.held <= len(whole) or stream.held <= piece.grid[1] * piece.grid[2] * chunk
+    streamed = stream.finish()
+    assert torch.equal(streamed.seq_index, whole.seq_index)
+    assert torch.equal(streamed.origin, whole.origin)
+    assert torch.equal(streamed.features, whole.features)
+    assert stream_state.details == whole_state.details and stream_state.notes == whole_state.notes
+
+
+def test_evs_ties_go_to_the_lower_index_across_chunks():
+    """Identical frames score 0 everywhere: the kept tokens are the earliest, whatever the chunks."""
+    features = torch.ones(6 * 4, 3)
+    tokens = VisualTokens.from_grid(features, (6, 2, 2), torch.arange(24))
+    stage = TemporalChangeSelect(pruning_rate=0.5)
+    stream = stage.open_stream(tokens.grid, FakeState())
+    for piece in _pieces(tokens, 1):
+        stream.push(piece)
+    assert stream.finish().seq_index.tolist() == stage.apply(tokens, FakeState()).seq_index.tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_vidcom2_needs_the_whole_video_so_its_tokens_are_held(chunk):
+    """VidCom2's channel variance, video mean and frame budgets are over every frame: it opens no
+    stream, and the held chunks give it exactly the whole video."""
+    tokens = _random_tokens()
+    stage = FrameUniquenessSelect(ratio=0.4)
+    assert stage.open_stream(tokens.grid, FakeState()) is None
+    held = HeldTokens()
+    for piece in _pieces(tokens, chunk):
+        held.push(piece)
+    whole_state, held_state = FakeState(), FakeState()
+    assert torch.equal(stage.apply(held.finish(), held_state).seq_index, stage.apply(tokens, whole_state).seq_index)
+    assert held_state.details == whole_state.details
+
+
+def test_a_streamed_vidcom2_request_says_it_held_the_tokens(every_family, square_video):
+    adapter = every_family["llava"]
+    answer = engine.answer(adapter, plan_clip(square_video, num_frames=8), QUESTION,
+                           engine.GenerationOptions(max_new_tokens=2),
+                           pruner=build_pruner(load_preset("vidcom2"), adapter, keep=0.3),
+                           long_video=engine.LongVideoOptions(chunk_frames=3))
+    assert any("needs the whole video at once" in note for note in answer.notes)
+
+
+# --- fitting the context -----------------------------------------------------------------------
+
+
+def test_keep_auto_picks_a_fitting_retention_and_compact_positions(run_cli, tiny_llava, long_video):
+    result = run_cli(["ask", long_video, QUESTION, "--model", tiny_llava, "--frames", "300", "--keep", "auto",
+                      "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    fit = record["pruning"]["fit"]
+    assert fit["positions"] == "compact" and record["parameters"]["positions"] == "compact"
+    assert record["preset"] == "evs" and 0 < fit["keep"] < 1
+    tokens = record["stats"]["tokens"]
+    assert tokens["visual_tokens_before"] == 4800
+    assert tokens["llm_prompt_tokens"] + 3 <= 4096  # the prompt and the answer fit the context
+    assert any("--keep auto" in note and "positions=compact" in note for note in record["notes"])
+
+
+def test_max_visual_tokens_caps_the_llm_input(run_cli, tiny_llava, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", tiny_llava, "--frames", "8", "--prune", "evs",
+                      "--max-visual-tokens", "40", "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["stats"]["tokens"]["visual_tokens_after"] <= 40
+    assert record["pruning"]["fit"]["positions"] == "original"  # the whole prompt fits: positions stay
+
+
+def test_an_in_llm_preset_that_cannot_fit_is_one_line_naming_a_pre_llm_one(run_cli, tiny_llava, long_video):
+    result = run_cli(["ask", long_video, QUESTION, "--model", tiny_llava, "--frames", "300", "--prune", "fastv",
+                      "--max-new-tokens", "2"])
+    assert_one_line_error(result, "fastv", "inside the LLM", "4096", "--prune evs", "positions=compact", "--keep auto")
+
+
+def test_the_suggested_pre_llm_flags_really_fit(run_cli, tiny_llava, long_video):
+    refused = run_cli(["ask", long_video, QUESTION, "--model", tiny_llava, "--frames", "300", "--max-new-tokens", "2"])
+    assert refused.exit_code == 2
+    flags = refused.stderr.split("--prune evs --keep ")[1].split()[0]
+    result = run_cli(["ask", long_video, QUESTION, "--model", tiny_llava, "--frames", "300", "--prune", "evs",
+                      "--keep", flags, "-P", "positions=compact", "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_bad_long_video_flags_are_one_line(run_cli, tiny_llava, square_video):
+    assert_one_line_error(run_cli(["ask", square_video, QUESTION, "--model", tiny_llava, "--keep", "most"]),
+                          "--keep", "most", "auto")
+    assert_one_line_error(run_cli(["ask", square_video, QUESTION, "--model", tiny_llava, "--chunk-frames", "0"]),
+                          "--chunk-frames", "0")
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def test_progress_is_drawn_only_on_a_terminal_without_quiet(monkeypatch):
+    from vidqa.cli import common
+    from vidqa.engine.streaming import Progress
+
+    monkeypatch.setattr(common, "interactive", lambda: False)
+    with common.ProgressBar(wanted=True) as bar:  # stderr is not a terminal
+        bar(Progress(1, 4, 10))
+        assert bar.bar is None
+    monkeypatch.setattr(common, "interactive", lambda: True)
+    with common.ProgressBar(wanted=False) as bar:  # -q or --json
+        bar(Progress(1, 4, 10))
+        assert bar.bar is None
+    with common.ProgressBar(wanted=True) as bar:
+        bar(Progress(1, 4, 10))
+        assert bar.bar is not None
+        bar(Progress(4, 4, 12))  # the last chunk: gone before the answer streams
+        assert bar.bar is None and bar.done
+
+
+def test_a_streamed_cli_request_prints_no_progress_off_a_terminal(run_cli, tiny_llava, square_video):
+    result = run_cli(["ask", square_video, QUESTION, "--model", tiny_llava, "--frames", "8", "--chunk-frames", "3",
+                      "--max-new-tokens", "2", "--no-stats"])
+    assert result.exit_code == 0, result.stderr
+    assert "frames" not in result.stderr and "tokens kept" not in result.stderr
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from vidqa import api
+    from vidqa.engine.stats import RequestMemory
+    checkpoint, video, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = api.open_model(api.Settings(model=checkpoint, device="cpu"))
+    settings = dict(prune="evs", keep=0.05, params=("positions=compact",), max_new_tokens=2, chunk_frames=16)
+    model.ask(video, "what ?", frames=8, **settings)  # first-request set-up is not the video's
+    memory = RequestMemory("cpu").start()  # decoding included
+    model.ask(video, "what ?", frames=frames, **settings)
+    print(json.dumps(memory.stop()[0]))
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_frames(tiny_llava, long_video):
+    """Streamed EVS: the peak at 8x the frames stays within a loose ratio of the peak at 48
+    (each in a fresh process; a ratio of memory, never a time)."""
+    peaks = {}
+    for frames in (48, 384):
+        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_llava), str(long_video), str(frames)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[frames] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peaks[384] <= 1.5 * max(peaks[48], 16 * 2**20), peaks
