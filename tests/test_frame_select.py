@@ -273,15 +273,20 @@ def test_a_clip_selected_again_by_the_same_pruner_is_not_selected_twice(family_a
     assert other.num_frames == 8 and other.source is clip.source  # selected again from the decoded frames
 
 
-def test_a_session_reusing_the_prefix_refuses_in_one_line_and_without_reuse_it_runs(family_adapters):
+def test_a_session_selects_once_and_reuses_the_prefix_with_the_same_answers(family_adapters):
     adapter = family_adapters["llava"]
     clip = clip_of(planted_frames())
     pruner = build_pruner(load_preset("dedup+evs"), adapter)
-    with pytest.raises(BadInput, match="--no-reuse") as error:
-        VideoSession(adapter, clip, pruner).ask(QUESTION)
-    assert "\n" not in str(error.value)
-    answer = VideoSession(adapter, clip, pruner, reuse=False).ask(QUESTION)
-    assert answer.details["frame_selection"]["frames_kept"] == 1 + MOVING
+    reusing = VideoSession(adapter, clip, pruner)
+    plain = VideoSession(adapter, clip, pruner, reuse=False)
+    assert reusing.reuse  # a pre-LLM preset behind a frame selector keeps a reusable prefix
+    for question in (QUESTION, "what colour is the square ?"):
+        reused, fresh = reusing.ask(question), plain.ask(question)
+        assert reused.text == fresh.text
+        assert reused.details["frame_selection"] == fresh.details["frame_selection"]
+        assert reused.details["frame_selection"]["frames_kept"] == 1 + MOVING
+        assert reused.stats.tokens.visual_tokens_per_stage == fresh.stats.tokens.visual_tokens_per_stage
+    assert reused.stats.prefix_reused
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -343,3 +348,10 @@ def test_a_choice_that_keeps_nothing_keeps_the_first_unit():
 
     clip = selected_clip(clip_of(planted_frames()), "drop", DropAll(), unit=2)
     assert clip.frame_selection.kept_units == (0,) and clip.indices.tolist() == [0, 1]
+
+
+def test_the_presets_listing_names_the_frame_selectors_apart(run_cli):
+    listing = {row["name"]: row for row in json.loads(run_cli(["presets", "--json"]).stdout)}
+    assert listing["dedup"]["selector"] is True and listing["evs"]["selector"] is False
+    table = run_cli(["presets"]).stdout
+    assert "frame selectors" in table and table.index("dedup") > table.index("frame selectors")

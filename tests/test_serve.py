@@ -73,7 +73,8 @@ def one_line_error(response, status: int, *fragments: str) -> str:
 
 
 @pytest.mark.parametrize("options", [{}, {"prune": "evs", "keep": 0.5}, {"prune": "fastv", "keep": 0.5},
-                                     {"prune": "vidcom2", "params": {"ratio": 0.4}}])
+                                     {"prune": "vidcom2", "params": {"ratio": 0.4}},
+                                     {"prune": "dedup+evs", "keep": 0.5}])
 def test_answers_are_the_local_apis_and_the_prefix_is_reused(client, micro, options):
     local = micro.ask(LEFT, MOVE, prune=options.get("prune", "none"), keep=options.get("keep"),
                       params=tuple(f"{k}={v}" for k, v in options.get("params", {}).items()))
@@ -149,6 +150,9 @@ BAD_REQUESTS = {
     "wrong model": (body(SQUARE, MOVE) | {"model": "gpt-4o"}, 404, "model 'gpt-4o' is not served here"),
     "unknown preset": (body(SQUARE, MOVE, vidqa={"prune": "evz"}), 400, "unknown preset 'evz' (did you mean 'evs'?)"),
     "preset file": (body(SQUARE, MOVE, vidqa={"prune": "/etc/x.yaml"}), 400, "preset names, not files"),
+    "unknown half of a composition": (body(SQUARE, MOVE, vidqa={"prune": "dedup+evz"}), 400,
+                                      "unknown preset 'evz' (did you mean 'evs'?)"),
+    "composition in the wrong order": (body(SQUARE, MOVE, vidqa={"prune": "evs+dedup"}), 400, "dedup"),
     "bad keep": (body(SQUARE, MOVE, vidqa={"prune": "evs", "keep": 3}), 400, "--keep must be in (0, 1], got 3"),
     "bad -P": (body(SQUARE, MOVE, vidqa={"prune": "evs", "params": ["nope=1"]}), 400, "-P nope: not a parameter"),
     "unknown option": (body(SQUARE, MOVE, vidqa={"pruning": "evs"}), 400, "unknown vidqa option 'pruning'"),

@@ -265,12 +265,12 @@ def presets_list(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the presets: name, where they act, default keep, description."""
+    """List the presets (name, where they act, default keep, description), then the frame selectors."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.table import Table
 
-    from vidqa.pruning.core.presets import available_presets, default_retention, load_preset
+    from vidqa.pruning.core.presets import available_presets, default_retention, frame_selectors, load_preset
 
     rows = []
     try:
@@ -278,8 +278,12 @@ def presets_list(
             preset = load_preset(name)
             rows.append({
                 "name": preset.name, "where": preset.where, "default_keep": default_retention(preset),
-                "description": preset.description, "reference": preset.reference,
+                "description": preset.description, "reference": preset.reference, "selector": False,
             })
+        for name in frame_selectors():  # composed in front of a preset: --prune NAME+PRESET
+            preset = load_preset(name)
+            rows.append({"name": preset.name, "where": preset.where, "default_keep": None,
+                         "description": preset.description, "reference": preset.reference, "selector": True})
     except VidqaError as error:
         fail(error)
     if as_json:
@@ -289,10 +293,19 @@ def presets_list(
     for column in ("name", "acts", "default keep", "description"):
         table.add_column(column, overflow="fold")
     for row in rows:
+        if row["selector"]:
+            continue
         keep = "1.00" if row["name"] == "none" else (f"{row['default_keep']:.2f}" if row["default_keep"] is not None else "clip-dependent")
         table.add_row(row["name"], row["where"], keep, row["description"])
     Console().print(table)
     Console().print("default keep: layer-averaged retention with the paper's settings on LLaVA-OneVision-7B, 32 frames (≈ for data-dependent methods).")
+    selectors = Table(title="frame selectors (--prune NAME, or NAME+PRESET in front of a preset)", title_justify="left")
+    for column in ("name", "acts", "description"):
+        selectors.add_column(column, overflow="fold")
+    for row in rows:
+        if row["selector"]:
+            selectors.add_row(row["name"], row["where"], row["description"])
+    Console().print(selectors)
 
 
 @presets_app.command("show")

@@ -73,7 +73,8 @@ class VideoSession:
     def __init__(self, adapter: ModelAdapter, clip: Clip, pruner: Pruner = NO_PRUNING,
                  generation: engine.GenerationOptions | None = None, reuse: bool = True, history: bool = False,
                  encoded_cache: dict | None = None):
-        self.adapter, self.clip, self.pruner = adapter, clip, pruner
+        # a preset's frame selection runs once, on the decoded clip: every question sees the same frames
+        self.adapter, self.clip, self.pruner = adapter, pruner.before_encoder(clip), pruner
         self.generation = generation or engine.GenerationOptions()
         self.reuse = reuse and prefix_reusable(pruner)
         self.history = history

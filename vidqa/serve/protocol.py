@@ -193,20 +193,24 @@ def _vidqa_options(options) -> dict:
 
 
 def _preset_name(name) -> str:
-    """A preset's name (not a .yaml path: the server reads no file a client names, but videos)."""
-    from vidqa.pruning.core.presets import available_presets
+    """A preset's name, or a frame selector's, or `SELECTOR+PRESET` of two names (not .yaml paths:
+    the server reads no file a client names, but videos)."""
+    from vidqa.pruning.core.presets import available_presets, frame_selectors
 
     if not isinstance(name, str) or not name.strip():
         raise HTTPProblem("vidqa.prune must be a preset name, e.g. \"evs\" (`vidqa presets` lists them)")
-    name, presets = name.strip(), available_presets()
-    if name in presets:
-        return name
+    name, presets, selectors = name.strip(), available_presets(), frame_selectors()
+    known = {**presets, **selectors}
+    parts = [part.strip() for part in name.split("+")]
+    if all(part in known for part in parts):
+        return "+".join(parts)  # the order and the count are checked where the preset loads
+    available = f"available: {', '.join(presets)}; frame selectors: {', '.join(selectors)}"
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        raise HTTPProblem(f"vidqa.prune '{name}': the server takes preset names, not files; "
-                          f"available: {', '.join(presets)}")
-    close = difflib.get_close_matches(name, list(presets), n=1)
+        raise HTTPProblem(f"vidqa.prune '{name}': the server takes preset names, not files; {available}")
+    unknown = next(part for part in parts if part not in known)
+    close = difflib.get_close_matches(unknown, list(known), n=1)
     suggestion = f" (did you mean '{close[0]}'?)" if close else ""
-    raise HTTPProblem(f"unknown preset '{name}'{suggestion}; available: {', '.join(presets)}")
+    raise HTTPProblem(f"unknown preset '{unknown}'{suggestion}; {available}")
 
 
 def _params(params) -> tuple[str, ...]:

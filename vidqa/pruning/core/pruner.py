@@ -10,7 +10,7 @@ import torch
 from torch.profiler import record_function
 
 from vidqa import flops as flops_model
-from vidqa.errors import BadInput
+from vidqa.errors import BadInput, RuntimeFailure
 from vidqa.pruning.core.decode_kv import DecodeKVSelection
 from vidqa.pruning.core.decoder import DecoderPruning
 from vidqa.pruning.core.encoder import encode_inside
@@ -112,13 +112,14 @@ class PresetPruner(Pruner):
 
     def _record_frame_selection(self, prompt, state: RequestState) -> None:
         """The selection's counts (before "vision encoder"), provenance and details, or one line
-        when the clip was not selected (a path that builds its prompt without `before_encoder`)."""
+        when the clip was not selected (a path that built its prompt without `before_encoder`: a bug)."""
         name, _ = self.frame_stage
         selection = getattr(state.clip, "frame_selection", None)
         if selection is None or selection.stage != name:
-            raise BadInput(f"preset '{self.preset.name}' picks frames before the vision encoder, which a session "
-                           f"reusing the video prefix (vidqa chat, batch) does not run yet; use vidqa ask or "
-                           f"vidqa chat --no-reuse")
+            # every engine path (answer, sessions, streaming) selects first: a path that did not is a bug
+            raise RuntimeFailure(f"preset '{self.preset.name}' picks frames before the vision encoder, but this "
+                                 f"request's clip reached the encoder without that selection (a vidqa bug; please "
+                                 f"report it)")
         encoded = len(prompt.visual_index)
         # every unit gives the same tokens (one frame size per clip): the clip's, had every unit been encoded
         state.record_stage("decoded frames", round(encoded * selection.num_units / max(len(selection.kept_units), 1)))
