@@ -97,3 +97,50 @@ def answer_clip(adapter, clip, pruner=NO_PRUNING, max_new_tokens: int = 6, quest
     from vidqa.engine import request as engine  # here: the tensor-only helpers need no model stack
 
     return engine.answer(adapter, clip, question, engine.GenerationOptions(max_new_tokens=max_new_tokens), pruner=pruner)
+
+
+def eager_attention_calls(module_path: str, monkeypatch) -> list:
+    """Record (test-only) every call of a transformers modeling module's eager attention: the
+    list fills with (attention module, weights) per call while the patch holds."""
+    import importlib
+
+    module = importlib.import_module(module_path)
+    recorded = []
+    original = module.eager_attention_forward
+
+    def recording(attention, *args, **kwargs):
+        output, weights = original(attention, *args, **kwargs)
+        recorded.append((attention, weights))
+        return output, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    return recorded
+
+
+def tower_block_attention(recorded: list, block) -> list[torch.Tensor]:
+    """Per recorded call of the vision block's attention `block`: the attention each key received,
+    averaged over heads and queries (the probes' convention)."""
+    return [weights[0].mean(dim=(0, 1)) for module, weights in recorded if module is block]
+
+
+def recomputed_and_eager_rows(adapter, eager, inputs, state, visual_meta: dict, budget: int):
+    """(recomputed, reference): the attention an in-LLM stage at layer 2 reads for four rows of
+    its context (first, 7th, middle, last), and eager attention's at layer 1 for the same rows,
+    each (heads, rows, keys). `eager` is the same checkpoint loaded with attn="eager"."""
+    from vidqa.pruning.core.decoder import DecoderPruning, Selection
+
+    seen = {}
+
+    class Probe:
+        layer = 2
+
+        def select(self, context):
+            rows = torch.tensor([0, 7, len(context.hidden[0]) // 2, len(context.hidden[0]) - 1])
+            seen["rows"], seen["probs"] = rows, context.attention(rows)
+            return Selection(keep=torch.arange(len(context.visual_rows)))
+
+    with torch.no_grad(), DecoderPruning(adapter, [Probe()], {2: budget}, inputs, visual_meta, state):
+        adapter.model(**inputs.kwargs)
+    with torch.no_grad():
+        reference = eager.model(**inputs.kwargs, output_attentions=True).attentions[1][0]  # layer K-1 = 1
+    return seen["probs"], reference[:, seen["rows"]].float()

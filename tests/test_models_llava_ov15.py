@@ -15,13 +15,13 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import eager_attention_calls, recomputed_and_eager_rows, tower_block_attention
 
 from vidqa import flops
 from vidqa.engine import request as engine
 from vidqa.errors import BadInput
 from vidqa.models import base, load_model
 from vidqa.models.llava_onevision1_5 import LlavaOnevision15Adapter
-from vidqa.pruning.core.decoder import DecoderPruning, Selection
 from vidqa.pruning.core.presets import available_presets, build_pruner, load_preset
 from vidqa.pruning.core.runtime import NO_PRUNING, RequestState
 from vidqa.pruning.core.verify import CHECKS
@@ -203,21 +203,8 @@ def test_recomputed_attention_rows_equal_eager(checkpoint, adapter, clip):
     tokens = adapter.encode_video(prompt)
     inputs = adapter.generation_inputs(prompt, tokens.select(torch.arange(0, 64, 2)), positions="original")
     state = RequestState(adapter=adapter, prompt=prompt, clip=clip, question=QUESTION, device=torch.device("cpu"))
-    seen = {}
-
-    class Probe:
-        layer = 2
-
-        def select(self, context):
-            rows = torch.tensor([0, 7, len(context.hidden[0]) // 2, len(context.hidden[0]) - 1])
-            seen["rows"], seen["probs"] = rows, context.attention(rows)
-            return Selection(keep=torch.arange(len(context.visual_rows)))
-
-    with torch.no_grad(), DecoderPruning(adapter, [Probe()], {2: 32}, inputs, {"frame": tokens.frame[::2]}, state):
-        adapter.model(**inputs.kwargs)
-    with torch.no_grad():
-        reference = eager.model(**inputs.kwargs, output_attentions=True).attentions[1][0]  # layer K-1 = 1
-    assert torch.allclose(seen["probs"], reference[:, seen["rows"]].float(), atol=1e-5)
+    recomputed, reference = recomputed_and_eager_rows(adapter, eager, inputs, state, {"frame": tokens.frame[::2]}, 32)
+    assert torch.allclose(recomputed, reference, atol=1e-5)
 
 
 @needs_model
@@ -235,18 +222,11 @@ def test_vision_attention_matches_eager(checkpoint, adapter, clip, monkeypatch, 
     observed = probe.result()
     assert observed.layer == (0 if layer == 0 else 1)
 
-    recorded, original = [], modeling.eager_attention_forward
-
-    def recording(attention, *args, **kwargs):
-        output, weights = original(attention, *args, **kwargs)
-        recorded.append((attention, weights))
-        return output, weights
-
-    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    recorded = eager_attention_calls(modeling.__name__, monkeypatch)
     with torch.inference_mode():
         eager.encode_video(prompt)
     target = eager.model.model.visual.blocks[observed.layer].attn
-    blocks = [weights[0].mean(dim=(0, 1)) for module, weights in recorded if module is target]
+    blocks = tower_block_attention(recorded, target)
     assert len(blocks) == FRAMES and all(block.shape == (65,) for block in blocks)  # class token + 8x8
     torch.testing.assert_close(observed.patch_received, torch.cat(blocks), atol=1e-6, rtol=1e-5)
     patches = torch.cat([block[1:] for block in blocks])

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import recomputed_and_eager_rows
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from vidqa import flops
@@ -668,21 +669,8 @@ def test_recomputed_attention_rows_equal_eager(checkpoint, adapter, clip):
     """The in-LLM scorers' attention rows (q_norm, interleaved M-RoPE) = eager attention's."""
     eager = load_model(str(checkpoint), device="cpu", dtype="float32", attn="eager", max_pixels=MAX_PIXELS)
     _, inputs, state = prepare(adapter, clip)
-    seen = {}
-
-    class Probe:
-        layer = 2
-
-        def select(self, context):
-            rows = torch.tensor([0, 7, len(context.hidden[0]) // 2, len(context.hidden[0]) - 1])
-            seen["rows"], seen["probs"] = rows, context.attention(rows)
-            return Selection(keep=torch.arange(len(context.visual_rows)))
-
-    with torch.no_grad(), DecoderPruning(adapter, [Probe()], {2: 64}, inputs, {"frame": state.llm_tokens.frame}, state):
-        adapter.model(**inputs.kwargs)
-    with torch.no_grad():
-        reference = eager.model(**inputs.kwargs, output_attentions=True).attentions[1][0]  # layer K-1 = 1
-    assert torch.allclose(seen["probs"], reference[:, seen["rows"]].float(), atol=1e-5)
+    recomputed, reference = recomputed_and_eager_rows(adapter, eager, inputs, state, {"frame": state.llm_tokens.frame}, 64)
+    assert torch.allclose(recomputed, reference, atol=1e-5)
 
 
 # --- MoE, FLOPs ---------------------------------------------------------------------------------

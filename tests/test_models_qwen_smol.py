@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
+from helpers import recomputed_and_eager_rows
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -202,22 +203,8 @@ def test_qwen_recomputed_attention_rows_equal_eager(family_checkpoints, family_a
     sdpa = family_adapters["qwen"]
     eager = load_model(str(family_checkpoints["qwen"]), device="cpu", dtype="float32", attn="eager")
     _, inputs, state = prepare(sdpa, family_clips["qwen"])
-    seen = {}
-
-    class Probe:
-        layer = 2
-
-        def select(self, context):
-            rows = torch.tensor([0, 7, len(context.hidden[0]) // 2, len(context.hidden[0]) - 1])
-            seen["rows"], seen["probs"] = rows, context.attention(rows)
-            return Selection(keep=torch.arange(len(context.visual_rows)))
-
-    meta = {"frame": state.llm_tokens.frame}
-    with torch.no_grad(), DecoderPruning(sdpa, [Probe()], {2: 64}, inputs, meta, state):
-        sdpa.model(**inputs.kwargs)
-    with torch.no_grad():
-        reference = eager.model(**inputs.kwargs, output_attentions=True).attentions[1][0]  # layer K-1 = 1
-    assert torch.allclose(seen["probs"], reference[:, seen["rows"]].float(), atol=1e-5)
+    recomputed, reference = recomputed_and_eager_rows(sdpa, eager, inputs, state, {"frame": state.llm_tokens.frame}, 64)
+    assert torch.allclose(recomputed, reference, atol=1e-5)
 
 
 # --- SmolVLM2: per-frame spans --------------------------------------------------------------

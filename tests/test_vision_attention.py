@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import eager_attention_calls, tower_block_attention
 
 from vidqa.errors import BadInput
 from vidqa.models import load_model
@@ -89,41 +90,16 @@ def test_qwen_matches_eager_attention(checkpoints, square_video, monkeypatch, la
     prompt = _prompt(adapter, square_video)
     tokens, observed = _observe(adapter, prompt, layer)
 
-    recorded = []
-    original = qwen_module.eager_attention_forward
-
-    def recording(module, *args, **kwargs):
-        output, weights = original(module, *args, **kwargs)
-        recorded.append((module, weights))
-        return output, weights
-
-    monkeypatch.setattr(qwen_module, "eager_attention_forward", recording)
+    recorded = eager_attention_calls(qwen_module.__name__, monkeypatch)
     with torch.inference_mode():
         eager.encode_video(prompt)
     target = eager.model.model.visual.blocks[observed.layer].attn
-    blocks = [weights[0].mean(dim=(0, 1)) for module, weights in recorded if module is target]
+    blocks = tower_block_attention(recorded, target)
     expected_blocks = 8 if layer == 0 else 2  # 2 temporal patches x (4 windows | 1 full block)
     assert len(blocks) == expected_blocks
     reference = torch.cat(blocks)  # (patches,) in the tower's window order
     torch.testing.assert_close(observed.patch_received, reference, atol=1e-6, rtol=1e-5)
     assert observed.received.shape == (len(tokens),)
-
-
-def _record_eager_blocks(module_path, monkeypatch):
-    """Patch (test-only) a transformers module's eager attention to record (module, weights) per call."""
-    import importlib
-
-    module = importlib.import_module(module_path)
-    recorded = []
-    original = module.eager_attention_forward
-
-    def recording(attention, *args, **kwargs):
-        output, weights = original(attention, *args, **kwargs)
-        recorded.append((attention, weights))
-        return output, weights
-
-    monkeypatch.setattr(module, "eager_attention_forward", recording)
-    return recorded
 
 
 @pytest.mark.parametrize("layer", [0, -1])
@@ -136,11 +112,11 @@ def test_qwen3_matches_eager_attention(checkpoints, square_video, monkeypatch, l
     tokens, observed = _observe(adapter, prompt, layer)
     assert observed.layer == (0 if layer == 0 else 2)
 
-    recorded = _record_eager_blocks("transformers.models.qwen3_vl.modeling_qwen3_vl", monkeypatch)
+    recorded = eager_attention_calls("transformers.models.qwen3_vl.modeling_qwen3_vl", monkeypatch)
     with torch.inference_mode():
         eager.encode_video(prompt)
     target = eager.model.model.visual.blocks[observed.layer].attn
-    blocks = [weights[0].mean(dim=(0, 1)) for module, weights in recorded if module is target]
+    blocks = tower_block_attention(recorded, target)
     assert len(blocks) == 2 and all(block.shape == (64,) for block in blocks)  # 2 temporal patches of 8x8 patches
     reference = torch.cat(blocks)
     torch.testing.assert_close(observed.patch_received, reference, atol=1e-6, rtol=1e-5)
