@@ -88,7 +88,11 @@ BENCH_MODEL_7B = dict(
     text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
     max_positions=32768, weight_scale=1.0,
 )
-BENCH_DIMS = {"qwen2-0.5b": BENCH_MODEL, "qwen2-7b": BENCH_MODEL_7B}
+# --bench-dims qwen2-0.5b-so400m: every dimension of llava-onevision-qwen2-0.5b-ov (Qwen2-0.5B text,
+# the 26-layer SigLIP-so400m tower); the CPU model where the vision encoder is most of a request
+# (benchmarks/encoder_savings.py).
+BENCH_MODEL_05B_SO400M = dict(BENCH_MODEL, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304)
+BENCH_DIMS = {"qwen2-0.5b": BENCH_MODEL, "qwen2-0.5b-so400m": BENCH_MODEL_05B_SO400M, "qwen2-7b": BENCH_MODEL_7B}
 
 
 # -- inputs ----------------------------------------------------------------------------------
