@@ -171,3 +171,85 @@ def test_a_pre_llm_stage_that_reads_the_question_is_not_reused(family_adapters):
     guided = TextGuided(**{f.name: getattr(stage, f.name) for f in fields(stage)})
     pruner.preset = replace_field(pruner.preset, stages=((name, guided),))
     assert not prefix_reusable(pruner)
+
+
+# --- later questions cost only their text (the prompt layout, no pixels preprocessed again) ----------
+
+
+@pytest.fixture(scope="module")
+def streamed_adapters(family_adapters, tmp_path_factory):
+    """Every family whose prompt layout is tested (`streams`) and whose cache a session reuses: the
+    three family models, Qwen3-VL, GLM-4.1V and (transformers >= 5.25) LLaVA-OneVision-1.5."""
+    from vidqa.models import base, load_model
+    from vidqa.models.llava_onevision1_5 import LlavaOnevision15Adapter
+    from vidqa.testing.glm4v import build_tiny_glm4v
+    from vidqa.testing.qwen3 import build_tiny_qwen3_vl
+
+    builders = {"qwen3": build_tiny_qwen3_vl, "glm4v": build_tiny_glm4v}
+    if base.has_transformers_module(LlavaOnevision15Adapter.transformers_module):
+        from vidqa.testing.llava_onevision1_5 import build_tiny_llava_onevision1_5
+
+        builders["llava_ov15"] = build_tiny_llava_onevision1_5
+    loaded = {name: load_model(str(build(tmp_path_factory.mktemp(f"session-{name}"))), device="cpu", dtype="float32")
+              for name, build in builders.items()}
+    return {**family_adapters, **loaded}
+
+
+# Qwen3.5 is left out: its linear-attention cache cannot be cropped, so it reuses no prefix at all
+STREAMED = ["llava", "qwen", "smol", "qwen3", "glm4v", "llava_ov15"]
+
+
+def frame_side(video) -> int:
+    """The largest side of the frames a video processor call received (nested lists: their first video)."""
+    while isinstance(video, (list, tuple)):
+        video = video[0]
+    return max(int(size) for size in video.shape[-3:])
+
+
+@pytest.mark.parametrize("family", STREAMED)
+def test_later_questions_preprocess_no_pixels_and_give_the_full_prompts_inputs(streamed_adapters, square_video,
+                                                                                family, monkeypatch):
+    from vidqa.video.decode import load_clip
+
+    if family not in streamed_adapters:
+        pytest.skip("LLaVA-OneVision-1.5 is in transformers >= 5.25 only")
+    adapter = streamed_adapters[family]
+    assert adapter.streams
+    clip = load_clip(square_video, num_frames=6 if family == "smol" else 8)
+    pruner = pruner_for(adapter, "evs", 0.5)
+    session = VideoSession(adapter, clip, pruner, engine.GenerationOptions(max_new_tokens=3), history=True)
+    video_processor = adapter.processor.video_processor
+    calls = []
+    preprocess = video_processor.preprocess
+
+    def counted(videos, *args, **kwargs):
+        calls.append(frame_side(videos))
+        return preprocess(videos, *args, **kwargs)
+
+    monkeypatch.setattr(video_processor, "preprocess", counted)
+    first = session.ask(QUESTIONS[0])
+    assert calls and max(calls) >= 64  # the first question preprocessed the real frames
+    del calls[:]
+    turns = [(QUESTIONS[0], first.text)]
+    for question in QUESTIONS[1:]:
+        got = session.ask(question)
+        assert calls and max(calls) <= 32, calls  # blank stand-ins of at most one merged token a side
+        del calls[:]
+        expected = engine.answer(adapter, clip, question, session.generation, pruner=pruner, history=tuple(turns))
+        del calls[:]
+        assert got.text == expected.text and got.stats.prefix_reused
+        assert got.stats.tokens.llm_prompt_tokens == expected.stats.tokens.llm_prompt_tokens
+        turns.append((question, got.text))
+    # the later prompt: the full prompt's ids, rows, positions (only stand-in frames preprocessed)
+    question, history = "is the square red ?", tuple(turns)
+    later = session.question_prompt(question, history)
+    full = adapter.prompt_for_clip(session.clip, question, history=history)
+    for key, value in later.inputs.items():
+        assert torch.equal(value, full.inputs[key]), key
+    assert torch.equal(later.visual_index, full.visual_index)
+    tokens = session.prefix.tokens
+    later_inputs = adapter.generation_inputs(later, tokens, positions=session.pruner.positions)
+    full_inputs = adapter.generation_inputs(full, tokens, positions=session.pruner.positions)
+    for key in ("input_ids", "position_ids"):
+        assert torch.equal(later_inputs.kwargs[key], full_inputs.kwargs[key]), key
+    assert torch.equal(later_inputs.visual_rows, full_inputs.visual_rows)

@@ -15,11 +15,14 @@ from conftest import assert_one_line_error
 
 from vidqa.engine import request as engine
 from vidqa.models import load_model
+from vidqa.models.base import has_transformers_module
+from vidqa.models.llava_onevision1_5 import LlavaOnevision15Adapter
 from vidqa.pruning.core.presets import build_pruner, load_preset
 from vidqa.pruning.core.streaming import HeldTokens
 from vidqa.pruning.methods.evs import TemporalChangeSelect
 from vidqa.pruning.methods.vidcom2 import FrameUniquenessSelect
 from vidqa.tensors.tokens import VisualTokens
+from vidqa.testing.glm4v import build_tiny_glm4v
 from vidqa.testing.qwen3 import build_tiny_qwen3_vl
 from vidqa.testing.qwen3_5 import build_tiny_qwen3_5
 from vidqa.testing.videos import moving_square_frames, write_video
@@ -30,11 +33,30 @@ QUESTION = "what happens in this video ?"
 
 @pytest.fixture(scope="module")
 def every_family(family_checkpoints, tmp_path_factory):
-    """Every streamed family's tiny checkpoint, loaded (CPU, float32)."""
+    """Every streamed family's tiny checkpoint, loaded (CPU, float32). GLM-4.1V twice: with its
+    processor's own clip budget, and with a --max-pixels budget that binds (112 px frames -> 56),
+    so a chunk handed to the processor alone would get larger frames than the whole clip's.
+    LLaVA-OneVision-1.5 only on transformers >= 5.25."""
     paths = dict(family_checkpoints)
     paths["qwen3"] = build_tiny_qwen3_vl(tmp_path_factory.mktemp("stream-qwen3"))
     paths["qwen3_5"] = build_tiny_qwen3_5(tmp_path_factory.mktemp("stream-qwen3_5"))
-    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
+    paths["glm4v"] = build_tiny_glm4v(tmp_path_factory.mktemp("stream-glm4v"))
+    if has_transformers_module(LlavaOnevision15Adapter.transformers_module):
+        from vidqa.testing.llava_onevision1_5 import build_tiny_llava_onevision1_5
+
+        paths["llava_ov15"] = build_tiny_llava_onevision1_5(tmp_path_factory.mktemp("stream-llava-ov15"))
+    loaded = {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
+    loaded["glm4v_budget"] = load_model(str(paths["glm4v"]), device="cpu", dtype="float32", max_pixels=56 * 56)
+    return loaded
+
+
+STREAMED = ["llava", "qwen", "smol", "qwen3", "qwen3_5", "glm4v", "glm4v_budget", "llava_ov15"]
+
+
+def family_adapter(every_family, family):
+    if family not in every_family:
+        pytest.skip("LLaVA-OneVision-1.5 is in transformers >= 5.25 only")
+    return every_family[family]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +74,10 @@ class FakeState:
 # --- the prompt layout and the streamed request ------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen", "smol", "qwen3", "qwen3_5"])
+@pytest.mark.parametrize("family", STREAMED)
 @pytest.mark.parametrize("frames", [8, 7])
 def test_the_layout_is_the_one_shot_prompt_without_pixels(every_family, square_video, family, frames):
-    adapter = every_family[family]
+    adapter = family_adapter(every_family, family)
     full = adapter.prompt_for_clip(load_clip(square_video, num_frames=frames), QUESTION)
     plan = plan_clip(square_video, num_frames=frames)
     first = adapter.chunk_prompt(next(iter(_chunks(plan, 2))), frames)
@@ -65,6 +87,11 @@ def test_the_layout_is_the_one_shot_prompt_without_pixels(every_family, square_v
         assert torch.equal(value, full.inputs[key]), key
     assert torch.equal(layout.visual_index, full.visual_index)
     assert torch.equal(layout.fixed_visual_index, full.fixed_visual_index)
+    # the chunks' pixels, put together, are the one-shot prompt's
+    key = next(key for key in full.inputs if key.startswith("pixel_values"))
+    pieces = [adapter.chunk_prompt(chunk, frames).inputs[key] for chunk in _chunks(plan, 2)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1 if pieces[0].dim() == 5 else 0), full.inputs[key],
+                               rtol=0, atol=0)
 
 
 def _chunks(clip, size):
@@ -73,10 +100,10 @@ def _chunks(clip, size):
     return clip_chunks(clip, size)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen", "smol", "qwen3", "qwen3_5"])
+@pytest.mark.parametrize("family", STREAMED)
 @pytest.mark.parametrize("preset, keep", [("none", None), ("evs", 0.3)])
 def test_streamed_equals_one_shot_for_chunks_of_1_3_and_all(every_family, square_video, family, preset, keep):
-    adapter = every_family[family]
+    adapter = family_adapter(every_family, family)
     frames = 6 if family == "smol" else 8
     generation = engine.GenerationOptions(max_new_tokens=4)
     reference = engine.answer(adapter, load_clip(square_video, num_frames=frames), QUESTION, generation,
@@ -92,8 +119,48 @@ def test_streamed_equals_one_shot_for_chunks_of_1_3_and_all(every_family, square
         assert torch.equal(streamed.kept.row, reference.kept.row)  # the same tokens kept, in the same LLM rows
         assert torch.equal(streamed.kept.left_at_stage, reference.kept.left_at_stage)
         assert streamed.stats.tokens.llm_prompt_tokens == reference.stats.tokens.llm_prompt_tokens
-        if family.startswith("qwen") and chunk % 2:
+        if adapter.stream_frame_multiple == 2 and chunk % 2:
             assert any(f"--chunk-frames {chunk} rounded up to {chunk + 1}" in note for note in streamed.notes)
+
+
+@pytest.fixture(scope="module")
+def still_then_moving(tmp_path_factory):
+    """A 12-frame 112 px clip (4 fps): one picture held for 5 frames, then a new picture every
+    frame, twice over (dedup keeps the first frame of each still shot and every new one)."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    still = np.repeat(generator.integers(0, 256, (1, 112, 112, 3), dtype=np.uint8), 5, axis=0)
+    moving = generator.integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    frames = np.concatenate([still, moving, still[:3], moving[:1]])
+    return write_video(tmp_path_factory.mktemp("still") / "still.mp4", frames, fps=4.0)
+
+
+@pytest.mark.parametrize("family", STREAMED)
+def test_a_frame_selector_streams_and_equals_one_shot(every_family, still_then_moving, family):
+    """dedup+evs: the selection pass decides a chunk at a time (its carry over the chunks), then
+    the kept frames stream: the same frames, tokens, counts and answer as one piece."""
+    adapter = family_adapter(every_family, family)
+    generation = engine.GenerationOptions(max_new_tokens=4)
+
+    def pruner():
+        return build_pruner(load_preset("dedup+evs"), adapter, keep=0.3)
+
+    reference = engine.answer(adapter, load_clip(still_then_moving, num_frames=12), QUESTION, generation,
+                              pruner=pruner())
+    kept = reference.details["frame_selection"]["kept_frames"]
+    assert 2 < len(kept) < 12  # the still shots were dropped
+    for chunk in (1, 3, 12):
+        streamed = engine.answer(adapter, plan_clip(still_then_moving, num_frames=12), QUESTION, generation,
+                                 pruner=pruner(), long_video=engine.LongVideoOptions(chunk_frames=chunk))
+        assert not any("one piece" in note for note in streamed.notes), streamed.notes
+        assert streamed.details["frame_selection"] == reference.details["frame_selection"], chunk
+        assert streamed.text == reference.text, chunk
+        assert streamed.stats.tokens.visual_tokens_per_stage == reference.stats.tokens.visual_tokens_per_stage
+        assert streamed.stats.tokens.frames == reference.stats.tokens.frames == len(kept)
+        assert torch.equal(streamed.kept.row, reference.kept.row)  # provenance over the decoded clip
+        assert torch.equal(streamed.kept.left_at_stage, reference.kept.left_at_stage)
+        assert streamed.stats.flops.vision_encoder_macs == reference.stats.flops.vision_encoder_macs
 
 
 def test_streamed_tokens_are_the_one_shot_tokens(every_family, square_video):
@@ -287,3 +354,38 @@ def test_peak_memory_does_not_grow_with_the_frames(tiny_llava, long_video):
         assert run.returncode == 0, run.stderr[-2000:]
         peaks[frames] = json.loads(run.stdout.strip().splitlines()[-1])
     assert peaks[384] <= 1.5 * max(peaks[48], 16 * 2**20), peaks
+
+
+# --- sessions (chat, batch, serve) ---------------------------------------------------------------
+
+
+def test_a_session_fits_and_streams_a_long_video_once_and_answers_as_ask(tiny_llava, long_video):
+    """--keep auto in a session: the first question streams the 300 frames (more than 128) and
+    fits the prefix once; every question equals `ask --keep auto` and later ones reuse the prefix."""
+    from vidqa import api
+
+    model = api.open_model(api.Settings(model=str(tiny_llava), device="cpu", dtype="float32"))
+    settings = model.settings.replace(frames=300, keep="auto", max_new_tokens=3)
+    session = model.session(long_video, settings)
+    assert session.clip.planned  # not decoded as a whole
+    questions = [QUESTION, "which colour is the square ?"]
+    got = [session.ask(question) for question in questions]
+    expected = [model.ask(long_video, question, settings) for question in questions]
+    assert [a.text for a in got] == [a.text for a in expected]
+    assert [a.stats.prefix_reused for a in got] == [False, True]
+    for answer, reference in zip(got, expected):
+        assert answer.preset.name == reference.preset.name == "evs"
+        assert answer.answer.details["fit"] == reference.answer.details["fit"]
+        assert answer.record()["parameters"]["positions"] == "compact"
+        assert answer.stats.tokens.llm_prompt_tokens == reference.stats.tokens.llm_prompt_tokens
+    assert any("--keep auto" in note for note in got[1].answer.notes)
+
+
+def test_chat_takes_keep_auto_and_max_visual_tokens(run_cli, tiny_llava, square_video):
+    result = run_cli(["chat", square_video, "--model", tiny_llava, "--frames", "8", "--prune", "evs",
+                      "--max-visual-tokens", "40", "--max-new-tokens", "2", "--json"],
+                     input="what happens ?\nwhich colour ?\n")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2 and all(r["stats"]["tokens"]["visual_tokens_after"] <= 40 for r in records)
+    assert records[1]["stats"]["prefix_reused"] and records[0]["pruning"]["fit"]["max_visual_tokens"] == 40

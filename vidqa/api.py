@@ -327,19 +327,25 @@ class Model:
     def session(self, video, settings: Settings | None = None, *, history: bool = False, reuse: bool = True,
                 encoded_cache=None, stats=None, **changes) -> Session:
         """Ask one video many questions: decoded, encoded and pruned once, and (for `none` and
-        question-agnostic pre-LLM presets) prefilled once (vidqa/engine/session.py)."""
-        from vidqa.engine.session import VideoSession
-        from vidqa.engine.stats import Stats
+        question-agnostic pre-LLM presets) prefilled once (vidqa/engine/session.py). keep="auto" /
+        max_visual_tokens fit the video's prefix to the context once; a long clip's first encoding
+        streams (README "Long videos"), only its pruned prefix kept."""
+        from vidqa.engine import request as engine
+        from vidqa.engine.session import VideoSession, prefix_reusable
+        from vidqa.engine.stats import Stats, timed
         from vidqa.video.decode import load_frames
 
         settings = self._settings(settings, changes)
-        if settings.keep_auto or settings.max_visual_tokens is not None:
-            raise BadInput("--keep auto and --max-visual-tokens work with vidqa ask; give --keep a number here")
         stats = stats if stats is not None else Stats()
-        clip = load_frames(self._clip(video, settings, stats))  # a session holds the decoded clip
+        clip = self._clip(video, settings, stats)
         pruner = self.pruner(settings)
+        if not (reuse and prefix_reusable(pruner)):  # every question runs in full: hold the decoded clip
+            with timed(stats.time, "video_decode_s"):
+                clip = load_frames(clip)
+        long_video = engine.LongVideoOptions(chunk_frames=settings.chunk_frames, keep_auto=settings.keep_auto,
+                                             max_visual_tokens=settings.max_visual_tokens)
         session = VideoSession(self.adapter, clip, pruner, generation_options(settings), reuse=reuse,
-                               history=history, encoded_cache=encoded_cache)
+                               history=history, encoded_cache=encoded_cache, long_video=long_video)
         return Session(self, session, settings, decode_stats=stats)
 
 
@@ -370,7 +376,10 @@ class Session:
     def ask(self, question: str, *, on_text: Callable[[str], None] | None = None, stats=None) -> Result:
         answer = self.video.ask(question, on_text=on_text, stats=stats)
         parameters = self.model.parameters(self.settings, history=self.video.history, reuse=self.video.reuse)
-        return Result(answer, self.clip, self.settings, self.model.preset(self.settings), parameters)
+        if "fit" in answer.details:  # --keep auto / --max-visual-tokens chose the positions rule too
+            parameters["positions"] = answer.details["fit"]["positions"]
+        preset = self.model.preset(self.settings) if answer.preset is None else answer.preset
+        return Result(answer, self.clip, self.settings, preset, parameters)
 
 
 def ask(video, question: str, settings: Settings | None = None, **changes) -> Result:

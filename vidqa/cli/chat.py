@@ -14,6 +14,7 @@ from vidqa.cli.common import (
     DEFAULT_MODEL,
     Attention,
     AttnOpt,
+    ChunkFramesOpt,
     Decode,
     DecodeOpt,
     Device,
@@ -28,6 +29,7 @@ from vidqa.cli.common import (
     KeepOpt,
     MaxNewOpt,
     MaxPixelsOpt,
+    MaxVisualTokensOpt,
     ModelOpt,
     ParamOpt,
     PruneOpt,
@@ -127,6 +129,8 @@ def chat(
     max_pixels: MaxPixelsOpt = None,
     device_map: DeviceMapOpt = None,
     system: SystemOpt = None,
+    chunk_frames: ChunkFramesOpt = None,
+    max_visual_tokens: MaxVisualTokensOpt = None,
     history: Annotated[bool, typer.Option("--history", help="Keep the conversation: each question sees the earlier questions and answers.")] = False,
     reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the video's prefill across questions (--no-reuse: prefill every question in full, for comparison).")] = True,
     stats: Annotated[
@@ -153,6 +157,7 @@ def chat(
         model=model, device=device, dtype=dtype, attn=attn, max_pixels=max_pixels, device_map=device_map,
         system=system, frames=frames, fps=fps, start=start, end=end, prune=prune, keep=keep, flops=flops,
         param=param, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, decode=decode,
+        chunk_frames=chunk_frames, max_visual_tokens=max_visual_tokens,
     )
     try:
         api.check_options(settings, video)  # before torch loads: a typo is reported at once

@@ -8,6 +8,13 @@ generating from that cache with only the question's rows. Presets with in-LLM st
 question inside the decoder, so their prefix is not reusable: the session then runs every
 question the ordinary way (`engine.answer`, the clip encoded once).
 
+Later questions cost only their text: the first question (or `prepare`) builds the prompt with
+the clip's pixels (in one piece, or a chunk at a time for a long clip: engine/streaming.py); every
+later one is the family's `prompt_layout` for the new question (the processor on blank stand-in
+frames, no real pixel preprocessed again), whose ids, visual rows and grid inputs are the full
+prompt's (tests/test_session.py compares them on every family that `streams`; a family without a
+tested layout runs its processor on the clip again).
+
 Positions: each question's rows take their positions from the adapter's `generation_inputs`
 on the full (pruned) prompt, exactly as without reuse: 1-D families (`original` or `compact`)
 and Qwen2.5-VL's M-RoPE alike; `generate` slices the rows after the cache. Every question's
@@ -29,6 +36,7 @@ from vidqa.engine import request as engine
 from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
 from vidqa.errors import BadInput
 from vidqa.models import GenerationInputs, ModelAdapter
+from vidqa.models.base import without_pixels
 from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch, cache_keyword
 from vidqa.pruning.core.runtime import NO_PRUNING, Pruner, RequestState
 from vidqa.pruning.core.verify import PrefillCheck
@@ -51,6 +59,7 @@ class _Prefix:
 
     tokens: object  # VisualTokens after the pre-LLM stages
     state: RequestState  # the first request's state: stage counts, notes, budget details
+    prompt: object = None  # the first prompt without its pixels: the grid later prompts' layouts read
     ids: torch.Tensor | None = None  # (1, s) input_ids of the prefix
     positions: torch.Tensor | None = None  # (..., s) position ids of the prefix
     cache: DynamicCache | None | bool = None  # None: not yet prefilled; False: not reusable
@@ -62,22 +71,28 @@ PLACEHOLDER_QUESTION = "?"  # what prepare() builds the prompt with: only its vi
 
 
 class VideoSession:
-    """One decoded clip, asked many questions. Not thread-safe; batch size 1.
+    """One clip, asked many questions. Not thread-safe; batch size 1.
 
     history=True keeps the conversation: each question's prompt holds the earlier turns
     (question, answer) after the video, re-read as text; the video prefix is still reused.
     encoded_cache: optional mapping shared with engine.answer (vision-encoder output under
     id(clip)), so a batch that asks one clip under several presets encodes it once.
+    long_video: --keep auto / --max-visual-tokens (the fit is decided once, from the first
+    prompt's layout) and streaming: a planned clip (`Clip.planned`) is decoded, encoded and pruned
+    a chunk at a time on the first question, and only the pruned prefix is kept.
     """
 
     def __init__(self, adapter: ModelAdapter, clip: Clip, pruner: Pruner = NO_PRUNING,
                  generation: engine.GenerationOptions | None = None, reuse: bool = True, history: bool = False,
-                 encoded_cache: dict | None = None):
-        # a preset's frame selection runs once, on the decoded clip: every question sees the same frames
-        self.adapter, self.clip, self.pruner = adapter, pruner.before_encoder(clip), pruner
+                 encoded_cache: dict | None = None, long_video: engine.LongVideoOptions | None = None):
+        # a preset's frame selection runs once: on the decoded clip here, or a chunk at a time when
+        # a planned clip streams (engine/streaming.py); every question sees the same frames
+        self.adapter, self.pruner, self._asked = adapter, pruner, pruner  # _asked: before --keep auto's fit
+        self.clip = clip if clip.planned else pruner.before_encoder(clip)
         self.generation = generation or engine.GenerationOptions()
         self.reuse = reuse and prefix_reusable(pruner)
         self.history = history
+        self.long_video = long_video or engine.LongVideoOptions()
         self.turns: list[tuple[str, str]] = []
         self._prefix: _Prefix | None = None
         self._encoded = encoded_cache if encoded_cache is not None else {}
@@ -91,11 +106,9 @@ class VideoSession:
         """Encode, prune and (when reusable) prefill the video now, before any question.
         Returns what that cost (vision_encoder_s, pruning_s, video_prefill_s, token counts)."""
         stats = stats or Stats()
-        device = self.adapter.model.device
-        with timed(stats.time, "preprocess_s", device):
-            prompt = self.adapter.prompt_for_clip(self.clip, PLACEHOLDER_QUESTION)
         with torch.inference_mode():
-            prefix = self._encode_and_prune(prompt, PLACEHOLDER_QUESTION, stats)
+            prompt = self._encode_and_prune(PLACEHOLDER_QUESTION, (), stats)
+            prefix = self._prefix
             if self.reuse:
                 inputs = self.adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
                 self._prefill(inputs, stats)
@@ -115,7 +128,8 @@ class VideoSession:
             result = self._ask_reusing(question, history, on_text, stats or Stats())
         else:
             result = engine.answer(self.adapter, self.clip, question, self.generation, pruner=self.pruner,
-                                   on_text=on_text, stats=stats, encoded_cache=self._encoded, history=history)
+                                   on_text=on_text, stats=stats, encoded_cache=self._encoded, history=history,
+                                   long_video=self.long_video)
         if self.history:
             self.turns.append((question, result.text))
         return result
@@ -125,10 +139,13 @@ class VideoSession:
         adapter, device = self.adapter, self.adapter.model.device
         total_start = time.perf_counter()
         memory = RequestMemory(device).start()
-        with timed(stats.time, "preprocess_s", device):
-            prompt = adapter.prompt_for_clip(self.clip, question, history=history)
         with torch.inference_mode():
-            prefix = self._prefix or self._encode_and_prune(prompt, question, stats)
+            if self._prefix is None:
+                prompt = self._encode_and_prune(question, history, stats)
+            else:
+                with timed(stats.time, "preprocess_s", device):
+                    prompt = self.question_prompt(question, history)
+            prefix = self._prefix
             inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
             if prefix.cache is None:
                 self._prefill(inputs, stats)
@@ -141,6 +158,8 @@ class VideoSession:
                                  details=dict(prefix.state.details), llm_tokens=prefix.tokens,
                                  stage_origins=dict(prefix.state.stage_origins),
                                  encoder_frames=list(prefix.state.encoder_frames))
+            # a later question (or a longer history) may not fit where the first did
+            engine.check_context(adapter, prompt, inputs, self.generation, state, self.clip.num_frames)
             suffix_inputs = self._suffix_inputs(inputs, state)
             if suffix_inputs is None:
                 stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
@@ -153,21 +172,27 @@ class VideoSession:
         stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
         stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
-                             details=state.details, kept=engine.request_fates(adapter, self.clip, state, inputs))
+                             details=state.details, kept=engine.request_fates(adapter, self.clip, state, inputs),
+                             preset=getattr(self.pruner, "preset", None) if self.pruner is not self._asked else None)
 
-    def _encode_and_prune(self, prompt, question, stats: Stats) -> _Prefix:
-        """The video's tokens after the pre-LLM stages, computed once; the cost goes to `stats`."""
-        adapter, device = self.adapter, self.adapter.model.device
-        state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device)
-        with timed(stats.time, "vision_encoder_s", device):
-            tokens = engine.encoded_video(adapter, self.clip, prompt, self.pruner, self._encoded, state)
-        if not state.stage_counts:  # else an in-encoder stage recorded the encoder's count and its own
-            state.record_stage("vision encoder", len(tokens))
-        with timed(stats.time, "pruning_s", device):
-            tokens = self.pruner.before_llm(tokens, state)
-        state.llm_tokens = tokens
-        self._prefix = _Prefix(tokens=tokens, state=state)
-        return self._prefix
+    def question_prompt(self, question: str, history: tuple = ()):
+        """The prompt of a later question: the family's `prompt_layout` for it (its text, with the
+        video's rows and grid inputs; no pixel preprocessed again), else, for a family without a
+        tested layout (`streams` False), its processor on the decoded clip again."""
+        if not self.adapter.streams:
+            return self.adapter.prompt_for_clip(self.clip, question, history=history)
+        return self.adapter.prompt_layout(self.clip, question, history, first_chunk=self._prefix.prompt)
+
+    def _encode_and_prune(self, question: str, history: tuple, stats: Stats):
+        """The video's tokens after the pre-LLM stages, computed once (in one piece or streamed,
+        fitted by --keep auto / --max-visual-tokens: engine.video_tokens); the cost goes to
+        `stats`. Returns this question's prompt."""
+        prompt, tokens, state, pruner = engine.video_tokens(
+            self.adapter, self.clip, question, self.pruner, stats, history, self._encoded, self.long_video,
+            answer_tokens=self.generation.max_new_tokens)
+        self.pruner, self.clip = pruner, state.clip  # the fitted pruner; the clip the prompt holds (selected)
+        self._prefix = _Prefix(tokens=tokens, state=state, prompt=without_pixels(prompt))
+        return prompt
 
     def _prefill(self, inputs: GenerationInputs, stats: Stats) -> None:
         """Run the LLM over the prefix rows once and keep their KV cache (cache = False when this

@@ -106,8 +106,6 @@ def streaming_refusal(adapter, pruner) -> str | None:
     """Why this request cannot stream (one line), or None."""
     if not adapter.streams:
         return f"{adapter.family} has no streamed prompt layout yet"
-    if getattr(pruner, "frame_stage", None) is not None:
-        return f"preset '{pruner.name}' picks frames from the whole decoded clip before the encoder"
     if getattr(pruner, "encoder_stage", None) is not None:
         return (f"preset '{pruner.name}' merges frames inside the vision encoder across the whole clip, so its "
                 f"frames cannot be encoded a chunk at a time")
@@ -124,6 +122,10 @@ def streamed_video(adapter, clip, question: str, fitting, stats: Stats, history:
     device = adapter.model.device
     notes = [] if notes is None else notes
     size = chunk_size(adapter, chunk_frames, clip.num_frames, notes)
+    pruner = fitting.pruner
+    if getattr(pruner, "frame_stage", None) is not None:
+        with timed(stats.time, "preprocess_s", device):  # the selection pass, its decoding apart
+            clip = pruner.before_encoder(clip, chunks=decode_timed(clip_chunks(clip, size), stats))
     chunks = clip_chunks(clip, size)
     state = stream = layout = None
     done, offset, rows_done = 0, 0, 0
@@ -133,8 +135,6 @@ def streamed_video(adapter, clip, question: str, fitting, stats: Stats, history:
         stats.time.video_decode_s += time.perf_counter() - started
         if chunk is None:
             break
-        # (a frame-selection stage before the encoder goes here: one call per chunk, its last kept
-        # frame carried in `state`; the layout then needs the kept count first, see docs/design.md)
         with timed(stats.time, "preprocess_s", device):
             pixels = adapter.chunk_prompt(chunk, clip.num_frames)
             if layout is None:
@@ -149,6 +149,8 @@ def streamed_video(adapter, clip, question: str, fitting, stats: Stats, history:
             state = RequestState(adapter=adapter, prompt=layout, clip=clip, question=question, device=device,
                                  notes=notes)
             fitting.apply_to(state)
+            if getattr(pruner, "frame_stage", None) is not None:
+                pruner.record_frame_selection(layout, state)  # "decoded frames", the selector, before the encoder
             shape = whole_grid(tokens.grid, len(layout.visual_index))
             state.record_stage("vision encoder", shape.count)
             with timed(stats.time, "pruning_s", device):
@@ -171,6 +173,20 @@ def streamed_video(adapter, clip, question: str, fitting, stats: Stats, history:
         state.notes.append(f"streamed: preset '{pruner.name}' needs the whole video at once, so the encoder's "
                            f"tokens were held until the last chunk (docs/methods.md)")
     return layout, kept, state
+
+
+def decode_timed(chunks, stats: Stats):
+    """`chunks` (decoded Clips), their decoding time added to stats.time.video_decode_s and taken
+    off preprocess_s, which the selection pass around it is timed as."""
+    while True:
+        started = time.perf_counter()
+        chunk = next(chunks, None)
+        spent = time.perf_counter() - started
+        stats.time.video_decode_s += spent
+        stats.time.preprocess_s -= spent
+        if chunk is None:
+            return
+        yield chunk
 
 
 def whole_grid(chunk_grid: tuple[int, int, int], total_tokens: int) -> StreamShape:

@@ -31,6 +31,13 @@ which the model card's `apply_chat_template` path runs): `fps` frames a second (
 `max_duration` seconds (300; a longer video gets max_duration x fps frames spread over it).
 The per-clip pixel budget is the processor's own (`size`: shortest_edge / longest_edge are
 bounds on T x H x W); `--max-pixels N` sets it to N per frame.
+
+Streaming (a long video a chunk at a time). The layout is Qwen-VL's (one stand-in token per
+temporal patch, widened to the real patch's tokens). A chunk's pixels: the budget bounds the
+WHOLE clip's T x H x W, so a chunk handed to the processor alone would get larger frames; the
+chunk's frames are instead resized to the whole clip's size (the processor's own `smart_resize`
+for the clip's frame count, then its own per-frame resize, on its device) and handed over with
+`do_resize=False`: the pixels the one-shot processor gives those frames.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from vidqa.models.base import Prompt
 from vidqa.models.qwen_vl import QwenVLAdapter
 from vidqa.video.frame_rules import FramePlan
 
@@ -104,6 +112,9 @@ class Glm4vAdapter(QwenVLAdapter):
         max_duration = getattr(video_processor, "max_duration", None) or cls.frame_rule.max_duration
         return Glm4vFrames(fps=float(fps), max_duration=float(max_duration))
 
+    streams = True  # prompt_layout + chunk_prompt hold (tests/test_streaming.py)
+    mrope = True
+
     @property
     def video_token_id(self) -> int:
         """The processor writes a video's tokens as `<|image|>` rows (inside the video markers)."""
@@ -129,6 +140,40 @@ class Glm4vAdapter(QwenVLAdapter):
             clip = self.max_pixels * frames
             kwargs["size"] = {"shortest_edge": min(shortest, clip), "longest_edge": clip}
         return kwargs
+
+    # --- streamed requests ------------------------------------------------------------------
+    def chunk_prompt(self, chunk, total_frames: int) -> Prompt:
+        """The chunk's pixels as the whole clip's prompt holds them: its frames resized to the
+        clip's frame size (`resized_as_clip`), the processor then not resizing; an odd last chunk
+        gets its last frame twice, as the processor pads an odd clip."""
+        frames, times = chunk.frames, chunk.timestamps
+        if len(frames) % 2:
+            frames, times = np.concatenate([frames, frames[-1:]]), np.concatenate([times, times[-1:]])
+        return self.build_prompt(self.resized_as_clip(frames, total_frames), times, "?", sample_fps=chunk.sample_fps,
+                                 budget_frames=total_frames, processor_kwargs={"do_resize": False})
+
+    def resized_as_clip(self, frames: np.ndarray, total_frames: int) -> np.ndarray:
+        """uint8 (t, H, W, 3) frames of a clip of `total_frames` frames -> uint8 (t, h, w, 3) at the
+        size the processor resizes the whole clip to: its `smart_resize` of the clip's T x H x W
+        (T at least one temporal patch, as `build_prompt` doubles a lone frame) within the bounds
+        this request hands it, then its per-frame resize on its own device."""
+        from transformers.image_utils import SizeDict
+        from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor, smart_resize
+
+        video_processor = self.processor.video_processor
+        asked = self.video_kwargs(range(total_frames), total_frames).get("size")
+        low, high = ((asked["shortest_edge"], asked["longest_edge"]) if asked is not None
+                     else (video_processor.size.shortest_edge, video_processor.size.longest_edge))
+        height, width = frames.shape[1:3]
+        size = smart_resize(num_frames=max(total_frames, FRAME_FACTOR), height=height, width=width,
+                            temporal_factor=video_processor.temporal_patch_size,
+                            factor=video_processor.patch_size * video_processor.merge_size, min_pixels=low, max_pixels=high)
+        device = getattr(video_processor, "device", None) or "cpu"
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None].to(device)  # (1, t, 3, H, W)
+        # the resize Glm4vVideoProcessor.resize runs after its smart_resize (its base class's)
+        resized = super(Glm4vVideoProcessor, video_processor).resize(
+            image=video, size=SizeDict(height=size[0], width=size[1]), resample=video_processor.resample)
+        return resized[0].permute(0, 2, 3, 1).cpu().numpy()
 
     # --- decoder internals ---------------------------------------------------------------
     @property

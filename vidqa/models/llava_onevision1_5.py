@@ -54,6 +54,16 @@ class LlavaOnevision15Adapter(QwenVLAdapter):
     processor_video = Qwen2_5_VLAdapter.processor_video
     video_kwargs = Qwen2_5_VLAdapter.video_kwargs
 
+    # --- streamed requests: Qwen-VL's layout (one stand-in token a frame, widened to the real
+    # frame's tokens), chunks of any frame count (no temporal patches: nothing to pad)
+    streams = True  # prompt_layout + chunk_prompt hold (tests/test_streaming.py)
+    stream_frame_multiple = 1
+
+    def chunk_prompt(self, chunk, total_frames: int) -> Prompt:
+        """The chunk's pixels, resized within the WHOLE clip's pixel budget; every frame is its own grid."""
+        return self.build_prompt(chunk.frames, chunk.timestamps, "?", sample_fps=chunk.sample_fps,
+                                 budget_frames=total_frames)
+
     def generation_inputs(self, prompt: Prompt, tokens: VisualTokens, positions: str) -> GenerationInputs:
         """Text rows stay; the kept tokens fill the one video span; 1-D positions."""
         ids = prompt.input_ids[0]

@@ -157,13 +157,42 @@ def selected_clip(clip: Clip, name: str, stage, unit: int, chunk_units: int | No
     timestamp. `sample_fps` stays the decoded clip's rate (its own, or its mean frame spacing):
     the rate the kept frames were sampled at, not the thinner rate left after dropping."""
     selection = frame_selection(name, unit, clip.num_frames, select_units(stage, clip.frames, unit, chunk_units))
+    return kept_clip(clip, selection, (name, stage, unit))
+
+
+def planned_selected_clip(clip: Clip, chunks, name: str, stage, unit: int) -> SelectedClip:
+    """`selected_clip` of a planned clip (frames not decoded), choosing a chunk at a time: `chunks`
+    yields its frames decoded in order, as Clips of whole units (the last may end in a partial
+    one); each is read by `stage.select` with the carry and dropped. Returns a PLANNED
+    SelectedClip of the kept frames (frames None), whose frames are decoded again, by index, when
+    they are encoded (engine/streaming.py): only one chunk of pixels is held at a time."""
+    keep: list[bool] = []
+    scores: list[float | None] = []
+    carry, seen = None, 0
+    for chunk in chunks:
+        if seen % unit:
+            raise ValueError(f"a chunk of {clip.num_frames} frames ended inside a {unit}-frame unit")
+        choice = stage.select(chunk.frames, unit, carry)
+        expected = -(-chunk.num_frames // unit)
+        if len(choice.keep) != expected or len(choice.scores) != expected:
+            raise ValueError(f"stage '{stage.kind}' chose {len(choice.keep)} of {expected} units")
+        keep += [bool(k) for k in choice.keep]
+        scores += list(choice.scores)
+        carry, seen = choice.carry, seen + chunk.num_frames
+    selection = frame_selection(name, unit, clip.num_frames, ChunkSelection(keep, scores, carry))
+    return kept_clip(clip, selection, (name, stage, unit))
+
+
+def kept_clip(clip: Clip, selection: FrameSelection, selected_with: tuple) -> SelectedClip:
+    """The frames `selection` keeps of `clip` (decoded or planned), with their own indices and
+    timestamps; `sample_fps` stays the clip's rate (its own, or its mean frame spacing)."""
     frames = selection.kept_frames()
     return SelectedClip(
-        frames=clip.frames[frames], indices=np.asarray(clip.indices)[frames],
+        frames=None if clip.frames is None else clip.frames[frames], indices=np.asarray(clip.indices)[frames],
         timestamps=np.asarray(clip.timestamps)[frames], fps=clip.fps, duration=clip.duration,
         total_frames=clip.total_frames, decoder=clip.decoder, notes=list(clip.notes),
         sample_fps=clip.sample_fps if clip.sample_fps is not None else mean_rate(clip.timestamps),
-        frame_selection=selection, source=clip, selected_with=(name, stage, unit),
+        path=clip.path, frame_selection=selection, source=clip, selected_with=selected_with,
     )
 
 

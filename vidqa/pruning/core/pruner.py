@@ -14,7 +14,7 @@ from vidqa.errors import BadInput, RuntimeFailure
 from vidqa.pruning.core.decode_kv import DecodeKVSelection
 from vidqa.pruning.core.decoder import DecoderPruning
 from vidqa.pruning.core.encoder import encode_inside
-from vidqa.pruning.core.frame_selection import SelectedClip, frames_per_unit, selected_clip
+from vidqa.pruning.core.frame_selection import SelectedClip, frames_per_unit, planned_selected_clip, selected_clip
 from vidqa.pruning.core.runtime import STAGE_RANGE, Pruner, RequestState, stage_threads
 from vidqa.pruning.core.stage import BeforeEncoder, DuringDecode, InsideEncoder
 from vidqa.pruning.core.streaming import TokenStream
@@ -94,12 +94,14 @@ class PresetPruner(Pruner):
             raise BadInput(f"preset '{self.preset.name}' has {len(found)} stages before the vision encoder; use one")
         return found[0] if found else None
 
-    def before_encoder(self, clip):
+    def before_encoder(self, clip, chunks=None):
         """The clip of the frames the preset's before-encoder stage keeps (a `SelectedClip`: the
         kept frames with their own indices and timestamps, and the record of the choice), or
         `clip` itself without one. The unit is the family's temporal patch (Qwen-VL: a frame
         pair), so the kept frames pair up as before. A clip this stage already selected comes
-        back as it is; one another stage selected is selected again from its decoded frames."""
+        back as it is; one another stage selected is selected again from its decoded frames.
+        A planned clip (not decoded: a streamed request) is chosen from `chunks`, its frames
+        decoded a chunk of whole units at a time, and comes back planned (`planned_selected_clip`)."""
         if self.frame_stage is None:
             return clip
         name, stage = self.frame_stage
@@ -108,9 +110,11 @@ class PresetPruner(Pruner):
             if clip.selected_with == (name, stage, unit):
                 return clip
             clip = clip.source
+        if clip.planned:
+            return planned_selected_clip(clip, chunks, name, stage, unit)
         return selected_clip(clip, name, stage, unit)
 
-    def _record_frame_selection(self, prompt, state: RequestState) -> None:
+    def record_frame_selection(self, prompt, state: RequestState) -> None:
         """The selection's counts (before "vision encoder"), provenance and details, or one line
         when the clip was not selected (a path that built its prompt without `before_encoder`: a bug)."""
         name, _ = self.frame_stage
@@ -147,7 +151,7 @@ class PresetPruner(Pruner):
 
     def encode_video(self, adapter, prompt, state: RequestState):
         if self.frame_stage is not None:
-            self._record_frame_selection(prompt, state)
+            self.record_frame_selection(prompt, state)
             if self.encoder_stage is None:  # encoded here: a selected clip is this request's own, never cached by id
                 tokens = adapter.encode_video_for(prompt, vision_layer=self.vision_layer)
                 state.record_stage("vision encoder", len(tokens))

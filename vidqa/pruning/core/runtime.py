@@ -103,9 +103,10 @@ class Pruner:
     # question). Read by engine/session.py to decide whether the video prefix is reusable.
     preset = None
 
-    def before_encoder(self, clip):
+    def before_encoder(self, clip, chunks=None):
         """The clip of the frames to encode: the pruner's before-encoder stage picks them from the
-        decoded frames (pruning/core/frame_selection.py); the default keeps the clip as it is."""
+        decoded frames (pruning/core/frame_selection.py; a planned clip's from `chunks`, its frames
+        decoded a chunk at a time); the default keeps the clip as it is."""
         return clip
 
     def encode_video(self, adapter, prompt, state: RequestState):
