@@ -557,3 +557,18 @@ def test_plot_without_matplotlib_is_one_line(run_cli, tiny_llava, videos, tmp_pa
     assert_one_line_error(batch(run_cli, tiny_llava, questions, output, "--plot", tmp_path / "p.png"),
                           "pip install -e \".[plot]\"")
     assert not output.exists()
+
+
+def test_a_long_clip_streams_in_a_batch_and_is_cached_without_pixels(run_cli, tiny_llava, tmp_path):
+    """Above 128 frames the batch's clip is only planned (decoded a chunk at a time when encoded):
+    its cache entry holds no pixels, and both questions are answered, the second from the prefix."""
+    write_video(tmp_path / "long.mp4", three_scene_frames(frames_per_scene=(50, 50, 50), size=(112, 112)))
+    csv_path = write_csv(tmp_path, "q.csv", "id,video,question\na,long.mp4,What happens?\nb,long.mp4,Which colour comes first?\n")
+    output = tmp_path / "out.jsonl"
+    result = run_cli(["batch", csv_path, "-o", output, "--model", tiny_llava, "--frames", "140", "--max-new-tokens", "2",
+                      "--prune", "evs", "--keep", "0.1"])
+    assert result.exit_code == 0, result.stderr
+    records = read_jsonl(output)
+    assert [r["error"] for r in records] == [None, None]
+    assert all(r["stats"]["tokens"]["frames"] == 140 for r in records)
+    assert [r["stats"]["prefix_reused"] for r in records] == [False, True]

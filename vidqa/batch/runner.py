@@ -277,10 +277,10 @@ class ClipCache:
             raise
         self.decodes += 1
         self.clips[key] = clip
-        self.bytes += clip.frames.nbytes
+        self.bytes += clip.pixel_bytes
         while self.bytes > self.max_bytes and len(self.clips) > 1:
             _, old = self.clips.popitem(last=False)
-            self.bytes -= old.frames.nbytes
+            self.bytes -= old.pixel_bytes
             self.encoded.pop(id(old), None)
         return clip
 

@@ -112,7 +112,7 @@ class SessionCache:
 def session_bytes(entry: Entry) -> int:
     """What the entry holds: frames, encoder output, the pruned tokens and the KV prefix."""
     video = entry.session.video
-    total = int(video.clip.frames.nbytes) + tensor_bytes(list(entry.encoded.values()))
+    total = video.clip.pixel_bytes + tensor_bytes(list(entry.encoded.values()))
     prefix = video.prefix
     if prefix is not None:
         total += tensor_bytes([prefix.tokens, prefix.ids, prefix.positions, prefix.cache])

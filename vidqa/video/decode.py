@@ -64,6 +64,11 @@ class Clip:
         return int(len(self.indices))
 
     @property
+    def pixel_bytes(self) -> int:
+        """Bytes of decoded pixels the clip holds (0 while planned: nothing is decoded yet)."""
+        return 0 if self.frames is None else int(self.frames.nbytes)
+
+    @property
     def planned(self) -> bool:
         """True when the frames are not decoded yet (`clip_chunks` reads them)."""
         return self.frames is None
