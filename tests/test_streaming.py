@@ -26,7 +26,7 @@ from vidqa.testing.glm4v import build_tiny_glm4v
 from vidqa.testing.qwen3 import build_tiny_qwen3_vl
 from vidqa.testing.qwen3_5 import build_tiny_qwen3_5
 from vidqa.testing.videos import moving_square_frames, write_video
-from vidqa.video.decode import load_clip, plan_clip
+from vidqa.video.decode import clip_chunks, load_clip, plan_clip
 
 QUESTION = "what happens in this video ?"
 
@@ -98,6 +98,30 @@ def _chunks(clip, size):
     from vidqa.video.decode import clip_chunks
 
     return clip_chunks(clip, size)
+
+
+def test_a_streamed_request_counts_its_decoding_once_in_the_total(every_family, square_video, monkeypatch):
+    """A streamed clip is decoded inside the request: the total is the call's own time, and it
+    includes the decoding once (a slow decoder, planted, makes a double count plain)."""
+    import time
+
+    from vidqa.engine import streaming
+
+    def slow_chunks(clip, size):
+        for chunk in clip_chunks(clip, size):
+            time.sleep(0.2)
+            yield chunk
+
+    monkeypatch.setattr(streaming, "clip_chunks", slow_chunks)
+    adapter = family_adapter(every_family, "llava")
+    started = time.perf_counter()
+    answer = engine.answer(adapter, plan_clip(square_video, num_frames=8), QUESTION,
+                           engine.GenerationOptions(max_new_tokens=2),
+                           long_video=engine.LongVideoOptions(chunk_frames=3))
+    wall = time.perf_counter() - started
+    times = answer.stats.time
+    assert times.video_decode_s >= 0.6  # three chunks, each 0.2 s late
+    assert times.video_decode_s <= times.total_s <= wall
 
 
 @pytest.mark.parametrize("family", STREAMED)

@@ -203,6 +203,7 @@ def answer(
     stats = stats or Stats()
     device = adapter.model.device
     total_start = time.perf_counter()
+    decoded_before = stats.time.video_decode_s  # decoded before this call (a streamed clip decodes inside it)
     memory = RequestMemory(device).start()
 
     asked = pruner
@@ -217,7 +218,7 @@ def answer(
     stats.time.pruning_s += state.in_llm_seconds
     fill_counts(stats, adapter, clip, prompt, state, inputs)
     fill_flops(stats, adapter, clip)
-    stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
+    stats.time.total_s = time.perf_counter() - total_start + decoded_before
     stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
                   generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs),

@@ -138,6 +138,7 @@ class VideoSession:
     def _ask_reusing(self, question, history, on_text, stats: Stats) -> engine.Answer:
         adapter, device = self.adapter, self.adapter.model.device
         total_start = time.perf_counter()
+        decoded_before = stats.time.video_decode_s  # decoded before this call (a streamed clip decodes inside it)
         memory = RequestMemory(device).start()
         with torch.inference_mode():
             if self._prefix is None:
@@ -169,7 +170,7 @@ class VideoSession:
                                     verify=suffix_inputs is None)
         engine.fill_counts(stats, adapter, self.clip, prompt, state, inputs)
         engine.fill_flops(stats, adapter, self.clip)
-        stats.time.total_s = time.perf_counter() - total_start + stats.time.video_decode_s
+        stats.time.total_s = time.perf_counter() - total_start + decoded_before
         stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
                              details=state.details, kept=engine.request_fates(adapter, self.clip, state, inputs),
