@@ -40,11 +40,6 @@ from microworld.assemble import DENSE_METADATA
 from microworld.chat import conversation
 from microworld.smol import (
     NEW_TOKENS,
-    add_lora,
-    build_model,
-    build_processor,
-    build_tokenizer,
-    converted_llm,
     trained_state,
 )
 from microworld.train_smol import (
@@ -55,7 +50,7 @@ from microworld.train_smol import (
     check_transformers,
     encode,
     learning_rate,
-    load_trained,
+    trainable_model,
 )
 
 SHORT_PHASE, HALF_PHASE, MIX_SHORT = 0.2, 0.4, 0.2
@@ -147,31 +142,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(size: dense.DenseSize, seed: int, init: Path | None):
-    """-> (model, embedding, processor, vision parameters, LoRA parameters) on the CPU:
-    train_smol's layout at the dense frame size."""
-    llm_dir = converted_llm()
-    processor = build_processor(build_tokenizer(llm_dir), size.size)
-    model = build_model(llm_dir, processor.tokenizer, seed=seed, image_size=size.size)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    text_model = model.model.text_model
-    text_model.layers.to(torch.bfloat16)  # frozen: cast once, not on every step under autocast
-    weight = text_model.embed_tokens.weight.detach()
-    old = weight.shape[0] - len(NEW_TOKENS)
-    embedding = GrownEmbedding(weight[:old].clone(), weight[old:].clone())
-    text_model.embed_tokens = embedding
-    torch.manual_seed(seed)
-    add_lora(model)
-    if init is not None:
-        load_trained(model, embedding, Path(init))
-    vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_model.", "model.connector."))]
-    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
-    for p in vision + lora:
-        p.requires_grad_(True)
-    return model, embedding, processor, vision, lora
-
-
 def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.grid, seed: int = 0,
           steps: int = 600, batch: int = 4, lr: float = 1e-3, warmup: int = 30, weight_decay: float = 0.01,
           clip_norm: float = 1.0, eval_every: int = 0, eval_clips: int = 32, save_every: int = 50,
@@ -186,7 +156,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     began = time.time()
     where = resolve_device(device)
     # the batches' workers are forked before the model reaches the GPU (they never touch CUDA)
-    model, embedding, processor, vision, lora = build(size, seed, init)
+    model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size)
     data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers else None, pin_memory=where.type == "cuda")

@@ -216,20 +216,15 @@ def check_transformers() -> None:
                            "SmolVLMProcessor releases drop the answers from the training chats")
 
 
-def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 1e-3, warmup: int = 30,
-          weight_decay: float = 0.01, clip_norm: float = 1.0, eval_every: int = 200, eval_clips: int = 32,
-          save_every: int = 50, log_every: int = 10, threads: int | None = 2, init: Path | None = None,
-          stop_after: int | None = None, emphasis: dict[str, float] | None = None, log=print) -> dict:
-    check_transformers()
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    began = time.time()
+def trainable_model(seed: int, init: Path | None, image_size: int | None = None):
+    """-> (model, embedding, processor, vision parameters, LoRA parameters) on the CPU: the
+    SmolLM2 backbone frozen (its layers in bfloat16), the grown embedding, LoRA added, the small
+    SigLIP, the connector and the LoRA trainable; `init` continues from trained weights.
+    image_size: the frames' side (default: the 8 x 16 world's)."""
     llm_dir = converted_llm()
-    tokenizer = build_tokenizer(llm_dir)
-    processor = build_processor(tokenizer)
-    model = build_model(llm_dir, tokenizer, seed=seed)
+    sized = {} if image_size is None else {"image_size": image_size}
+    processor = build_processor(build_tokenizer(llm_dir), **sized)
+    model = build_model(llm_dir, processor.tokenizer, seed=seed, **sized)
     for p in model.parameters():
         p.requires_grad_(False)
     text_model = model.model.text_model
@@ -246,6 +241,20 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     for p in vision + lora:
         p.requires_grad_(True)
+    return model, embedding, processor, vision, lora
+
+
+def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 1e-3, warmup: int = 30,
+          weight_decay: float = 0.01, clip_norm: float = 1.0, eval_every: int = 200, eval_clips: int = 32,
+          save_every: int = 50, log_every: int = 10, threads: int | None = 2, init: Path | None = None,
+          stop_after: int | None = None, emphasis: dict[str, float] | None = None, log=print) -> dict:
+    check_transformers()
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    model, embedding, processor, vision, lora = trainable_model(seed, init)
     decay = [p for p in vision if p.dim() >= 2]
     no_decay = [p for p in vision if p.dim() < 2] + lora + [embedding.new]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
