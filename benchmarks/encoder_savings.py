@@ -17,6 +17,7 @@ kept, the frames EarlyTom's merges left for the encoder's last layer.
 
     python benchmarks/encoder_savings.py --threads 2                  # 8 and 32 frames, both clips
     python benchmarks/encoder_savings.py --frames 8 --repeats 1 --quick
+    python benchmarks/encoder_savings.py --bench-dims qwen2-7b --device cuda --frames 32   # the GPU goal (TTFT)
 
 Measures, never asserts; run it alone on a quiet machine and record the load (docs/benchmarks.md).
 """
@@ -79,10 +80,11 @@ def frames_left(answer) -> dict:
             "frames_after_encoder": per_layer[-1] if per_layer else answer.stats.tokens.frames}
 
 
-def measure(model, video: Path, frames: int, tokens: int, keep: float, repeats: int, warmup: int, log) -> list[dict]:
-    samples: dict[str, list] = {preset: [] for preset in PRESETS}
+def measure(model, video: Path, frames: int, tokens: int, keep: float, repeats: int, warmup: int, log,
+            presets=PRESETS) -> list[dict]:
+    samples: dict[str, list] = {preset: [] for preset in presets}
     for round_index in range(warmup + repeats):
-        for preset in PRESETS:  # interleaved, so drift hits every preset alike
+        for preset in presets:  # interleaved, so drift hits every preset alike
             budget = None if preset in ("none", "dedup") else keep
             settings = model.settings.replace(frames=frames, prune=preset, keep=budget, max_new_tokens=tokens)
             answer = model.ask(video, QUESTION, settings)
@@ -94,26 +96,29 @@ def measure(model, video: Path, frames: int, tokens: int, keep: float, repeats: 
         row = {"preset": preset, "keep": None if preset in ("none", "dedup") else keep}
         for phase in PHASES:
             row[phase] = statistics.median(getattr(a.stats.time, phase) for a in answers)
+        row["ttft_s"] = statistics.median(a.stats.time.total_s - a.stats.time.decode_s for a in answers)
         row["generated_tokens"] = min(a.stats.tokens.generated_tokens for a in answers)
         row["visual_tokens"] = f"{answers[0].stats.tokens.visual_tokens_before} -> {answers[0].stats.tokens.visual_tokens_after}"
         row.update(frames_left(answers[0]))
         rows.append(row)
-    base = next(row["total_s"] for row in rows if row["preset"] == "none")
+    base = next(row for row in rows if row["preset"] == "none")
     for row in rows:
-        row["total_over_none"] = row["total_s"] / base
+        row["total_over_none"] = row["total_s"] / base["total_s"]
+        row["ttft_over_none"] = row["ttft_s"] / base["ttft_s"]
     return rows
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| clip | frames | preset | total s | x none | preprocess s | encoder s | prefill s | frames encoded "
-             "| frames after encoder | visual tokens |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| clip | frames | preset | total s | x none | TTFT s | x none | preprocess s | encoder s | prefill s "
+             "| frames encoded | frames after encoder | visual tokens |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for result in results:
         for row in result["rows"]:
             lines.append(
                 f"| {result['clip']} | {result['frames']} | {row['preset']} | {row['total_s']:.2f} | "
-                f"{row['total_over_none']:.2f} | {row['preprocess_s']:.2f} | {row['vision_encoder_s']:.2f} | "
-                f"{row['prefill_s']:.2f} | {row['frames_encoded']} of {row['frames_decoded']} | "
+                f"{row['total_over_none']:.2f} | {row['ttft_s']:.3f} | {row['ttft_over_none']:.2f} | "
+                f"{row['preprocess_s']:.3f} | {row['vision_encoder_s']:.3f} | "
+                f"{row['prefill_s']:.3f} | {row['frames_encoded']} of {row['frames_decoded']} | "
                 f"{row['frames_after_encoder']} | {row['visual_tokens']} |")
     return "\n".join(lines)
 
@@ -128,6 +133,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="the 0.5B bench model's tiny tower (a smoke run)")
+    parser.add_argument("--bench-dims", default="qwen2-0.5b-so400m", help="the bench model (benchmarks/prefill.py BENCH_DIMS)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "vidqa-bench")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -139,15 +147,19 @@ def main(argv=None) -> list[dict]:
         print(text, file=sys.stderr, flush=True)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    dims = "qwen2-0.5b" if args.quick else "qwen2-0.5b-so400m"
-    model = api.open_model(api.Settings(model=str(bench_model_dir(args.workdir, dims)), device="cpu",
-                                        dtype="float32", max_new_tokens=args.tokens, decode="static"))
+    dims = "qwen2-0.5b" if args.quick else args.bench_dims
+    presets = [p for p in args.presets.split(",") if p]
+    if "none" not in presets:
+        presets.insert(0, "none")  # the base of the ratios
+    dtype = "float32" if args.device == "cpu" else "auto"
+    model = api.open_model(api.Settings(model=str(bench_model_dir(args.workdir, dims)), device=args.device,
+                                        dtype=dtype, max_new_tokens=args.tokens, decode="auto"))
     results = []
     for kind in [c for c in args.clips.split(",") if c]:
         video = clip_path(args.workdir, kind, 384)
         for frames in [int(f) for f in args.frames.split(",") if f]:
             log(f"{kind}, {frames} frames")
-            rows = measure(model, video, frames, args.tokens, args.keep, args.repeats, args.warmup, log)
+            rows = measure(model, video, frames, args.tokens, args.keep, args.repeats, args.warmup, log, presets)
             results.append({"clip": kind, "frames": frames, "rows": rows})
     print(table(results))
     print(f"\nmachine: {json.dumps(machine())}; bench model: {dims} dimensions, random weights; "

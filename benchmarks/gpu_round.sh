@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU round in one run (results: docs/benchmarks.md, "On a GPU"): the prefill benchmark on the
-# 7B-dimension and the 0.5B-dimension bench models at 32 frames, DyCoke's decode and the decode
-# paths (eager, static, CUDA graphs) on every preset on the 7B one,
-# the whole request end to end (64 and 256 answer tokens) on the 7B one, then the CUDA tests (the figures first: on a lent machine with minutes to spend, they are what
-# cannot be had elsewhere). Each step has its own time limit, so one that hangs costs only
-# itself; about 9 minutes on an H200, the 13 GiB 7B build included (estimated: not yet run with the decode paths).
+# The GPU round in one run (results: docs/benchmarks.md, "On a GPU"), sized for one `device` call
+# of at most 600 s with room left in a 15-minute lease to rerun it: the step limits add up to
+# 540 s, the figures first (on a lent machine they are what cannot be had elsewhere):
+#   1. issue 35's goal: whole requests with pruning before and inside the vision encoder at 7B
+#      dimensions, 32 frames (TTFT at keep 0.25 against none; dedup, earlytom, dedup+earlytom);
+#   2. preprocessing on the GPU against the CPU (issue 35 item 4);
+#   3. the prefill benchmark on the 7B-dimension model (per-stage pruning overhead);
+#   4. the decode paths (eager, static, CUDA graphs) on a few presets;
+#   5. the CUDA tests.
+# Each step has its own time limit, so one that hangs costs only itself. The 13 GiB 7B build (once
+# per machine) falls in the first step's limit. Not yet run: estimated, no GPU was lent since.
 #
-#   bash benchmarks/gpu_round.sh OUT_DIR      # writes a log, results JSON and plots to OUT_DIR
+#   bash benchmarks/gpu_round.sh OUT_DIR      # writes a log, results JSON and tables to OUT_DIR
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_round.sh OUT_DIR}
 mkdir -p "$out"
@@ -36,28 +41,22 @@ keep() {  # keep NAME: copy a benchmark's results beside the log as flat files, 
     nproc; uptime
 } 2>&1 | tee -a "$log"
 
-# decode is measured by decode.py: 4 tokens here keep each run short
-step 200 "prefill, 7B dimensions" python3 benchmarks/prefill.py --bench-dims qwen2-7b --device cuda --frames 32 \
-    --keeps 0.25 --warmup 1 --decode-tokens 4 --reference-frames 8,16 --workdir "$work" --out "$work/prefill-7b"
-keep prefill-7b
-step 100 "prefill, 0.5B dimensions" python3 benchmarks/prefill.py --device cuda --frames 32 --keeps 0.1,0.25 \
-    --repeats 3 --warmup 1 --decode-tokens 4 --reference-frames 4,8,16 --workdir "$work" --out "$work/prefill-0.5b"
-keep prefill-0.5b
-step 150 "decode (DyCoke), 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b --device cuda \
-    --frames 32 --decode-tokens 64 --repeats 2 --warmup 1 --paths eager,graphs --workdir "$work" --out "$work/decode-7b"
-keep decode-7b
-# the decode paths on every preset (issue #30 item 2: >= 100 tok/s with graphs; where graphs win incl. warm-up)
-step 240 "decode paths, every preset, 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b \
-    --device cuda --frames 32 --decode-tokens 64 --repeats 1 --warmup 1 --presets all --paths eager,static,graphs \
-    --workdir "$work" --out "$work/decode-paths-7b"
-keep decode-paths-7b
-step 150 "end to end, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b --device cuda --frames 32 \
-    --tokens 64,256 --repeats 2 --warmup 1 --workdir "$work" --out "$work/e2e-7b"
-keep e2e-7b
+step 170 "encoder savings, 7B dimensions (issue 35)" python3 benchmarks/encoder_savings.py --bench-dims qwen2-7b \
+    --device cuda --frames 32 --tokens 16 --repeats 2 --warmup 1 --clips static-shots,moving \
+    --presets none,evs,earlytom,dedup,dedup+earlytom --workdir "$work" --json "$out/encoder-savings-7b.json"
 # the video processor on the GPU against the CPU (issue #35 item 4): the preprocessing column, 4 answer tokens
-step 120 "preprocessing on the GPU and the CPU, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b \
+step 60 "preprocessing on the GPU and the CPU, 7B dimensions" python3 benchmarks/e2e.py --bench-dims qwen2-7b \
     --device cuda --frames 32 --tokens 4 --presets none --repeats 3 --warmup 1 --preprocess-on model,cpu \
     --workdir "$work" --out "$work/preprocess-7b"
 keep preprocess-7b
-step 150 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py
+# decode is measured by decode.py: 4 tokens here keep each run short
+step 120 "prefill, 7B dimensions" python3 benchmarks/prefill.py --bench-dims qwen2-7b --device cuda --frames 32 \
+    --keeps 0.25 --warmup 1 --decode-tokens 4 --reference-frames 8 --workdir "$work" --out "$work/prefill-7b"
+keep prefill-7b
+# the decode paths (issue #30 item 2: >= 100 tok/s with graphs; where graphs win incl. warm-up)
+step 100 "decode paths, 7B dimensions" python3 benchmarks/decode.py --bench-dims qwen2-7b \
+    --device cuda --frames 32 --decode-tokens 64 --repeats 1 --warmup 1 --presets none,evs,fastv,dycoke \
+    --paths eager,static,graphs --workdir "$work" --out "$work/decode-paths-7b"
+keep decode-paths-7b
+step 90 "CUDA tests" python3 -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py tests/test_gpu_preprocess.py
 ls -la "$out"
