@@ -93,13 +93,11 @@ def check_generation(max_new_tokens: int, temperature: float) -> None:
 
 def check_options(settings: Settings, video: str | Path | None = None) -> None:
     """The checks that need neither torch nor a model: generation values, the budget's range, the
-    frame options, and that `video` (when given) is a file. Fast: the CLI runs them first."""
+    frame options, then that `video` (when given) is a file. Fast: the CLI runs them first."""
     from vidqa.engine.generation import check_decode
     from vidqa.pruning.core.budget import check_budget
     from vidqa.video.decode import check_frame_options, check_video_path
 
-    if video is not None:
-        check_video_path(video)
     check_generation(settings.max_new_tokens, settings.temperature)
     check_decode(settings.decode)
     if isinstance(settings.keep, str) and not settings.keep_auto:
@@ -113,6 +111,8 @@ def check_options(settings: Settings, video: str | Path | None = None) -> None:
         raise BadInput(f"--max-visual-tokens must be at least 1, got {settings.max_visual_tokens}")
     frames = settings.frames if settings.frames is not None or settings.fps is not None else 1
     check_frame_options(frames, settings.fps, settings.start, settings.end)
+    if video is not None:  # last: a mistyped option is named even when the path is wrong too
+        check_video_path(video)
 
 
 def check_settings(settings: Settings, video: str | Path | None = None):

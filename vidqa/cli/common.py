@@ -158,7 +158,7 @@ SystemOpt = Annotated[
     Optional[str], typer.Option("--system", help="System prompt; \"\" for none. Default: the family's (LLaVA-OneVision: the one it was trained with; Qwen2.5-VL: its chat template's).", show_default=False)
 ]
 PruneOpt = Annotated[str, typer.Option("--prune", "-p", help="Pruning preset name (see `vidqa presets`) or a preset .yaml file.")]
-KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; 'auto' = the most that fits the model's context (with --prune none: evs), and the positions rule that fits, both reported; default: the preset's paper setting.", show_default=False)]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", callback=lambda text: keep_text(text), help="Layer-averaged fraction of visual tokens the LLM processes, in (0, 1]; 'auto' = the most that fits the model's context (with --prune none: evs), and the positions rule that fits, both reported; default: the preset's paper setting.", show_default=False)]
 ChunkFramesOpt = Annotated[Optional[int], typer.Option("--chunk-frames", help="Decode, encode and prune the video this many frames at a time (bounded memory; Qwen-VL rounds up to an even count). Default: chunks sized from the free memory for clips of more than 128 frames, else one piece (README \"Long videos\").", show_default=False)]
 MaxVisualTokensOpt = Annotated[Optional[int], typer.Option("--max-visual-tokens", help="At most this many visual tokens for the LLM: the retention (and positions) are chosen to fit, as with --keep auto.", show_default=False)]
 FlopsOpt = Annotated[Optional[float], typer.Option("--flops", help="Ask for this fraction of the vanilla visual-prefill FLOPs instead of --keep.")]
@@ -182,6 +182,17 @@ def stdout_writer():
             raise named(error, sys.stdout) from None
 
     return write
+
+
+def keep_text(text: str | None) -> str | None:
+    """--keep's parse check, as typer checks a number: a number or "auto", else a usage error
+    (its range is checked later, with the other budgets, in `api.check_options`)."""
+    if text is not None and text.strip().lower() != "auto":
+        try:
+            float(text)
+        except ValueError:
+            raise typer.BadParameter(f"'{text}' is not a number or 'auto'.") from None
+    return text
 
 
 def keep_value(text: str | None) -> float | str | None:
