@@ -3,6 +3,7 @@ prompt past the model's context is a one-line error, never a silent run."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -31,6 +32,7 @@ def touch(megabytes: int) -> np.ndarray:
 
 
 def test_cpu_peak_is_the_requests_own_high_water():
+    gc.collect()  # earlier tests' garbage freed now, not mid-measure
     held = touch(64)  # in use before the request: not the request's
     memory = RequestMemory("cpu").start()
     block = touch(96)
@@ -46,6 +48,8 @@ def test_cpu_peak_is_the_requests_own_high_water():
 
 def test_cpu_peak_falls_back_to_sampling_where_the_counter_cannot_be_reset(monkeypatch):
     monkeypatch.setattr(stats, "_reset_rss_high_water", lambda: False)
+    # earlier tests' garbage collected now, not mid-measure: freeing it would shrink the RSS under the block
+    gc.collect()
     memory = RequestMemory("cpu").start()
     block = touch(96)
     for _ in range(1000):  # hold the block until the sampler has seen it (no timing assumption)
