@@ -18,6 +18,24 @@ from vidqa.tensors.tokens import VisualTokens
 
 QUESTION = "what happens in this video ?"
 
+# the settings at which each preset must change nothing: (-P overrides, keep); a preset not listed
+# runs at --keep 1 (`identity_settings`). The family tests ask every preset file at them.
+IDENTITY_SETTINGS = {
+    "none": ([], None),
+    "prunevid": (["tau=1.01", "cluster_ratio=1", "ratio=1"], None),
+    "adatp": (["tau_l=1.01"], 1.0),
+    "evs": (["pruning_rate=0"], None),
+    "vidcom2": (["ratio=1"], None),
+    "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
+    "visionzip": (["ratio=1", "dominant_share=1"], None),  # all dominant: every token, in order
+    "holitom": (["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"], None),
+}
+
+
+def identity_settings(preset: str) -> tuple[list[str], float | None]:
+    """(-P overrides, keep) at which `preset` keeps every token (IDENTITY_SETTINGS)."""
+    return IDENTITY_SETTINGS.get(preset, ([], 1.0))
+
 
 def grid_tokens(features: torch.Tensor, attention: torch.Tensor | None = None, *, rows: int | None = None,
                 text_before: int = 3) -> VisualTokens:

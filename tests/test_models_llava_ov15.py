@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
-from helpers import eager_attention_calls, recomputed_and_eager_rows, tower_block_attention
+from helpers import eager_attention_calls, identity_settings, recomputed_and_eager_rows, tower_block_attention
 
 from vidqa import flops
 from vidqa.engine import request as engine
@@ -31,17 +31,6 @@ AVAILABLE = base.has_transformers_module(LlavaOnevision15Adapter.transformers_mo
 needs_model = pytest.mark.skipif(not AVAILABLE, reason="LLaVA-OneVision-1.5 is in transformers >= 5.25 only")
 QUESTION = "what happens in this video ?"
 FRAMES = 4  # 4 frames x 4x4 tokens = 64 video tokens (no temporal patches)
-# settings at which each preset must change nothing; one not listed runs at --keep 1
-IDENTITY = {
-    "none": ([], None),
-    "prunevid": (["tau=1.01", "cluster_ratio=1", "ratio=1"], None),
-    "adatp": (["tau_l=1.01"], 1.0),
-    "evs": (["pruning_rate=0"], None),
-    "vidcom2": (["ratio=1"], None),
-    "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
-    "visionzip": (["ratio=1", "dominant_share=1"], None),
-    "holitom": (["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"], None),
-}
 REFUSED = {"earlytom": "packed sequence"}  # in-encoder frame merging: per-frame SigLIP towers only
 PRESETS = sorted(available_presets())
 
@@ -162,10 +151,10 @@ def test_identity_settings_match_none(adapter, clip, preset):
             build_pruner(load_preset(preset), adapter)
         return
     reference = ask(adapter, clip)
-    params, keep = IDENTITY.get(preset, ([], 1.0))
+    params, keep = identity_settings(preset)
     pruned = ask(adapter, clip, build_pruner(load_preset(preset, params), adapter, keep=keep))
     assert pruned.stats.tokens.layer_avg_retention == 1.0
-    assert pruned.text == reference.text, f"'{preset}' at {params}, keep {keep}: add its identity settings to IDENTITY"
+    assert pruned.text == reference.text, f"'{preset}' at {params}, keep {keep}: list it in IDENTITY_SETTINGS"
 
 
 @needs_model

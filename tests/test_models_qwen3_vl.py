@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error
-from helpers import recomputed_and_eager_rows
+from helpers import identity_settings, recomputed_and_eager_rows
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from vidqa import flops
@@ -31,18 +31,6 @@ FRAMES = 8  # 4 temporal patches x 4x4 tokens = 64 video tokens
 MAX_PIXELS = 128 * 128  # one 128 px frame: 4x4 tokens per temporal patch
 # Settings at which each preset must change nothing; a preset not listed runs at --keep 1
 # (add it here if that is not its identity).
-IDENTITY = {
-    "none": ([], None),
-    "fastv": ([], 1.0),
-    "prunevid": (["tau=1.01", "cluster_ratio=1", "ratio=1"], None),
-    "sparsevlm": ([], 1.0),
-    "adatp": (["tau_l=1.01"], 1.0),
-    "evs": (["pruning_rate=0"], None),
-    "vidcom2": (["ratio=1"], None),
-    "dycoke": (["merge_ratio=0", "decode_keep=1"], None),
-    "visionzip": (["ratio=1", "dominant_share=1"], None),  # all dominant: every token, in order
-    "holitom": (["outer.ratio=1", "outer.tau=1.01", "inner.ratio=1"], None),
-}
 REFUSED = {"earlytom": "inside the vision encoder"}  # merges frames inside per-frame SigLIP towers only
 LAST_DEEPSTACK = 2  # layers 0, 1, 2 receive DeepStack features
 
@@ -169,10 +157,10 @@ def test_identity_settings_match_none(adapter, clip, preset):
             build_pruner(load_preset(preset), adapter)
         return
     reference = ask(adapter, clip)
-    params, keep = IDENTITY.get(preset, ([], 1.0))
+    params, keep = identity_settings(preset)
     pruned = ask(adapter, clip, build_pruner(load_preset(preset, params), adapter, keep=keep))
     assert pruned.stats.tokens.layer_avg_retention == 1.0
-    assert pruned.text == reference.text, f"'{preset}' at {params}, keep {keep}: add its identity settings to IDENTITY"
+    assert pruned.text == reference.text, f"'{preset}' at {params}, keep {keep}: list it in IDENTITY_SETTINGS"
     assert pruned.stats.tokens.generated_tokens == reference.stats.tokens.generated_tokens
 
 
