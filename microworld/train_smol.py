@@ -181,8 +181,22 @@ def load_trained(model, embedding: GrownEmbedding, path: Path) -> None:
         for name, tensor in state.items():
             if name == "new_token_rows":
                 embedding.new.copy_(tensor)
+            elif name.endswith("position_embedding.weight") and own[name].shape != tensor.shape:
+                own[name].copy_(resized_position_table(tensor, own[name].shape[0]))
             else:
                 own[name].copy_(tensor)
+
+
+def resized_position_table(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """A SigLIP position table (side*side rows, row-major patch grid) resized to `rows` rows by
+    bicubic interpolation of the grid, so weights trained on one frame size start another: the
+    dense world's frames are larger than the 8 x 16 world's, with the same 28 px per token."""
+    old_side, new_side = math.isqrt(table.shape[0]), math.isqrt(rows)
+    if old_side * old_side != table.shape[0] or new_side * new_side != rows:
+        raise ValueError(f"position tables of {table.shape[0]} and {rows} rows are not square grids")
+    grid = table.t().reshape(1, table.shape[1], old_side, old_side)
+    grid = torch.nn.functional.interpolate(grid.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return grid.reshape(table.shape[1], rows).t().to(table.dtype)
 
 
 def save_weights(model, embedding: GrownEmbedding, out: Path) -> Path:

@@ -109,6 +109,40 @@ def test_max_seconds_stops_the_run_and_saves(tmp_path):
     assert record["steps_done"] == 1 and (tmp_path / "weights.safetensors").exists()
 
 
+def test_the_position_table_resizes_as_a_grid():
+    """Row r of a side x side table is patch (r // side, r % side): resizing keeps a table that
+    varies along one axis varying along that axis only, and a constant table constant."""
+    side, width = 8, 3
+    rows = torch.arange(side).repeat_interleave(side).float()  # the patch's row index
+    table = torch.stack([rows, torch.full_like(rows, 5.0), rows * 2], dim=1)
+    resized = train_smol.resized_position_table(table, 12 * 12)
+    grid = resized.reshape(12, 12, width)
+    assert torch.allclose(grid[:, :, 1], torch.full((12, 12), 5.0), atol=1e-5)
+    assert torch.allclose(grid[:, 0, 0], grid[:, 11, 0], atol=1e-5)  # constant along a grid row
+    assert (grid[1:, 0, 0] - grid[:-1, 0, 0] > 0).all()  # increasing down the columns
+    assert torch.equal(train_smol.resized_position_table(table, side * side), table)
+    with pytest.raises(ValueError, match="not square"):
+        train_smol.resized_position_table(table, 50)
+
+
+def test_the_committed_8x16_weights_start_a_dense_run(tmp_path):
+    """--init from the 8 x 16 model's weights (112 px, 64 positions): the SigLIP at the dense size
+    takes every trained tensor, its position table resized to the larger grid."""
+    from safetensors.torch import load_file
+
+    from microworld.smol import SMOL_WEIGHTS
+    from microworld.train_dense import train
+
+    record = train(tmp_path, seed=3, steps=1, init=SMOL_WEIGHTS, **QUIET)
+    assert record["steps_done"] == 1 and record["init"] == str(SMOL_WEIGHTS)
+    committed, state = load_file(str(SMOL_WEIGHTS)), load_file(str(tmp_path / "weights.safetensors"))
+    positions = "model.vision_model.embeddings.position_embedding.weight"
+    assert committed[positions].shape[0] == 64 and state[positions].shape[0] == (TINY.size // 14) ** 2
+    # one step at the warm-up's first learning rate moves the trained tensors a little, not from scratch
+    patch = "model.vision_model.embeddings.patch_embedding.weight"
+    assert torch.allclose(state[patch], committed[patch], atol=2e-3)
+
+
 def test_the_assembled_checkpoint_loads_and_answers_through_vidqa(assembled, tmp_path, run_cli):
     """assemble reads the frame size from the weights; `vidqa` loads the folder like any SmolVLM2
     checkpoint, its prompt for a decoded dense clip is the training encoder's, with 25 tokens a
