@@ -24,6 +24,7 @@ from vidqa.errors import BadInput
 
 
 def context_limit(adapter) -> int | None:
+    """The LLM's context in positions (text_config.max_position_embeddings); None where the config does not say."""
     return getattr(adapter.text_config, "max_position_embeddings", None) or None
 
 

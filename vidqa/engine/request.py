@@ -239,8 +239,8 @@ def check_context(adapter, prompt, inputs, generation, state, num_frames: int) -
     the unpruned prompt's either way). A prompt past the context is an error naming the exact
     flags that make it fit (engine/context_fit.py); an answer that may run past it gets a note.
     """
-    limit = getattr(adapter.text_config, "max_position_embeddings", None)  # a config may not say
-    if not limit:
+    limit = fit.context_limit(adapter)
+    if limit is None:  # a config may not say
         return
     rows = int(inputs.kwargs["input_ids"].shape[1])
     positions = inputs.kwargs.get("position_ids")
