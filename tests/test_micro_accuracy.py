@@ -138,6 +138,19 @@ def test_first_clip_extends_a_sweep_with_the_next_clips(acc, tmp_path):
     whole = acc.heldout.read_questions(acc.heldout.generate(tmp_path / "whole", clips=4))
     assert rows == [row for row in whole if int(row["clip"]) >= 2]
 
+
+def test_types_asks_only_the_named_question_types(acc, tmp_path):
+    """--types writes only those types' questions; an unknown type is argparse's one-line error."""
+    folder = tmp_path / "two-types"
+    with pytest.raises(SystemExit, match="no records"):
+        acc.main(["--clips", "2", "--heldout", str(folder), "--model", str(MICRO_CHECKPOINT),
+                  "--types", "direction,square_end", "--skip-sweep", "--skip-references"])
+    rows = acc.heldout.read_questions(folder / acc.heldout.CSV_NAME)
+    assert len(rows) == 4 and {row["type"] for row in rows} == {"direction", "square_end"}
+    with pytest.raises(SystemExit) as refused:
+        acc.main(["--heldout", str(tmp_path / "bad"), "--types", "direction,ball", "--skip-sweep", "--skip-references"])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()
+
 def _tokens(frames=8, side=4):
     from vidqa.tensors.tokens import VisualTokens
 

@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from vidqa.pruning.core.runtime import Pruner  # noqa: E402
+
 DEFAULT_MODEL = ROOT / "vidqa" / "micro" / "checkpoint"  # shipped in the package: --model micro
 DEFAULT_PRESETS = ("none", "fastv", "prunevid", "sparsevlm", "adatp", "evs", "vidcom2", "visionzip", "fastvid", "dycoke", "flashvid", "holitom", "earlytom")
 DEFAULT_KEEPS = (0.1, 0.25, 0.5)
@@ -559,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                              "so a sweep can be extended by more clips in another results folder")
     parser.add_argument("--seed", type=int, default=None, help="held-out seed (default 1000)")
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    parser.add_argument("--types", default=None,
+                        help="ask only these question types, comma-separated (default: all of the world's)")
     parser.add_argument("--keeps", default=",".join(f"{k:g}" for k in DEFAULT_KEEPS))
     parser.add_argument("--results", type=Path, default=None, help="folder of sweep.jsonl/references.jsonl (default: --heldout)")
     parser.add_argument("--skip-run", action="store_true", help="only read the results files")
@@ -585,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(python -m microworld.assemble --weights FILE)")
     frames = frames or FRAMES
     types = world_types(args.world)
+    if args.types:
+        asked = [t.strip() for t in args.types.split(",") if t.strip()]
+        unknown = [t for t in asked if t not in types]
+        if unknown or not asked:
+            parser.error(f"--types {args.types}: unknown types {unknown}; the {args.world} world's: {', '.join(types)}")
+        types = asked
     if args.heldout is None:
         args.heldout = (HERE / f"heldout-dense-{dense_size.frames}x{dense_size.tokens_per_frame}" if dense_size
                         else SMOL_HELDOUT if smol else heldout.DEFAULT_OUT)
@@ -609,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                              "see benchmarks/micro/README.md")
         t0 = time.time()
         indices = range(args.first_clip, args.first_clip + args.clips)
-        csv_path = heldout.generate(args.heldout, indices, args.seed, extras=smol, dense_size=dense_size)
+        csv_path = heldout.generate(args.heldout, indices, args.seed, types=types, extras=smol, dense_size=dense_size)
         rows = heldout.read_questions(csv_path)
         print(f"held-out set: {len(rows)} questions, clips {indices.start}-{indices.stop - 1} "
               f"({time.time() - t0:.0f}s)", file=sys.stderr)
