@@ -146,7 +146,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           steps: int = 600, batch: int = 4, lr: float = 1e-3, warmup: int = 30, weight_decay: float = 0.01,
           clip_norm: float = 1.0, eval_every: int = 0, eval_clips: int = 32, save_every: int = 50,
           log_every: int = 10, threads: int | None = 2, device: str = "auto", workers: int = 0,
-          max_seconds: float | None = None, init: Path | None = None, log=print) -> dict:
+          max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
+          log=print) -> dict:
     check_transformers()
     if threads:
         torch.set_num_threads(threads)
@@ -175,7 +176,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
               "clip_norm": clip_norm, "curriculum": [SHORT_PHASE, HALF_PHASE, MIX_SHORT], "device": str(where),
               "workers": workers, "threads": threads, "max_seconds": max_seconds,
-              "init": str(init) if init else None, "history": history}
+              "init": str(init) if init else None, "stop_after": stop_after, "history": history}
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -193,7 +194,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
 
     model.train()
     running, count, t0, done = 0.0, 0, time.time(), 0
-    for step in range(steps):
+    for step in range(min(steps, stop_after or steps)):
         inputs = next(batches)
         num_frames = inputs.pop("num_frames")
         inputs = {k: v.to(where, non_blocking=True) for k, v in inputs.items()}
@@ -207,7 +208,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
         optimizer.step()
         running, count, done = running + loss.item(), count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
-        last = done == steps or out_of_time
+        last = done == min(steps, stop_after or steps) or out_of_time
         if done % log_every == 0 or last:
             log(f"step {done}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s", flush=True)
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this weights.safetensors: full-length clips, a fresh schedule, "
                              "a clip stream of its own")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop (and save) after this many steps of the --steps schedule, so a run cut by "
+                             "hand can be reproduced")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from microworld.smol import MissingGGUF
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.out, frames=args.frames, grid=args.grid, seed=args.seed, steps=args.steps, batch=args.batch,
               lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, eval_clips=args.eval_clips,
               save_every=args.save_every, log_every=args.log_every, threads=args.threads, device=args.device,
-              workers=args.workers, max_seconds=args.max_seconds, init=args.init)
+              workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after)
     except (MissingGGUF, UnsupportedTransformers, ValueError) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -109,6 +109,17 @@ def test_max_seconds_stops_the_run_and_saves(tmp_path):
     assert record["steps_done"] == 1 and (tmp_path / "weights.safetensors").exists()
 
 
+def test_stop_after_cuts_the_schedule_laid_out_for_steps(tmp_path):
+    """--steps 5 --stop-after 2 saves after step 2 of a 5-step schedule, which is not a 2-step
+    run (its learning rate decays over 2 steps), and the record says where it stopped."""
+    from microworld.train_dense import train
+
+    cut = train(tmp_path / "cut", seed=3, steps=5, stop_after=2, warmup=0, **QUIET)
+    short = train(tmp_path / "short", seed=3, steps=2, warmup=0, **QUIET)
+    assert cut["steps_done"] == short["steps_done"] == 2 and cut["stop_after"] == 2 and cut["steps"] == 5
+    assert (tmp_path / "cut" / "weights.safetensors").read_bytes() != (tmp_path / "short" / "weights.safetensors").read_bytes()
+
+
 def test_the_position_table_resizes_as_a_grid():
     """Row r of a side x side table is patch (r // side, r % side): resizing keeps a table that
     varies along one axis varying along that axis only, and a constant table constant."""
