@@ -227,3 +227,25 @@ def test_the_48_clip_table_is_what_the_counts_give(load_script):
     table = combine.combined_table(combine.table_counts(combine.doc_block()),
                                    combine.record_counts(runs / "smol_sweep_seed0_clips24-47.jsonl.gz"))
     assert table in doc
+
+
+def test_the_dense_interim_block_is_what_its_records_give(acc):
+    """docs/accuracy.md's dense 16 x 36 block (the interim model, eight types, keep 0.25) renders
+    from the committed records (answers, scores and the figures the table reads)."""
+    import gzip
+
+    from microworld import dense
+
+    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs"
+
+    def records(name):
+        with gzip.open(runs / f"dense16x36_interim_{name}_keep0.25_clips0-47.jsonl.gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    sweep, refs = records("sweep"), records("references")
+    types = [t for t in dense.DENSE_QUESTION_TYPES if t not in ("ball", "blinks", "order")]
+    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
+    block = doc[doc.index(acc.DENSE_DOC_BEGIN) + len(acc.DENSE_DOC_BEGIN):doc.index(acc.DENSE_DOC_END)]
+    assert markdown.strip() == block.strip()
+    assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
