@@ -46,10 +46,10 @@ from microworld.train_smol import (
     GrownEmbedding,
     UnsupportedTransformers,
     answer_labels,
-    answer_loss,
     check_transformers,
     encode,
     learning_rate,
+    optimizer_step,
     trainable_model,
 )
 
@@ -198,15 +198,9 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
         inputs = next(batches)
         num_frames = inputs.pop("num_frames")
         inputs = {k: v.to(where, non_blocking=True) for k, v in inputs.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
-        with torch.autocast(where.type, dtype=torch.bfloat16):
-            loss = answer_loss(model, embedding, inputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
-        optimizer.step()
-        running, count, done = running + loss.item(), count + 1, step + 1
+        loss = optimizer_step(model, embedding, inputs, optimizer, trainable,
+                              learning_rate(step, steps, lr, warmup), clip_norm, where.type)
+        running, count, done = running + loss, count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
         last = done == min(steps, stop_after or steps) or out_of_time
         if done % log_every == 0 or last:

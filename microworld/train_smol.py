@@ -79,6 +79,21 @@ class GrownEmbedding(torch.nn.Module):
         return torch.cat([self.frozen, self.new])
 
 
+def optimizer_step(model, embedding, inputs: dict, optimizer, trainable: list, lr: float, clip_norm: float,
+                   device_type: str = "cpu") -> float:
+    """One AdamW step on the answer loss at learning rate `lr` (bf16 autocast, gradients clipped
+    to `clip_norm`) -> the loss. Both trainers' steps, so the two worlds train alike."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = answer_loss(model, embedding, inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+    optimizer.step()
+    return loss.item()
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -289,15 +304,9 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
     for step in range(min(steps, stop_after or steps)):
         num_frames = frames_for_step(step, steps, rng, curriculum=init is None)
         inputs = video_batch(rng, batch, num_frames, processor, emphasis)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = answer_loss(model, embedding, inputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
-        optimizer.step()
-        running, count = running + loss.item(), count + 1
+        loss = optimizer_step(model, embedding, inputs, optimizer, trainable,
+                              learning_rate(step, steps, lr, warmup), clip_norm)
+        running, count = running + loss, count + 1
         last = step == min(steps, stop_after or steps) - 1
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
