@@ -7,6 +7,7 @@ question through the engine.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +163,10 @@ def recomputed_and_eager_rows(adapter, eager, inputs, state, visual_meta: dict, 
     with torch.no_grad():
         reference = eager.model(**inputs.kwargs, output_attentions=True).attentions[1][0]  # layer K-1 = 1
     return seen["probs"], reference[:, seen["rows"]].float()
+
+
+def default_sigint() -> None:
+    """The child's SIGINT back to its default action before exec: a test runner started in the
+    background (`cmd &` in a script) ignores SIGINT, children inherit that, and Python then never
+    installs its Ctrl-C handler, so the signal under test would be dropped before vidqa sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
+from helpers import default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -229,7 +230,7 @@ CONSOLE_SCRIPT = ("import sys; from vidqa.entry import main; sys.stderr.write('s
 def test_ctrl_c_exits_130_quietly(delay):
     process = subprocess.Popen(
         [sys.executable, "-c", CONSOLE_SCRIPT, "ask", str(SAMPLES / "square.mp4"), FIRST_QUESTION, "--model", "micro"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     assert process.stderr.readline() == "started\n"
     time.sleep(delay)  # 0: while `from .cli import main` imports typer, torch, transformers
     process.send_signal(signal.SIGINT)

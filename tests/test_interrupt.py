@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 ASK = ["ask", "samples/square.mp4", "Which way does the square move?", "--model", "micro"]
@@ -49,7 +50,7 @@ def test_ctrl_c_after_a_delay_exits_130(delay):
     """The delays cover the interpreter's start, the imports, the model load and the answer on a
     laptop; the ones that land after the answer (a fast machine) have nothing to check."""
     process = subprocess.Popen([sys.executable, "-m", "vidqa", *ASK], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay)
     if process.poll() is not None:
         process.communicate()
@@ -64,7 +65,7 @@ def test_ctrl_c_inside_an_import_exits_130(module):
     """numpy: torch's C code imports it and carried on without it, losing the signal (the answer
     came out, exit 0); later modules: a half-imported module broke the next import of it."""
     process = subprocess.Popen([sys.executable, "-c", CTRL_C_IN_IMPORT, module, *ASK], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     out, err = process.communicate(timeout=120)
     if "sent\n" not in err:
         pytest.skip(f"{module} is not imported on this path any more")
