@@ -185,25 +185,20 @@ def stdout_writer():
 
 
 def keep_text(text: str | None) -> str | None:
-    """--keep's parse check, as typer checks a number: a number or "auto", else a usage error
-    (its range is checked later, with the other budgets, in `api.check_options`)."""
-    if text is not None and text.strip().lower() != "auto":
-        try:
-            float(text)
-        except ValueError:
-            raise typer.BadParameter(f"'{text}' is not a number or 'auto'.") from None
+    """--keep's parse check (typer's callback), as typer checks a number: the text is kept as
+    given; its range is checked later, with the other budgets, in `api.check_options`."""
+    keep_value(text)
     return text
 
 
 def keep_value(text: str | None) -> float | str | None:
-    """--keep as given: a number, or "auto"; anything else stays text for `api.check_options` to
-    refuse in one line."""
+    """--keep as a value: None, a number, or "auto"; anything else is a usage error."""
     if text is None or text.strip().lower() == "auto":
         return None if text is None else "auto"
     try:
         return float(text)
     except ValueError:
-        return text
+        raise typer.BadParameter(f"'{text}' is not a number or 'auto'.") from None
 
 
 def request_settings(*, model, device, dtype, attn, max_pixels, device_map, system, frames, fps, start, end, prune,
