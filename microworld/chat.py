@@ -31,3 +31,20 @@ def reply_labels(input_ids: torch.Tensor, marker: list[int], end: int) -> torch.
                 labels[row, j] = token
                 inside = token != end
     return labels
+
+
+def reply_weights(labels: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    """A float weight per label position: the k-th reply of row r (a run of labelled positions)
+    gets weights[r][k], every unlabelled position 0."""
+    out = torch.zeros(labels.shape, dtype=torch.float32)
+    for row in range(labels.shape[0]):
+        labelled = (labels[row] != -100).tolist()
+        reply = -1
+        for j, inside in enumerate(labelled):
+            if inside and (j == 0 or not labelled[j - 1]):
+                reply += 1
+            if inside:
+                out[row, j] = weights[row][reply]
+        if reply + 1 != len(weights[row]):
+            raise ValueError(f"row {row}: {reply + 1} replies labelled, {len(weights[row])} weights given")
+    return out

@@ -17,6 +17,8 @@ What differs from train_smol, and why:
 - Curriculum in clip length only (the frame size is the dense size's throughout): 8-frame clips
   for the first fifth of the steps, half-length clips to two fifths, then full-length clips with
   a fifth of the batches shorter (8 frames or half).
+- --loss-weight TYPE=W weighs a type's answer tokens in the loss (a weighted mean), for the types
+  a run is slow to learn (counting the blinks); without it the loss and the draws are as before.
 - --device cuda moves the model to the GPU (bf16 autocast there too); --max-seconds stops the
   loop, saving, when the time is up, so a run fits a fixed device call.
 - The weights file's metadata records the frame size (image_size), frames and grid, so
@@ -37,7 +39,7 @@ import torch
 
 from microworld import dense
 from microworld.assemble import DENSE_METADATA
-from microworld.chat import conversation
+from microworld.chat import conversation, reply_weights
 from microworld.smol import (
     NEW_TOKENS,
     trained_state,
@@ -50,10 +52,12 @@ from microworld.train_smol import (
     encode,
     learning_rate,
     optimizer_step,
+    parse_type_weights,
     trainable_model,
 )
 
 SHORT_PHASE, HALF_PHASE, MIX_SHORT = 0.2, 0.4, 0.2
+QUESTION_KIND = {question: kind for kind, question in dense.TRAINING_QUESTIONS.items()}
 
 
 def frames_for_step(step: int, steps: int, rng: np.random.Generator, full: int, curriculum: bool = True) -> int:
@@ -73,9 +77,10 @@ class DenseBatches(torch.utils.data.Dataset):
     labels, num_frames), drawn from the step's own stream."""
 
     def __init__(self, processor, size: dense.DenseSize, batch: int, steps: int, seed: int, stream: int = 1,
-                 curriculum: bool = True):
+                 curriculum: bool = True, loss_weights: dict[str, float] | None = None):
         self.processor, self.size, self.batch, self.steps = processor, size, batch, steps
         self.seed, self.stream, self.curriculum = seed, stream, curriculum
+        self.loss_weights = loss_weights
 
     def __len__(self) -> int:
         return self.steps
@@ -85,9 +90,13 @@ class DenseBatches(torch.utils.data.Dataset):
         num_frames = frames_for_step(step, self.steps, rng, self.size.frames, self.curriculum)
         size = dense.DenseSize(num_frames, self.size.grid)
         clips = [dense.make_clip(rng, size) for _ in range(self.batch)]
-        texts = [self.processor.apply_chat_template(conversation(dense.training_chat(c, rng))) for c in clips]
+        chats = [dense.training_chat(c, rng) for c in clips]
+        texts = [self.processor.apply_chat_template(conversation(chat)) for chat in chats]
         inputs = encode(self.processor, texts, [c.frames for c in clips])
         inputs["labels"] = answer_labels(inputs["input_ids"], self.processor.tokenizer)
+        if self.loss_weights:  # only then: a run without them draws and weighs exactly as before
+            inputs["label_weights"] = reply_weights(inputs["labels"], [
+                [self.loss_weights.get(QUESTION_KIND[question], 1.0) for question, _ in chat] for chat in chats])
         inputs["num_frames"] = num_frames
         return inputs
 
@@ -147,8 +156,10 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           clip_norm: float = 1.0, eval_every: int = 0, eval_clips: int = 32, save_every: int = 50,
           log_every: int = 10, threads: int | None = 2, device: str = "auto", workers: int = 0,
           max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
-          log=print) -> dict:
+          loss_weights: dict[str, float] | None = None, log=print) -> dict:
     check_transformers()
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after {stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
     if threads:
         torch.set_num_threads(threads)
     size = dense.DenseSize(frames, grid)
@@ -158,7 +169,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     where = resolve_device(device)
     # the batches' workers are forked before the model reaches the GPU (they never touch CUDA)
     model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size)
-    data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None)
+    data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None,
+                        loss_weights=loss_weights)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers else None, pin_memory=where.type == "cuda")
     batches = iter(loader)
@@ -176,7 +188,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
               "clip_norm": clip_norm, "curriculum": [SHORT_PHASE, HALF_PHASE, MIX_SHORT], "device": str(where),
               "workers": workers, "threads": threads, "max_seconds": max_seconds,
-              "init": str(init) if init else None, "stop_after": stop_after, "history": history}
+              "init": str(init) if init else None, "stop_after": stop_after, "loss_weights": loss_weights,
+              "history": history}
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -247,7 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (and save) after this many steps of the --steps schedule, so a run cut by "
                              "hand can be reproduced")
+    parser.add_argument("--loss-weight", default=None, metavar="TYPE=W,...",
+                        help="weigh question types' answers in the loss, e.g. blinks=4,order=2 (default: all 1), "
+                             "for the types a run is slow to learn")
     args = parser.parse_args(argv)
+    try:
+        loss_weights = parse_type_weights(args.loss_weight, set(dense.TRAINING_QUESTIONS), "--loss-weight")
+    except ValueError as error:
+        parser.error(str(error))
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after {args.stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from microworld.smol import MissingGGUF
 
@@ -255,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         train(args.out, frames=args.frames, grid=args.grid, seed=args.seed, steps=args.steps, batch=args.batch,
               lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, eval_clips=args.eval_clips,
               save_every=args.save_every, log_every=args.log_every, threads=args.threads, device=args.device,
-              workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after)
+              workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after,
+              loss_weights=loss_weights)
     except (MissingGGUF, UnsupportedTransformers, ValueError) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

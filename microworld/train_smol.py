@@ -152,7 +152,12 @@ def answer_loss(model, embedding: GrownEmbedding, inputs: dict) -> torch.Tensor:
     target = labels[:, 1:]
     chosen = target != -100
     logits = hidden[chosen].float() @ embedding.full_weight().t()
-    return torch.nn.functional.cross_entropy(logits, target[chosen])
+    if "label_weights" not in inputs:
+        return torch.nn.functional.cross_entropy(logits, target[chosen])
+    # a weighted mean: a type weighted 3 pulls on the gradient as three of its answers would
+    weights = inputs["label_weights"][:, 1:][chosen]
+    losses = torch.nn.functional.cross_entropy(logits, target[chosen], reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -330,21 +335,25 @@ def train(out, *, seed: int = 0, steps: int = 1400, batch: int = 6, lr: float = 
 
 def parse_emphasis(text: str | None) -> dict[str, float] | None:
     """'direction=2,background_change=3' -> {'direction': 2.0, 'background_change': 3.0}."""
+    return parse_type_weights(text, set(world.SMOL_QUESTIONS) | set(world.AUX_QUESTIONS), "--emphasis")
+
+
+def parse_type_weights(text: str | None, known: set[str], flag: str) -> dict[str, float] | None:
+    """'TYPE=W,...' over the question types `known` -> {type: weight > 0}; ValueError naming `flag`."""
     if not text:
         return None
-    known = set(world.SMOL_QUESTIONS) | set(world.AUX_QUESTIONS)
     weights = {}
     for item in text.split(","):
         kind, _, value = item.partition("=")
         kind = kind.strip()
         if kind not in known:
-            raise ValueError(f"--emphasis: unknown question type '{kind}' (one of: {', '.join(sorted(known))})")
+            raise ValueError(f"{flag}: unknown question type '{kind}' (one of: {', '.join(sorted(known))})")
         try:
             weights[kind] = float(value)
         except ValueError:
-            raise ValueError(f"--emphasis: '{item}' is not TYPE=WEIGHT") from None
+            raise ValueError(f"{flag}: '{item}' is not TYPE=WEIGHT") from None
         if weights[kind] <= 0:
-            raise ValueError(f"--emphasis: the weight of '{kind}' must be > 0")
+            raise ValueError(f"{flag}: the weight of '{kind}' must be > 0")
     return weights
 
 

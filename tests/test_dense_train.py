@@ -120,6 +120,67 @@ def test_stop_after_cuts_the_schedule_laid_out_for_steps(tmp_path):
     assert (tmp_path / "cut" / "weights.safetensors").read_bytes() != (tmp_path / "short" / "weights.safetensors").read_bytes()
 
 
+def test_loss_weights_land_on_their_types_answers(processor):
+    """--loss-weight blinks=4: every token of each blinks reply (answer + end of utterance) weighs
+    4, every other reply 1, the prompt 0; and the batch is otherwise the unweighted one."""
+    from microworld.train_dense import QUESTION_KIND, DenseBatches
+
+    plain = DenseBatches(processor, TINY, batch=2, steps=4, seed=5)[3]
+    weighted = DenseBatches(processor, TINY, batch=2, steps=4, seed=5, loss_weights={"blinks": 4.0})[3]
+    assert "label_weights" not in plain and torch.equal(plain["input_ids"], weighted["input_ids"])
+    labels, weights = weighted["labels"], weighted["label_weights"]
+    assert torch.all((weights == 0) == (labels == -100))
+    tokenizer = processor.tokenizer
+    for row in range(labels.shape[0]):
+        heavy = (weights[row] == 4).nonzero().flatten().tolist()
+        assert heavy and heavy == list(range(heavy[0], heavy[-1] + 1))  # one reply
+        before = tokenizer.decode(weighted["input_ids"][row, : heavy[0]])
+        assert before.rstrip().endswith(dense.DENSE_QUESTIONS["blinks"] + "<end_of_utterance>\nAssistant:")
+        assert tokenizer.decode(labels[row, heavy]).strip() in [w + "<end_of_utterance>" for w in dense.COUNT_WORDS]
+        assert set(weights[row].unique().tolist()) == {0.0, 1.0, 4.0}
+    assert set(QUESTION_KIND.values()) == set(dense.TRAINING_QUESTIONS)
+
+
+def test_the_loss_is_the_weighted_mean_of_the_answer_tokens():
+    """Weights of 1 everywhere give the plain loss; a weight moves the loss towards that token's."""
+    from microworld.train_smol import answer_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 5, 4)
+
+    class Model:
+        class model:  # noqa: N801 - stands in for model.model
+            def __new__(cls, **_):
+                return type("Out", (), {"last_hidden_state": hidden})
+
+    class Embedding:
+        @staticmethod
+        def full_weight():
+            return torch.eye(6, 4)
+
+    labels = torch.tensor([[-100, -100, 2, 3, 1]])
+    inputs = {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones_like(labels), "pixel_values": None,
+              "labels": labels}
+    plain = answer_loss(Model, Embedding, inputs)
+    ones = answer_loss(Model, Embedding, {**inputs, "label_weights": (labels != -100).float()})
+    assert torch.allclose(plain, ones)
+    logits = hidden[0, :-1] @ torch.eye(6, 4).t()
+    each = torch.nn.functional.cross_entropy(logits[1:], labels[0, 2:], reduction="none")
+    heavy = answer_loss(Model, Embedding, {**inputs, "label_weights": torch.tensor([[0.0, 0, 1, 3, 1]])})
+    assert torch.allclose(heavy, (each[0] + 3 * each[1] + each[2]) / 5)
+
+
+def test_bad_training_options_are_refused_in_one_line(capsys):
+    from microworld.train_dense import main
+
+    for argv, said in ((["--loss-weight", "blink=2"], "unknown question type 'blink'"),
+                       (["--loss-weight", "blinks=0"], "must be > 0"),
+                       (["--stop-after", "0"], "--stop-after 0: give a step count >= 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--out", "unused", *argv])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_the_position_table_resizes_as_a_grid():
     """Row r of a side x side table is patch (r // side, r % side): resizing keeps a table that
     varies along one axis varying along that axis only, and a constant table constant."""
