@@ -101,6 +101,20 @@ def test_cuda_peak_subtracts_what_was_allocated_before(monkeypatch):
     assert calls == ["reset"]
 
 
+def test_a_measured_request_counts_decoding_before_it_and_writes_only_on_success():
+    import time
+
+    measured = stats.Stats()
+    measured.time.video_decode_s = 5.0  # a clip decoded before the request
+    with stats.measured_request(measured, "cpu"):
+        time.sleep(0.05)
+    assert measured.time.total_s >= 5.05 and measured.peak_memory_kind == "rss"
+    failed = stats.Stats()
+    with pytest.raises(RuntimeError), stats.measured_request(failed, "cpu"):
+        raise RuntimeError("the request failed")
+    assert failed.time.total_s == 0.0 and failed.peak_memory_kind == stats.Stats().peak_memory_kind
+
+
 def test_the_engine_reports_memory_the_request_allocates(tiny_llava, square_video, monkeypatch):
     adapter = load_model(str(tiny_llava), device="cpu", dtype="float32")
     clip = load_clip(square_video, num_frames=4)

@@ -15,7 +15,7 @@ from vidqa.engine import decode as decoding
 from vidqa.engine import fit, streaming
 from vidqa.engine.context_fit import PromptExtent, remedies
 from vidqa.engine.generation import generation_overrides, generation_settings, sampling_note
-from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
+from vidqa.engine.stats import Stats, measured_request, synchronize, timed
 from vidqa.errors import BadInput, RuntimeFailure
 from vidqa.models import ModelAdapter
 from vidqa.pruning.core.compat import DecoderMismatch, PruningMismatch, cache_keyword, returned_cache
@@ -202,24 +202,19 @@ def answer(
         raise BadInput("the question is empty; pass it as an argument or on stdin")
     stats = stats or Stats()
     device = adapter.model.device
-    total_start = time.perf_counter()
-    decoded_before = stats.time.video_decode_s  # decoded before this call (a streamed clip decodes inside it)
-    memory = RequestMemory(device).start()
-
     asked = pruner
-    with torch.inference_mode():
-        prompt, tokens, state, pruner = video_tokens(adapter, clip, question, pruner, stats, history, encoded_cache,
-                                                     long_video, answer_tokens=generation.max_new_tokens)
-        clip = state.clip
-        inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
-        check_context(adapter, prompt, inputs, generation, state, clip.num_frames)
-        text = generate_text(adapter, inputs, generation, pruner, state, stats, on_text)
-
-    stats.time.pruning_s += state.in_llm_seconds
-    fill_counts(stats, adapter, clip, prompt, state, inputs)
-    fill_flops(stats, adapter, clip)
-    stats.time.total_s = time.perf_counter() - total_start + decoded_before
-    stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
+    with measured_request(stats, device):
+        with torch.inference_mode():
+            prompt, tokens, state, pruner = video_tokens(adapter, clip, question, pruner, stats, history,
+                                                         encoded_cache, long_video,
+                                                         answer_tokens=generation.max_new_tokens)
+            clip = state.clip
+            inputs = adapter.generation_inputs(prompt, tokens, positions=pruner.positions)
+            check_context(adapter, prompt, inputs, generation, state, clip.num_frames)
+            text = generate_text(adapter, inputs, generation, pruner, state, stats, on_text)
+        stats.time.pruning_s += state.in_llm_seconds
+        fill_counts(stats, adapter, clip, prompt, state, inputs)
+        fill_flops(stats, adapter, clip)
     return Answer(text=text.strip(), stats=stats, notes=list(clip.notes) + state.notes, details=state.details,
                   generation=generation_settings(adapter, generation), kept=request_fates(adapter, clip, state, inputs),
                   preset=getattr(pruner, "preset", None) if pruner is not asked else None)

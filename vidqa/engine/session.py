@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from vidqa.engine import request as engine
-from vidqa.engine.stats import RequestMemory, Stats, synchronize, timed
+from vidqa.engine.stats import Stats, measured_request, synchronize, timed
 from vidqa.errors import BadInput
 from vidqa.models import GenerationInputs, ModelAdapter
 from vidqa.models.base import without_pixels
@@ -137,41 +137,37 @@ class VideoSession:
     # -- the reuse path ------------------------------------------------------------------------
     def _ask_reusing(self, question, history, on_text, stats: Stats) -> engine.Answer:
         adapter, device = self.adapter, self.adapter.model.device
-        total_start = time.perf_counter()
-        decoded_before = stats.time.video_decode_s  # decoded before this call (a streamed clip decodes inside it)
-        memory = RequestMemory(device).start()
-        with torch.inference_mode():
-            if self._prefix is None:
-                prompt = self._encode_and_prune(question, history, stats)
-            else:
-                with timed(stats.time, "preprocess_s", device):
-                    prompt = self.question_prompt(question, history)
-            prefix = self._prefix
-            inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
-            if prefix.cache is None:
-                self._prefill(inputs, stats)
-            elif isinstance(prefix.cache, DynamicCache):
-                stats.prefix_reused = True
-                stats.time.prefill_saved_s = prefix.prefill_s
-            # after the first prefill: a note it adds (e.g. the cache cannot be cropped) reaches this answer
-            state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question, device=device,
-                                 stage_counts=dict(prefix.state.stage_counts), notes=list(prefix.state.notes),
-                                 details=dict(prefix.state.details), llm_tokens=prefix.tokens,
-                                 stage_origins=dict(prefix.state.stage_origins),
-                                 encoder_frames=list(prefix.state.encoder_frames))
-            # a later question (or a longer history) may not fit where the first did
-            engine.check_context(adapter, prompt, inputs, self.generation, state, self.clip.num_frames)
-            suffix_inputs = self._suffix_inputs(inputs, state)
-            if suffix_inputs is None:
-                stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
-            if suffix_inputs is not None:  # the video's rows were verified when the prefix was prefilled
-                stats.verified = prefix.verified
-            text = engine.generate_text(adapter, suffix_inputs or inputs, self.generation, self.pruner, state, stats, on_text,
-                                    verify=suffix_inputs is None)
-        engine.fill_counts(stats, adapter, self.clip, prompt, state, inputs)
-        engine.fill_flops(stats, adapter, self.clip)
-        stats.time.total_s = time.perf_counter() - total_start + decoded_before
-        stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
+        with measured_request(stats, device):
+            with torch.inference_mode():
+                if self._prefix is None:
+                    prompt = self._encode_and_prune(question, history, stats)
+                else:
+                    with timed(stats.time, "preprocess_s", device):
+                        prompt = self.question_prompt(question, history)
+                prefix = self._prefix
+                inputs = adapter.generation_inputs(prompt, prefix.tokens, positions=self.pruner.positions)
+                if prefix.cache is None:
+                    self._prefill(inputs, stats)
+                elif isinstance(prefix.cache, DynamicCache):
+                    stats.prefix_reused = True
+                    stats.time.prefill_saved_s = prefix.prefill_s
+                # after the first prefill: a note it adds (e.g. the cache cannot be cropped) reaches this answer
+                state = RequestState(adapter=adapter, prompt=prompt, clip=self.clip, question=question,
+                                     device=device, stage_counts=dict(prefix.state.stage_counts),
+                                     notes=list(prefix.state.notes), details=dict(prefix.state.details),
+                                     llm_tokens=prefix.tokens, stage_origins=dict(prefix.state.stage_origins),
+                                     encoder_frames=list(prefix.state.encoder_frames))
+                # a later question (or a longer history) may not fit where the first did
+                engine.check_context(adapter, prompt, inputs, self.generation, state, self.clip.num_frames)
+                suffix_inputs = self._suffix_inputs(inputs, state)
+                if suffix_inputs is None:
+                    stats.prefix_reused, stats.time.prefill_saved_s = False, 0.0
+                if suffix_inputs is not None:  # the video's rows were verified when the prefix was prefilled
+                    stats.verified = prefix.verified
+                text = engine.generate_text(adapter, suffix_inputs or inputs, self.generation, self.pruner, state,
+                                            stats, on_text, verify=suffix_inputs is None)
+            engine.fill_counts(stats, adapter, self.clip, prompt, state, inputs)
+            engine.fill_flops(stats, adapter, self.clip)
         return engine.Answer(text=text.strip(), stats=stats, notes=list(self.clip.notes) + state.notes,
                              details=state.details, kept=engine.request_fates(adapter, self.clip, state, inputs),
                              preset=getattr(self.pruner, "preset", None) if self.pruner is not self._asked else None)

@@ -160,6 +160,18 @@ class RequestMemory:
         return max(0, total - self.start_bytes), total, self.kind
 
 
+@contextmanager
+def measured_request(stats: Stats, device):
+    """One request's total time and peak memory, into `stats` when the block succeeds. The total
+    counts video decoding already in `stats` (a clip decoded before the request) as well as the
+    block's wall time (a streamed clip decodes inside it)."""
+    start, decoded_before = time.perf_counter(), stats.time.video_decode_s
+    memory = RequestMemory(device).start()
+    yield
+    stats.time.total_s = time.perf_counter() - start + decoded_before
+    stats.peak_memory_bytes, stats.peak_memory_total_bytes, stats.peak_memory_kind = memory.stop()
+
+
 def _sample_rss(memory_ref, stop: threading.Event) -> None:
     while not stop.wait(RequestMemory.SAMPLE_SECONDS):
         memory, rss = memory_ref(), _proc_status_kib("VmRSS")
