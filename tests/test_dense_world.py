@@ -190,3 +190,20 @@ def test_the_held_out_folder_and_the_oracle_read_the_dense_world(load_script, tm
     assert small[t][ball_cell] > 0
     assert acc.world_types("dense") == list(dense.DENSE_QUESTION_TYPES)
     assert acc.selection_tasks([0.25], num_tokens=size.visual_tokens)[0] == ("start-only", 100, 0.5)
+
+
+def test_a_changed_dense_world_rewrites_the_held_out_clips(load_script, tmp_path, monkeypatch):
+    """The manifest keys a dense folder by a digest of clip 0's pixels: the same world reuses its
+    clips, a world drawn differently (here a bigger light) rewrites them."""
+    acc = load_script("benchmarks/micro/accuracy.py")
+    size = dense.DenseSize(8, 5)
+    acc.heldout.generate(tmp_path, clips=[0], dense_size=size)
+    video = tmp_path / "clips" / "c0000.mp4"
+    first = (video.stat().st_mtime_ns, acc.heldout.read_manifest(tmp_path)["world_digest"])
+    acc.heldout.generate(tmp_path, clips=[0], dense_size=size)
+    assert (video.stat().st_mtime_ns, acc.heldout.read_manifest(tmp_path)["world_digest"]) == first
+    monkeypatch.setattr(dense, "LIGHT_SIDE", dense.LIGHT_SIDE - 4)
+    acc.heldout.generate(tmp_path, clips=[0], dense_size=size)
+    manifest = acc.heldout.read_manifest(tmp_path)
+    assert manifest["world_digest"] != first[1] and video.stat().st_mtime_ns != first[0]
+    assert manifest["clips"][0]["light_box"] == list(dense.heldout_clip(0, size).light_box)

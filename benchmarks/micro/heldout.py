@@ -17,7 +17,9 @@ questions.csv columns: id, video, question, expected (the ground truth), type, c
 `manifest.json` records the seed, clip count, frames, fps and, per clip, the ground truth that
 `benchmarks/micro/accuracy.py` needs besides the answers (square boxes, circle, change frames)
 for its oracle selection. Existing files are reused when the manifest matches (same seed,
-frames, fps, and at least the clips asked); otherwise the folder is regenerated.
+frames, fps, and at least the clips asked); otherwise the folder is regenerated. A dense folder
+also records a digest of held-out clip 0's pixels, so a change to how the dense world draws (the
+light's size, say) rewrites the clips instead of reusing ones the manifest no longer describes.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def _truth(clip) -> dict:
     }
 
 
+def dense_world_digest(dense_size, seed: int) -> str:
+    """SHA-256 (16 hex digits) of held-out clip 0's pixels: changes whenever the dense world draws differently."""
+    import hashlib
+
+    from microworld import dense
+
+    return hashlib.sha256(dense.heldout_clip(0, dense_size, seed).frames.tobytes()).hexdigest()[:16]
+
+
 def generate(
     out: str | Path = DEFAULT_OUT,
     clips: int | Sequence[int] = DEFAULT_CLIPS,
@@ -108,7 +119,8 @@ def generate(
     if extras:
         settings["extras"] = True
     if dense_size is not None:
-        settings.update(size=dense_size.size, world="dense", grid=dense_size.grid)
+        settings.update(size=dense_size.size, world="dense", grid=dense_size.grid,
+                        world_digest=dense_world_digest(dense_size, seed))
     old = None
     if manifest_path.exists() and not force:
         try:
