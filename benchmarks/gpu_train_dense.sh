@@ -35,12 +35,14 @@
 # DENSE_STEPS / DENSE_BATCH / DENSE_SECONDS override the three. Whether one such run reaches
 # 95% is the open question.
 #
-# Warm start. The run starts from the committed 8 x 16 weights (--init; DENSE_INIT= empty trains
-# from scratch): both worlds draw 28 px a visual token, so their vision tower, connector, answer
-# rows and LoRA carry over and only the SigLIP position grid is resized (8x8 -> 16x16). On the CPU
-# at the reduced size (docs/accuracy.md, "The dense world on a CPU") that put the eight old types
-# at 0.67-1.00 within 200 steps of batch 4; the three new ones (ball, blinks, order) were still at
-# chance after 640, so they are what this run's steps are for.
+# Warm start. The run starts from the committed interim dense weights (microworld/dense_interim,
+# 16 x 36; --init; DENSE_INIT=microworld/smol_checkpoint/weights.safetensors starts from the 8 x 16
+# model, DENSE_INIT= empty from scratch): every world here draws 28 px a visual token, so the
+# vision tower, connector, answer rows and LoRA carry over and only the SigLIP position grid is
+# resized (12x12 -> 16x16). The interim model answers ten of the eleven types at 16 x 36 (0.99);
+# no CPU phase (~1,300 steps of batch 4 in all; benchmarks/micro/README.md, "The dense world")
+# taught it to count the blinks, so that is what this run's steps are for. DENSE_LOSS_WEIGHT
+# (e.g. blinks=4) passes --loss-weight.
 set -uo pipefail
 mode=${1:?usage: bash benchmarks/gpu_train_dense.sh stage | receive | train OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -86,8 +88,9 @@ train)  # device: join the GGUF, install the wheels beside the image's packages,
         "$stage_dir"/wheels/*.whl || exit 2
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     export VIDQA_SMOLLM2_GGUF=$landing/smollm2.gguf VIDQA_CACHE=/tmp/vidqa-cache
-    init=${DENSE_INIT-microworld/smol_checkpoint/weights.safetensors}  # set and empty: from scratch
+    init=${DENSE_INIT-microworld/dense_interim/weights.safetensors}  # set and empty: from scratch
     init_args=(); [ -n "$init" ] && init_args=(--init "$init")
+    [ -n "${DENSE_LOSS_WEIGHT:-}" ] && init_args+=(--loss-weight "$DENSE_LOSS_WEIGHT")
     nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$out/train.log"
     timeout 450 python3 -m microworld.train_dense --out "$out" --frames 32 --grid 8 --device cuda \
         --steps "${DENSE_STEPS:-800}" --batch "${DENSE_BATCH:-16}" --lr 1e-3 --warmup 30 --workers 12 \

@@ -57,6 +57,9 @@ from microworld.train_smol import (
 )
 
 SHORT_PHASE, HALF_PHASE, MIX_SHORT = 0.2, 0.4, 0.2
+# the interim dense model (16 x 36; ten of eleven types, not the blinks; benchmarks/micro/README.md):
+# what docs/accuracy.md's new-type sweep reads and where the next run starts
+DENSE_INTERIM_WEIGHTS = Path(__file__).resolve().parent / "dense_interim" / "weights.safetensors"
 QUESTION_KIND = {question: kind for kind, question in dense.TRAINING_QUESTIONS.items()}
 
 

@@ -215,6 +215,22 @@ def test_the_committed_8x16_weights_start_a_dense_run(tmp_path):
     assert torch.allclose(state[patch], committed[patch], atol=2e-3)
 
 
+def test_the_committed_interim_dense_weights_record_their_size_and_start_a_run(tmp_path):
+    """The interim 16 x 36 weights say so in their metadata (assemble builds a 168 px SigLIP from
+    them) and warm-start a run at another size, the 12 x 12 position grid resized."""
+    from safetensors.torch import load_file
+
+    from microworld.assemble import image_size
+    from microworld.train_dense import DENSE_INTERIM_WEIGHTS, train
+
+    assert image_size(DENSE_INTERIM_WEIGHTS) == dense.REDUCED.size
+    record = train(tmp_path, seed=3, steps=1, init=DENSE_INTERIM_WEIGHTS, **QUIET)
+    assert record["steps_done"] == 1
+    positions = "model.vision_model.embeddings.position_embedding.weight"
+    assert load_file(str(DENSE_INTERIM_WEIGHTS))[positions].shape[0] == (dense.REDUCED.size // 14) ** 2
+    assert load_file(str(tmp_path / "weights.safetensors"))[positions].shape[0] == (TINY.size // 14) ** 2
+
+
 def test_the_assembled_checkpoint_loads_and_answers_through_vidqa(assembled, tmp_path, run_cli):
     """assemble reads the frame size from the weights; `vidqa` loads the folder like any SmolVLM2
     checkpoint, its prompt for a decoded dense clip is the training encoder's, with 25 tokens a
