@@ -249,3 +249,32 @@ def test_the_dense_interim_block_is_what_its_records_give(acc):
     block = doc[doc.index(acc.DENSE_DOC_BEGIN) + len(acc.DENSE_DOC_BEGIN):doc.index(acc.DENSE_DOC_END)]
     assert markdown.strip() == block.strip()
     assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
+
+
+def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_give(acc):
+    """docs/accuracy.md's flash / ball / order block (the interim dense checkpoint, keep 0.25)
+    renders from its committed records, and the every-token figures the text gives (0.93 overall,
+    the blinks 0.29) are those of the 11-type records."""
+    import gzip
+
+    from microworld import dense
+
+    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs"
+
+    def records(name):
+        with gzip.open(runs / f"dense16x36_light24_{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    types = ["flash", "ball", "order"]
+    sweep = records("sweep_keep0.25_flash-ball-order_clips0-47")
+    refs = records("references_keep0.25_flash-ball-order_clips0-47")
+    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
+    begin, end = "<!-- dense light24 new types:begin -->", "<!-- dense light24 new types:end -->"
+    assert markdown.strip() == doc[doc.index(begin) + len(begin):doc.index(end)].strip()
+    assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
+    _, every = acc.render(records("none_clips0-47"), [], ["none"], list(dense.DENSE_QUESTION_TYPES),
+                          num_tokens=dense.REDUCED.visual_tokens)
+    none = every["presets"][0]
+    assert none["overall"]["n"] == 48 * 11 and round(none["overall"]["accuracy"], 2) == 0.93
+    assert round(none["blinks"]["accuracy"], 2) == 0.29 and "every token scores **0.93** overall" in doc
