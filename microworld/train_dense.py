@@ -146,6 +146,11 @@ def save_weights(model, embedding: GrownEmbedding, out: Path, size: dense.DenseS
     return out / "weights.safetensors"
 
 
+def check_stop_after(stop_after: int | None) -> None:
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after {stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,8 +166,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
           loss_weights: dict[str, float] | None = None, log=print) -> dict:
     check_transformers()
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"--stop-after {stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
+    check_stop_after(stop_after)
     if threads:
         torch.set_num_threads(threads)
     size = dense.DenseSize(frames, grid)
@@ -210,7 +214,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
 
     model.train()
     running, count, t0, done = 0.0, 0, time.time(), 0
-    for step in range(min(steps, stop_after or steps)):
+    planned = min(steps, stop_after or steps)
+    for step in range(planned):
         inputs = next(batches)
         num_frames = inputs.pop("num_frames")
         inputs = {k: v.to(where, non_blocking=True) for k, v in inputs.items()}
@@ -218,7 +223,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
                               learning_rate(step, steps, lr, warmup), clip_norm, where.type)
         running, count, done = running + loss, count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
-        last = done == min(steps, stop_after or steps) or out_of_time
+        last = done == planned or out_of_time
         if done % log_every == 0 or last:
             log(f"step {done}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s", flush=True)
@@ -269,10 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         loss_weights = parse_type_weights(args.loss_weight, set(dense.TRAINING_QUESTIONS), "--loss-weight")
+        check_stop_after(args.stop_after)
     except ValueError as error:
         parser.error(str(error))
-    if args.stop_after is not None and args.stop_after < 1:
-        parser.error(f"--stop-after {args.stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from microworld.smol import MissingGGUF
 

@@ -229,20 +229,22 @@ def test_the_48_clip_table_is_what_the_counts_give(load_script):
     assert table in doc
 
 
+def committed_records(name: str) -> list[dict]:
+    """The records of benchmarks/micro/runs/<name>.jsonl.gz."""
+    import gzip
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs" / f"{name}.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def test_the_dense_interim_block_is_what_its_records_give(acc):
     """docs/accuracy.md's dense 16 x 36 block (the interim model, eight types, keep 0.25) renders
     from the committed records (answers, scores and the figures the table reads)."""
-    import gzip
-
     from microworld import dense
 
-    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs"
-
-    def records(name):
-        with gzip.open(runs / f"dense16x36_interim_{name}_keep0.25_clips0-47.jsonl.gz", "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-
-    sweep, refs = records("sweep"), records("references")
+    sweep = committed_records("dense16x36_interim_sweep_keep0.25_clips0-47")
+    refs = committed_records("dense16x36_interim_references_keep0.25_clips0-47")
     types = [t for t in dense.DENSE_QUESTION_TYPES if t not in ("ball", "blinks", "order")]
     markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
@@ -255,15 +257,10 @@ def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_gi
     """docs/accuracy.md's flash / ball / order block (the interim dense checkpoint, keep 0.25)
     renders from its committed records, and the every-token figures the text gives (0.93 overall,
     the blinks 0.29) are those of the 11-type records."""
-    import gzip
-
     from microworld import dense
 
-    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "runs"
-
     def records(name):
-        with gzip.open(runs / f"dense16x36_light24_{name}.jsonl.gz", "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return committed_records(f"dense16x36_light24_{name}")
 
     types = ["flash", "ball", "order"]
     sweep = records("sweep_keep0.25_flash-ball-order_clips0-47")
