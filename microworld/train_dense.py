@@ -1,6 +1,6 @@
 """Train the SmolLM2 benchmark model on the dense world (microworld.dense): the same trained parts
-as train_smol (small SigLIP, connector, five new token rows, rank-8 LoRA on q/v; SmolLM2 frozen)
-at the dense world's frame size, on a CPU at a reduced size or on one GPU at the full one.
+as train_smol (small SigLIP, connector, five new token rows, rank-8 LoRA on q/v, optionally on the
+MLPs; SmolLM2 frozen) at the dense world's frame size, on a CPU at a reduced size or on one GPU at the full one.
 
     # CPU, the reduced size (16 frames x 36 tokens)
     python -m microworld.train_dense --out DIR --frames 16 --grid 6 --steps 60 --batch 4
@@ -164,7 +164,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           clip_norm: float = 1.0, eval_every: int = 0, eval_clips: int = 32, save_every: int = 50,
           log_every: int = 10, threads: int | None = 2, device: str = "auto", workers: int = 0,
           max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
-          loss_weights: dict[str, float] | None = None, log=print) -> dict:
+          loss_weights: dict[str, float] | None = None, lora_mlp: bool = False, log=print) -> dict:
     check_transformers()
     check_stop_after(stop_after)
     if threads:
@@ -175,7 +175,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     began = time.time()
     where = resolve_device(device)
     # the batches' workers are forked before the model reaches the GPU (they never touch CUDA)
-    model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size)
+    model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size, lora_mlp=lora_mlp)
     data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None,
                         loss_weights=loss_weights)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
@@ -196,7 +196,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "clip_norm": clip_norm, "curriculum": [SHORT_PHASE, HALF_PHASE, MIX_SHORT], "device": str(where),
               "workers": workers, "threads": threads, "max_seconds": max_seconds,
               "init": str(init) if init else None, "stop_after": stop_after, "loss_weights": loss_weights,
-              "history": history}
+              "lora_mlp": lora_mlp, "history": history}
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-weight", default=None, metavar="TYPE=W,...",
                         help="weigh question types' answers in the loss, e.g. blinks=4,order=2 (default: all 1), "
                              "for the types a run is slow to learn")
+    parser.add_argument("--lora-mlp", action="store_true",
+                        help="LoRA on the MLPs' projections too (3x the LoRA factors); an --init without them "
+                             "starts them at zero")
     args = parser.parse_args(argv)
     try:
         loss_weights = parse_type_weights(args.loss_weight, set(dense.TRAINING_QUESTIONS), "--loss-weight")
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, eval_clips=args.eval_clips,
               save_every=args.save_every, log_every=args.log_every, threads=args.threads, device=args.device,
               workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after,
-              loss_weights=loss_weights)
+              loss_weights=loss_weights, lora_mlp=args.lora_mlp)
     except (MissingGGUF, UnsupportedTransformers, ValueError) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

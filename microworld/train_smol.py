@@ -45,6 +45,8 @@ from microworld import world
 from microworld.chat import conversation, reply_labels
 from microworld.smol import (
     FRAMES,
+    LORA_TARGETS,
+    MLP_LORA_TARGETS,
     NEW_TOKENS,
     add_lora,
     build_model,
@@ -186,15 +188,21 @@ def first_token_accuracy(model, embedding, processor, n_clips: int, seed: int = 
     return result
 
 
-def load_trained(model, embedding: GrownEmbedding, path: Path) -> None:
+def load_trained(model, embedding: GrownEmbedding, path: Path, new_targets: tuple[str, ...] = ()) -> None:
     """Start from a run's weights.safetensors (trained_state's keys) in the training layout:
-    vision, connector and LoRA factors copied, the new token rows into `embedding.new`."""
+    vision, connector and LoRA factors copied, the new token rows into `embedding.new`.
+    new_targets: LoRA targets the file may lack (added by this run: they start at B = 0, so the
+    model starts as the file's exactly)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     own = model.state_dict()
+
+    def may_be_new(name):
+        return any(f".{target}.lora_" in name for target in new_targets)
+
     missing = [name for name in own if (name.startswith(("model.vision_model.", "model.connector.")) or ".lora_" in name)
-               and name not in state]
+               and name not in state and not may_be_new(name)]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} trained tensors (e.g. {missing[0]}); not a train_smol weights file")
     with torch.no_grad():
@@ -250,11 +258,12 @@ def check_transformers() -> None:
                            "SmolVLMProcessor releases drop the answers from the training chats")
 
 
-def trainable_model(seed: int, init: Path | None, image_size: int | None = None):
+def trainable_model(seed: int, init: Path | None, image_size: int | None = None, lora_mlp: bool = False):
     """-> (model, embedding, processor, vision parameters, LoRA parameters) on the CPU: the
     SmolLM2 backbone frozen (its layers in bfloat16), the grown embedding, LoRA added, the small
     SigLIP, the connector and the LoRA trainable; `init` continues from trained weights.
-    image_size: the frames' side (default: the 8 x 16 world's)."""
+    image_size: the frames' side (default: the 8 x 16 world's); lora_mlp: LoRA on the MLPs'
+    projections too (MLP_LORA_TARGETS; an `init` without them starts them at zero)."""
     llm_dir = converted_llm()
     sized = {} if image_size is None else {"image_size": image_size}
     processor = build_processor(build_tokenizer(llm_dir), **sized)
@@ -268,9 +277,10 @@ def trainable_model(seed: int, init: Path | None, image_size: int | None = None)
     embedding = GrownEmbedding(weight[:old].clone(), weight[old:].clone())
     text_model.embed_tokens = embedding
     torch.manual_seed(seed)
-    add_lora(model)
+    extra = MLP_LORA_TARGETS if lora_mlp else ()
+    add_lora(model, LORA_TARGETS + extra)
     if init is not None:
-        load_trained(model, embedding, Path(init))
+        load_trained(model, embedding, Path(init), new_targets=extra)
     vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_model.", "model.connector."))]
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     for p in vision + lora:

@@ -277,3 +277,34 @@ def test_the_benchmarks_reference_selections_run_on_the_dense_grid(assembled, lo
     assert len(records) == len(rows) * len(tasks) and all(r["error"] is None for r in records)
     kept = {r["preset"]: r["stats"]["tokens"]["visual_tokens_after"] for r in records}
     assert kept == {"all": TINY.visual_tokens, "start-only": TINY.visual_tokens // 2, "oracle": TINY.visual_tokens // 4}
+
+
+def test_lora_on_the_mlps_starts_from_weights_without_it_and_assembly_merges_it(tmp_path):
+    """--lora-mlp from the interim weights (q/v LoRA only): the MLP factors start with B = 0 (the
+    file's model exactly), train, are saved, and assembly merges them into the MLP weights."""
+    from safetensors.torch import load_file
+
+    from microworld.assemble import assemble
+    from microworld.smol import LORA_ALPHA, LORA_RANK, MLP_LORA_TARGETS, converted_llm, lora_delta
+    from microworld.train_dense import DENSE_INTERIM_WEIGHTS, train
+    from microworld.train_smol import trainable_model
+
+    model, *_ = trainable_model(3, DENSE_INTERIM_WEIGHTS, image_size=TINY.size, lora_mlp=True)
+    factors = dict(model.named_parameters())
+    fresh = [name for name in factors if ".mlp." in name and name.endswith(".lora_B")]
+    assert len(fresh) == 30 * len(MLP_LORA_TARGETS) and all(not factors[name].any() for name in fresh)
+    committed = load_file(str(DENSE_INTERIM_WEIGHTS))
+    q = "model.text_model.layers.4.self_attn.q_proj.lora_B"
+    assert torch.equal(factors[q].detach().float(), committed[q])
+
+    record = train(tmp_path / "run", seed=3, steps=1, init=DENSE_INTERIM_WEIGHTS, lora_mlp=True, **QUIET)
+    assert record["lora_mlp"] is True
+    state = load_file(str(tmp_path / "run" / "weights.safetensors"))
+    prefix = "model.text_model.layers.7.mlp.up_proj"
+    assert state[prefix + ".lora_B"].any()  # one step moved them
+    built = load_file(str(assemble(tmp_path / "model", weights=tmp_path / "run" / "weights.safetensors")
+                          / "model.safetensors"))
+    original = load_file(str(converted_llm() / "model.safetensors"))
+    expected = (original["model.layers.7.mlp.up_proj.weight"].double()
+                + lora_delta(state[prefix + ".lora_A"], state[prefix + ".lora_B"], LORA_ALPHA / LORA_RANK)).float()
+    assert torch.equal(built[prefix + ".weight"], expected)
