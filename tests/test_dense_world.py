@@ -207,3 +207,12 @@ def test_a_changed_dense_world_rewrites_the_held_out_clips(load_script, tmp_path
     manifest = acc.heldout.read_manifest(tmp_path)
     assert manifest["world_digest"] != first[1] and video.stat().st_mtime_ns != first[0]
     assert manifest["clips"][0]["light_box"] == list(dense.heldout_clip(0, size).light_box)
+
+
+def test_the_prunevid_analysis_reads_the_cells_a_ball_covers(load_script):
+    """benchmarks/micro/prunevid_static.py checks the token cells under the ball: one cell for a
+    ball inside it, both for one across a cell edge (28 px cells, 6 a row)."""
+    analysis = load_script("benchmarks/micro/prunevid_static.py")
+    assert analysis.disc_cells(42, 42, 10, dense.CELL, 6) == {7}
+    assert analysis.disc_cells(28, 10, 10, dense.CELL, 6) == {0, 1}
+    assert analysis.disc_cells(56, 56, 12, dense.CELL, 6) == {7, 8, 13, 14}
