@@ -254,22 +254,26 @@ def test_the_dense_interim_block_is_what_its_records_give(acc):
 
 
 def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_give(acc):
-    """docs/accuracy.md's flash / ball / order block (the interim dense checkpoint, keep 0.25)
-    renders from its committed records, and the every-token figures the text gives (0.93 overall,
-    the blinks 0.29) are those of the 11-type records."""
+    """docs/accuracy.md's flash / ball / order block (the interim dense checkpoint, keeps 0.1,
+    0.25 and 0.5, two runs) renders from its committed records, and the every-token figures the
+    text gives (0.93 overall, the blinks 0.29) are those of the 11-type records."""
     from microworld import dense
 
     def records(name):
         return committed_records(f"dense16x36_light24_{name}")
 
     types = ["flash", "ball", "order"]
-    sweep = records("sweep_keep0.25_flash-ball-order_clips0-47")
-    refs = records("references_keep0.25_flash-ball-order_clips0-47")
+    runs = ("keep0.25", "keep0.1-0.5")
+    sweep = [r for run in runs for r in records(f"sweep_{run}_flash-ball-order_clips0-47")]
+    refs = [r for run in runs for r in records(f"references_{run}_flash-ball-order_clips0-47")]
     markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
     begin, end = "<!-- dense light24 new types:begin -->", "<!-- dense light24 new types:end -->"
     assert markdown.strip() == doc[doc.index(begin) + len(begin):doc.index(end)].strip()
-    assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
+    # none once and 12 presets at three keeps; three references at three keeps (per-frame-random and
+    # oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
+    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
+    assert len(refs) == (3 * 3 + 4) * 48 * len(types)
     _, every = acc.render(records("none_clips0-47"), [], ["none"], list(dense.DENSE_QUESTION_TYPES),
                           num_tokens=dense.REDUCED.visual_tokens)
     none = every["presets"][0]
