@@ -42,7 +42,8 @@
 # resized (12x12 -> 16x16). The interim model answers ten of the eleven types at 16 x 36 (0.99);
 # no CPU phase (~1,300 steps of batch 4 in all; benchmarks/micro/README.md, "The dense world")
 # taught it to count the blinks, so that is what this run's steps are for. DENSE_LOSS_WEIGHT
-# (e.g. blinks=4) passes --loss-weight.
+# (e.g. blinks=4) passes --loss-weight; DENSE_LORA_MLP=1 passes --lora-mlp (LoRA on the MLPs too:
+# 120 CPU steps with it did not start the count, benchmarks/micro/README.md).
 set -uo pipefail
 mode=${1:?usage: bash benchmarks/gpu_train_dense.sh stage | receive | train OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -91,6 +92,7 @@ train)  # device: join the GGUF, install the wheels beside the image's packages,
     init=${DENSE_INIT-microworld/dense_interim/weights.safetensors}  # set and empty: from scratch
     init_args=(); [ -n "$init" ] && init_args=(--init "$init")
     [ -n "${DENSE_LOSS_WEIGHT:-}" ] && init_args+=(--loss-weight "$DENSE_LOSS_WEIGHT")
+    [ -n "${DENSE_LORA_MLP:-}" ] && init_args+=(--lora-mlp)
     nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$out/train.log"
     timeout 450 python3 -m microworld.train_dense --out "$out" --frames 32 --grid 8 --device cuda \
         --steps "${DENSE_STEPS:-800}" --batch "${DENSE_BATCH:-16}" --lr 1e-3 --warmup 30 --workers 12 \
