@@ -371,8 +371,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
 def test_a_streamed_request_peaks_far_below_the_clip_in_one_piece(tiny_llava, long_video):
     """Streamed EVS over 384 frames, 16 at a time, against the same request as one 384-frame chunk
     (each in a fresh process; a ratio of memory, never a time). Measured here: ~23 MiB against
-    ~135 MiB. The RSS peak of a few-MiB request moves by a few MiB with the C allocator's state,
-    so the bound is a ratio with room for that, not a comparison of two small streamed peaks."""
+    ~135 MiB. The RSS peak of a few-MiB request moves by a few MiB with the C allocator's state
+    (and the kernel's reclaim of file pages: tests/test_request_limits.py), so the bound is a ratio with room for that, not a comparison of two small streamed peaks."""
     peaks = {}
     for chunk in (16, 384):
         run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_llava), str(long_video), "384", str(chunk)],
