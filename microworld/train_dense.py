@@ -1,6 +1,7 @@
 """Train the SmolLM2 benchmark model on the dense world (microworld.dense): the same trained parts
 as train_smol (small SigLIP, connector, five new token rows, rank-8 LoRA on q/v, optionally on the
-MLPs; SmolLM2 frozen) at the dense world's frame size, on a CPU at a reduced size or on one GPU at the full one.
+MLPs; SmolLM2 frozen) at the dense world's frame size, on a CPU at a reduced size or on one GPU at
+the full one.
 
     # CPU, the reduced size (16 frames x 36 tokens)
     python -m microworld.train_dense --out DIR --frames 16 --grid 6 --steps 60 --batch 4

@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from vidqa.engine import request as engine
     from vidqa.models import load_model
+    from vidqa.pruning.methods.prunevid import SpatioTemporalMerge
     from vidqa.pruning.ops.segments import prunevid_segments, segment_static_masks
 
     torch.set_num_threads(1)
     size = dense.DenseSize(args.frames, args.grid)
     adapter = load_model(args.model, device="cpu", dtype="float32")
     answers = read_records(args.records, "prunevid")
+    merge = SpatioTemporalMerge(tau=args.tau)  # the preset's stage 1, its other parameters at their defaults
     counts = collections.Counter()
     for index in range(args.clips):
         truth = dense.heldout_clip(index, size)
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens = adapter.encode_video(adapter.prompt_for_clip(clip, dense.DENSE_QUESTIONS["ball"]))
         frames, rows, cols = tokens.grid
         grid = tokens.features.view(frames, rows * cols, -1)
-        segments = prunevid_segments(grid.float().mean(dim=1), cluster_ratio=0.25, k=7)  # the preset's defaults
-        static = segment_static_masks(grid, segments, args.tau)
+        segments = prunevid_segments(grid.float().mean(dim=1), cluster_ratio=merge.temporal_ratio, k=merge.k)
+        static = segment_static_masks(grid, segments, merge.tau)
         first = truth.ball_frames[0]
         segment = next(s for s, (start, end) in enumerate(segments) if start <= first < end)
         cells = sorted(disc_cells(*truth.ball, dense.CELL, cols))
