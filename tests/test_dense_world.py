@@ -216,3 +216,23 @@ def test_the_prunevid_analysis_reads_the_cells_a_ball_covers(load_script):
     assert analysis.disc_cells(42, 42, 10, dense.CELL, 6) == {7}
     assert analysis.disc_cells(28, 10, 10, dense.CELL, 6) == {0, 1}
     assert analysis.disc_cells(56, 56, 12, dense.CELL, 6) == {7, 8, 13, 14}
+
+
+def test_the_end_bias_analysis_splits_answers_by_the_events_half(load_script):
+    """benchmarks/micro/event_halves.py: an event wholly before the middle frame is in the first
+    half, wholly from it on in the second, else across; records count under their clip's truth."""
+    analysis = load_script("benchmarks/micro/event_halves.py")
+    assert analysis.clip_half((6, 7), 16) == "first half"
+    assert analysis.clip_half((8, 9), 16) == "second half"
+    assert analysis.clip_half((7, 8), 16) == "across"
+    truth = dense.heldout_clip(0, dense.REDUCED)
+    rows = [{"id": "c0000-ball", "preset": "fastv", "keep": 0.25, "correct": True, "error": None},
+            {"id": "c0000-flash", "preset": "fastv", "keep": 0.25, "correct": False, "error": None},
+            {"id": "c0000-order", "preset": "fastv", "keep": 0.25, "correct": True, "error": None},
+            {"id": "c0000-ball", "preset": "dycoke", "keep": 0.25, "correct": False, "error": "unreachable"}]
+    counts = analysis.tally(rows, dense.REDUCED)
+    ball = analysis.clip_half(truth.ball_frames, 16)
+    flash = analysis.clip_half(truth.flash_frames, 16)
+    cells = counts[("fastv", 0.25)]
+    assert cells[("ball", ball)] == [1, 1] and cells[("flash", flash)] == [0, 1]
+    assert sum(n for _, n in cells.values()) == 2 and ("dycoke", 0.25) not in counts
