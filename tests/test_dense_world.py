@@ -236,3 +236,17 @@ def test_the_end_bias_analysis_splits_answers_by_the_events_half(load_script):
     cells = counts[("fastv", 0.25)]
     assert cells[("ball", ball)] == [1, 1] and cells[("flash", flash)] == [0, 1]
     assert sum(n for _, n in cells.values()) == 2 and ("dycoke", 0.25) not in counts
+
+
+def test_the_answer_probe_reads_a_planted_answer_and_not_noise(load_script):
+    """benchmarks/micro/answer_probe.py's probe: features that carry each answer along a direction
+    of its own score far above chance on the held-out half; features without it score near chance."""
+    pytest.importorskip("sklearn")
+    analysis = load_script("benchmarks/micro/answer_probe.py")
+    rng = np.random.default_rng(0)
+    answers = rng.integers(0, 4, size=400)
+    noise = rng.normal(size=(400, 32))
+    planted = noise.copy()
+    planted[np.arange(400), answers] += 3.0  # answer j raises feature j
+    assert analysis.held_out_accuracy(planted, answers) > 0.8
+    assert analysis.held_out_accuracy(noise, answers) < 0.4
