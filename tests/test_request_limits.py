@@ -57,11 +57,16 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def measured_peak(mode: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, timeout=120,
-                         check=False)
+def fresh_interpreter(script: str, *args, timeout: int = 120) -> dict:
+    """Run `script` in a new Python process -> the JSON object its last output line holds."""
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def measured_peak(mode: str) -> dict:
+    return fresh_interpreter(PEAK_SCRIPT, mode)
 
 
 def test_cpu_peak_is_the_requests_own_high_water():
@@ -135,10 +140,7 @@ ENGINE_PEAK_SCRIPT = textwrap.dedent("""
 
 
 def test_the_engine_reports_memory_the_request_allocates(tiny_llava, square_video):
-    run = subprocess.run([sys.executable, "-c", ENGINE_PEAK_SCRIPT, str(tiny_llava), str(square_video)],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    peak = fresh_interpreter(ENGINE_PEAK_SCRIPT, tiny_llava, square_video, timeout=300)
     assert peak["kind"] == "rss" and peak["encoded"] == 1
     assert peak["above"] >= 120 * MIB
     assert peak["total"] > peak["above"]
