@@ -32,6 +32,8 @@ Question types (DENSE_QUESTIONS) and where their evidence is:
   blinks                         1-4 single frames anywhere in the clip     one / two / three / four
   order                          the flash's and the ball's frames          flash / ball
 Every answer is uniform by construction (the order too: which one comes first is drawn first).
+LIGHT_STONES are training-only questions about the light (the count's stepping stones; their
+answers are in `aux_answers`, with the world's "where is the square" ones), never evaluated.
 
 Randomness: a clip is drawn from a numpy Generator in a fixed order. Held-out clip i of seed s
 is `np.random.default_rng([s, i])`; training draws from SeedSequence streams of its own
@@ -114,10 +116,28 @@ DENSE_ANSWERS: dict[str, tuple[str, ...]] = {
     "blinks": COUNT_WORDS,
     "order": ("flash", "ball"),
 }
+# Training-only stepping stones for the blinks (train_dense --light-stones; not evaluated). Counting
+# needs the answer to gather the light's state from every frame, and no run that asked only the
+# count learned to (a probe at the answer position reads it at chance after every layer). These ask
+# where the light is (attend to it, lit or not, in any frame), its state in one frame (read it), and
+# whether the count passes a threshold (the same gathering, each a yes / no readout; together they
+# give the count, so they share a group).
+LIGHT_STONES: dict[str, str] = {
+    "light_where": "where is the light ?",
+    "light_start": "what colour is the light at the start ?",
+    "light_end": "what colour is the light at the end ?",
+    "light_more_than_1": "does the light blink more than once ?",
+    "light_more_than_2": "does the light blink more than twice ?",
+    "light_more_than_3": "does the light blink more than three times ?",
+}
+LIGHT_STATE_WORDS = {False: "grey", True: "white"}
 # every question a training chat may ask (the world's "where is the square" stepping stones too)
-TRAINING_QUESTIONS: dict[str, str] = {**DENSE_QUESTIONS, **world.AUX_QUESTIONS}
+TRAINING_QUESTIONS: dict[str, str] = {**DENSE_QUESTIONS, **world.AUX_QUESTIONS, **LIGHT_STONES}
 DENSE_GROUPS: tuple[tuple[str, ...], ...] = tuple(g for g in world.GROUPS if g != ("circle",)) + (
     ("corner_start",), ("flash",), ("ball",), ("blinks",), ("order",))
+# the light's stepping stones: one group reads it, the other gathers it over the clip
+LIGHT_STONE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("light_where", "light_start", "light_end"), ("light_more_than_1", "light_more_than_2", "light_more_than_3"))
 
 
 @dataclass
@@ -314,7 +334,8 @@ def make_clip(rng: np.random.Generator, dense: DenseSize = FULL) -> DenseClip:
     return DenseClip(
         frames=_render(story, T, size, *layout), answers=answers,
         aux_answers={"square_where_start": world.START_EDGE[story.direction],
-                     "square_where_end": world.END_EDGE[story.direction]},
+                     "square_where_end": world.END_EDGE[story.direction],
+                     **light_stone_answers(light_box, story.blink_frames, T, size)},
         square_boxes=boxes, square_change=sq_change, background_change=bg_change, corner_box=corner_box,
         flash=flash, flash_frames=story.flash_frames, ball=ball, ball_frames=story.ball_frames,
         light_box=light_box, blink_frames=story.blink_frames, dense_size=dense,
@@ -330,12 +351,28 @@ def heldout_clips(n: int, dense: DenseSize = FULL, seed: int = HELDOUT_SEED) -> 
     return [heldout_clip(i, dense, seed) for i in range(n)]
 
 
-def training_chat(clip: DenseClip, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """(question, answer) turns for one training chat: one question per DENSE_GROUPS group (the
-    questions of a group give each other's answers away), in random order."""
+def light_stone_answers(light_box, blink_frames, num_frames: int, size: int) -> dict[str, str]:
+    """The LIGHT_STONES' answers. "where": the frame edge nearest the light's centre (ties, rare,
+    go to the first of left / right / top / bottom)."""
+    x0, y0, x1, y1 = light_box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    distance = {"left": cx, "right": size - cx, "top": cy, "bottom": size - cy}
+    yes_no = {True: "yes", False: "no"}
+    return {
+        "light_where": min(world.EDGES, key=distance.__getitem__),
+        "light_start": LIGHT_STATE_WORDS[0 in blink_frames],
+        "light_end": LIGHT_STATE_WORDS[num_frames - 1 in blink_frames],
+        **{f"light_more_than_{n}": yes_no[len(blink_frames) > n] for n in (1, 2, 3)},
+    }
+
+
+def training_chat(clip: DenseClip, rng: np.random.Generator,
+                  groups: tuple[tuple[str, ...], ...] = DENSE_GROUPS) -> list[tuple[str, str]]:
+    """(question, answer) turns for one training chat: one question per group (the questions of
+    a group give each other's answers away), in random order."""
     answers = {**clip.answers, **clip.aux_answers}
     turns = []
-    for group in DENSE_GROUPS:
+    for group in groups:
         kind = group[int(rng.integers(len(group)))]
         turns.append((TRAINING_QUESTIONS[kind], answers[kind]))
     return [turns[i] for i in rng.permutation(len(turns))]

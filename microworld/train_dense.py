@@ -18,6 +18,8 @@ What differs from train_smol, and why:
 - Curriculum in clip length only (the frame size is the dense size's throughout): 8-frame clips
   for the first fifth of the steps, half-length clips to two fifths, then full-length clips with
   a fifth of the batches shorter (8 frames or half).
+- --light-stones adds two turns a chat from dense.LIGHT_STONE_GROUPS (training-only questions
+  that make the model attend to the light, read it and gather it over frames: the count's steps).
 - --loss-weight TYPE=W weighs a type's answer tokens in the loss (a weighted mean), for the types
   a run is slow to learn (counting the blinks); without it the loss and the draws are as before.
 - --device cuda moves the model to the GPU (bf16 autocast there too); --max-seconds stops the
@@ -81,10 +83,12 @@ class DenseBatches(torch.utils.data.Dataset):
     labels, num_frames), drawn from the step's own stream."""
 
     def __init__(self, processor, size: dense.DenseSize, batch: int, steps: int, seed: int, stream: int = 1,
-                 curriculum: bool = True, loss_weights: dict[str, float] | None = None):
+                 curriculum: bool = True, loss_weights: dict[str, float] | None = None,
+                 light_stones: bool = False):
         self.processor, self.size, self.batch, self.steps = processor, size, batch, steps
         self.seed, self.stream, self.curriculum = seed, stream, curriculum
         self.loss_weights = loss_weights
+        self.groups = dense.DENSE_GROUPS + (dense.LIGHT_STONE_GROUPS if light_stones else ())
 
     def __len__(self) -> int:
         return self.steps
@@ -94,7 +98,7 @@ class DenseBatches(torch.utils.data.Dataset):
         num_frames = frames_for_step(step, self.steps, rng, self.size.frames, self.curriculum)
         size = dense.DenseSize(num_frames, self.size.grid)
         clips = [dense.make_clip(rng, size) for _ in range(self.batch)]
-        chats = [dense.training_chat(c, rng) for c in clips]
+        chats = [dense.training_chat(c, rng, self.groups) for c in clips]
         texts = [self.processor.apply_chat_template(conversation(chat)) for chat in chats]
         inputs = encode(self.processor, texts, [c.frames for c in clips])
         inputs["labels"] = answer_labels(inputs["input_ids"], self.processor.tokenizer)
@@ -107,15 +111,17 @@ class DenseBatches(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def first_token_accuracy(model, embedding, processor, size: dense.DenseSize, n_clips: int,
-                         seed: int = dense.HELDOUT_SEED, batch_size: int = 8) -> dict[str, float]:
+                         seed: int = dense.HELDOUT_SEED, batch_size: int = 8,
+                         stones: tuple[str, ...] = ()) -> dict[str, float]:
     """Greedy first answer token == the answer's first token, per type, on held-out dense clips
-    (a cheap proxy; the benchmark's figures come from `vidqa batch` on the assembled checkpoint)."""
+    (a cheap proxy; the benchmark's figures come from `vidqa batch` on the assembled checkpoint).
+    "overall" is over the evaluated types; `stones` (training-only questions) are reported beside."""
     device = embedding.new.device
     clips = dense.heldout_clips(n_clips, size, seed)
     tokenizer, weight = processor.tokenizer, embedding.full_weight()
     correct, asked = {}, {}
-    for kind in dense.DENSE_QUESTION_TYPES:
-        prompt = processor.apply_chat_template(conversation([(dense.DENSE_QUESTIONS[kind], None)]),
+    for kind in dense.DENSE_QUESTION_TYPES + stones:
+        prompt = processor.apply_chat_template(conversation([(dense.TRAINING_QUESTIONS[kind], None)]),
                                                add_generation_prompt=True)
         for begin in range(0, n_clips, batch_size):
             chunk = clips[begin : begin + batch_size]
@@ -125,11 +131,13 @@ def first_token_accuracy(model, embedding, processor, size: dense.DenseSize, n_c
                                   pixel_values=inputs["pixel_values"], use_cache=False)
             guess = (out.last_hidden_state[:, -1].float() @ weight.t()).argmax(-1).tolist()
             for g, clip in zip(guess, chunk):
-                first = tokenizer(" " + clip.answers[kind], add_special_tokens=False)["input_ids"][0]
+                answer = clip.answers[kind] if kind in clip.answers else clip.aux_answers[kind]
+                first = tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
                 correct[kind] = correct.get(kind, 0) + int(g == first)
                 asked[kind] = asked.get(kind, 0) + 1
     result = {k: correct[k] / asked[k] for k in asked}
-    result["overall"] = sum(correct.values()) / sum(asked.values())
+    result["overall"] = (sum(correct[k] for k in dense.DENSE_QUESTION_TYPES)
+                         / sum(asked[k] for k in dense.DENSE_QUESTION_TYPES))
     return result
 
 
@@ -165,7 +173,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           clip_norm: float = 1.0, eval_every: int = 0, eval_clips: int = 32, save_every: int = 50,
           log_every: int = 10, threads: int | None = 2, device: str = "auto", workers: int = 0,
           max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
-          loss_weights: dict[str, float] | None = None, lora_mlp: bool = False, log=print) -> dict:
+          loss_weights: dict[str, float] | None = None, lora_mlp: bool = False, light_stones: bool = False,
+          log=print) -> dict:
     check_transformers()
     check_stop_after(stop_after)
     if threads:
@@ -178,7 +187,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     # the batches' workers are forked before the model reaches the GPU (they never touch CUDA)
     model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size, lora_mlp=lora_mlp)
     data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None,
-                        loss_weights=loss_weights)
+                        loss_weights=loss_weights, light_stones=light_stones)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers else None, pin_memory=where.type == "cuda")
     batches = iter(loader)
@@ -197,7 +206,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "clip_norm": clip_norm, "curriculum": [SHORT_PHASE, HALF_PHASE, MIX_SHORT], "device": str(where),
               "workers": workers, "threads": threads, "max_seconds": max_seconds,
               "init": str(init) if init else None, "stop_after": stop_after, "loss_weights": loss_weights,
-              "lora_mlp": lora_mlp, "history": history}
+              "lora_mlp": lora_mlp, "light_stones": light_stones, "history": history}
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -207,7 +216,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     def evaluate(step_count: int) -> None:
         model.eval()
         accuracy = first_token_accuracy(model, embedding, processor, size, eval_clips,
-                                        batch_size=16 if where.type == "cuda" else 4)
+                                        batch_size=16 if where.type == "cuda" else 4,
+                                        stones=tuple(dense.LIGHT_STONES) if light_stones else ())
         model.train()
         log(f"eval step {step_count} ({eval_clips} held-out clips, first token): "
             + " ".join(f"{k}={v:.2f}" for k, v in accuracy.items()), flush=True)
@@ -275,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-mlp", action="store_true",
                         help="LoRA on the MLPs' projections too (3x the LoRA factors); an --init without them "
                              "starts them at zero")
+    parser.add_argument("--light-stones", action="store_true",
+                        help="also ask the light's stepping stones (where it is, its state at the start / end, "
+                             "whether it blinks more than 1 / 2 / 3 times: dense.LIGHT_STONES), 10 turns a chat")
     args = parser.parse_args(argv)
     try:
         loss_weights = parse_type_weights(args.loss_weight, set(dense.TRAINING_QUESTIONS), "--loss-weight")
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
               lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, eval_clips=args.eval_clips,
               save_every=args.save_every, log_every=args.log_every, threads=args.threads, device=args.device,
               workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after,
-              loss_weights=loss_weights, lora_mlp=args.lora_mlp)
+              loss_weights=loss_weights, lora_mlp=args.lora_mlp, light_stones=args.light_stones)
     except (MissingGGUF, UnsupportedTransformers, ValueError) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

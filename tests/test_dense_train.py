@@ -308,3 +308,23 @@ def test_lora_on_the_mlps_starts_from_weights_without_it_and_assembly_merges_it(
     expected = (original["model.layers.7.mlp.up_proj.weight"].double()
                 + lora_delta(state[prefix + ".lora_A"], state[prefix + ".lora_B"], LORA_ALPHA / LORA_RANK)).float()
     assert torch.equal(built[prefix + ".weight"], expected)
+
+
+def test_light_stones_add_their_turns_and_leave_the_plain_batch_as_it_was(processor, tmp_path):
+    from microworld.train_dense import DenseBatches, train
+
+    plain = DenseBatches(processor, TINY, batch=2, steps=4, seed=5)[3]
+    again = DenseBatches(processor, TINY, batch=2, steps=4, seed=5, light_stones=False)[3]
+    stones = DenseBatches(processor, TINY, batch=2, steps=4, seed=5, light_stones=True)[3]
+    assert torch.equal(plain["input_ids"], again["input_ids"])
+    tokenizer = processor.tokenizer
+    for row in range(2):
+        text = tokenizer.decode(stones["input_ids"][row])
+        asked = [q for q in dense.LIGHT_STONES.values() if q in text]
+        assert len(asked) == len(dense.LIGHT_STONE_GROUPS)
+        replies = (stones["labels"][row] == tokenizer.convert_tokens_to_ids("<end_of_utterance>")).sum()
+        assert int(replies) == len(dense.DENSE_GROUPS) + len(dense.LIGHT_STONE_GROUPS)
+    record = train(tmp_path, seed=3, steps=1, light_stones=True, **{**QUIET, "eval_clips": 2})
+    assert record["light_stones"] is True
+    checked = record["history"][-1]["eval_first_token"]
+    assert set(dense.LIGHT_STONES) <= set(checked) and set(dense.DENSE_QUESTION_TYPES) <= set(checked)

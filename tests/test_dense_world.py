@@ -250,3 +250,45 @@ def test_the_answer_probe_reads_a_planted_answer_and_not_noise(load_script):
     planted[np.arange(400), answers] += 3.0  # answer j raises feature j
     assert analysis.held_out_accuracy(planted, answers) > 0.8
     assert analysis.held_out_accuracy(noise, answers) < 0.4
+
+
+def test_the_light_stepping_stones_answer_from_the_frames():
+    """Where the light is = the edge nearest its centre; its colour at the start / end = the pixels
+    of frame 0 / T-1; "more than n" = the lit frames counted in the pixels."""
+    for size in (SMALL, dense.REDUCED):
+        px, T = size.size, size.frames
+        for clip in _clips(size, 30, seed=4):
+            light = _mask((px, px), clip.light_box)
+            lit = [t for t in range(T) if _shows(clip.frames[t], light, dense.LIGHT_ON)]
+            answers = clip.aux_answers
+            assert answers["light_start"] == ("white" if 0 in lit else "grey")
+            assert answers["light_end"] == ("white" if T - 1 in lit else "grey")
+            for n in (1, 2, 3):
+                assert answers[f"light_more_than_{n}"] == ("yes" if len(lit) > n else "no")
+            ys, xs = np.nonzero(light)
+            cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+            nearest = {"left": cx, "right": px - cx, "top": cy, "bottom": px - cy}
+            assert nearest[answers["light_where"]] == min(nearest.values())
+    # every stone's answers all occur
+    counts = Counter((k, a) for c in dense.heldout_clips(200, dense.REDUCED) for k, a in c.aux_answers.items())
+    options = {"light_where": set(world.EDGES), "light_start": {"grey", "white"}, "light_end": {"grey", "white"},
+               **{f"light_more_than_{n}": {"yes", "no"} for n in (1, 2, 3)}}
+    assert set(options) == set(dense.LIGHT_STONES)
+    for stone, expected in options.items():
+        assert {a for (k, a) in counts if k == stone} == expected, stone
+
+
+def test_a_chat_with_the_light_stones_asks_one_of_each_extra_group_too():
+    clip = dense.heldout_clip(2, dense.REDUCED)
+    groups = dense.DENSE_GROUPS + dense.LIGHT_STONE_GROUPS
+    turns = dense.training_chat(clip, np.random.default_rng(0), groups)
+    asked = dict(turns)
+    answers = {**clip.answers, **clip.aux_answers}
+    assert len(turns) == len(groups)
+    for group in groups:
+        chosen = [k for k in group if dense.TRAINING_QUESTIONS[k] in asked]
+        assert len(chosen) == 1 and asked[dense.TRAINING_QUESTIONS[chosen[0]]] == answers[chosen[0]]
+    # the stones never enter the evaluated set, and a chat without them draws as before
+    assert not set(dense.LIGHT_STONES) & set(dense.DENSE_QUESTIONS)
+    assert dense.training_chat(clip, np.random.default_rng(0)) == dense.training_chat(
+        clip, np.random.default_rng(0), dense.DENSE_GROUPS)
