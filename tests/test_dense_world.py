@@ -292,3 +292,34 @@ def test_a_chat_with_the_light_stones_asks_one_of_each_extra_group_too():
     assert not set(dense.LIGHT_STONES) & set(dense.DENSE_QUESTIONS)
     assert dense.training_chat(clip, np.random.default_rng(0)) == dense.training_chat(
         clip, np.random.default_rng(0), dense.DENSE_GROUPS)
+
+
+def test_frame_budget_sorts_frames_by_what_changes_and_counts_a_clip_once(load_script):
+    """benchmarks/micro/frame_budget.py: a frame is an event frame while the flash or the ball is
+    shown or the frame after, else a light frame the same way for a blink, else the background's
+    or the square's colour change, else motion; a clip's tokens count once however many of its
+    questions are read, and an event is 'seen' when any token of its own frames is kept."""
+    analysis = load_script("benchmarks/micro/frame_budget.py")
+    for index in range(12):
+        clip = dense.heldout_clip(index, dense.REDUCED)
+        shown = set(clip.flash_frames) | set(clip.ball_frames)
+        for t, kind in enumerate(analysis.frame_kinds(clip), start=1):
+            assert (kind == "event") == (t in shown or t - 1 in shown)
+            if kind == "light":
+                assert t in clip.blink_frames or t - 1 in clip.blink_frames
+            if kind == "background":
+                assert t == clip.background_change
+    clip = dense.heldout_clip(0, dense.REDUCED)
+    kept = [0] * 16
+    kept[0], kept[clip.flash_frames[0]] = 5, 2
+    motion = analysis.frame_kinds(clip).index("motion") + 1
+    kept[motion] = 1
+    rows = [{"id": f"c0000-{kind}", "preset": "evs", "keep": 0.1, "correct": kind == "flash", "error": None,
+             "kept": {"kept_per_frame": kept}} for kind in ("flash", "ball", "order")]
+    rows.append({"id": "c0000-ball", "preset": "random", "keep": 0.1, "correct": True, "error": None})  # no kept
+    cell = analysis.tally(rows, dense.REDUCED)[("evs", 0.1)]
+    assert cell["clips"] == 1 and cell["frame 0"] == 5 and cell["event"] == 2 and cell["motion"] == 1
+    assert sum(cell[kind] for kind in analysis.KINDS) == 3
+    assert not set(clip.ball_frames) & set(clip.flash_frames)
+    assert cell[("flash", True)] == [1, 1] and cell[("ball", False)] == [0, 1]
+    assert ("random", 0.1) not in analysis.tally(rows, dense.REDUCED)
