@@ -238,6 +238,17 @@ def committed_records(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def assert_doc_block_renders(acc, sweep, refs, types, begin, end) -> dict:
+    """docs/accuracy.md's block between the `begin` and `end` markers is what accuracy.py renders
+    from these records (dense 16 x 36 token counts); -> the render's summary."""
+    from microworld import dense
+
+    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
+    assert markdown.strip() == doc[doc.index(begin) + len(begin):doc.index(end)].strip()
+    return summary
+
+
 def test_the_dense_interim_block_is_what_its_records_give(acc):
     """docs/accuracy.md's dense 16 x 36 block (the interim model, eight types, keep 0.25) renders
     from the committed records (answers, scores and the figures the table reads)."""
@@ -246,10 +257,7 @@ def test_the_dense_interim_block_is_what_its_records_give(acc):
     sweep = committed_records("dense16x36_interim_sweep_keep0.25_clips0-47")
     refs = committed_records("dense16x36_interim_references_keep0.25_clips0-47")
     types = [t for t in dense.DENSE_QUESTION_TYPES if t not in ("ball", "blinks", "order")]
-    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
-    block = doc[doc.index(acc.DENSE_DOC_BEGIN) + len(acc.DENSE_DOC_BEGIN):doc.index(acc.DENSE_DOC_END)]
-    assert markdown.strip() == block.strip()
+    summary = assert_doc_block_renders(acc, sweep, refs, types, acc.DENSE_DOC_BEGIN, acc.DENSE_DOC_END)
     assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
 
 
@@ -266,10 +274,8 @@ def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_gi
     runs = ("keep0.25", "keep0.1-0.5")
     sweep = [r for run in runs for r in records(f"sweep_{run}_flash-ball-order_clips0-47")]
     refs = [r for run in runs for r in records(f"references_{run}_flash-ball-order_clips0-47")]
-    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
-    begin, end = "<!-- dense light24 new types:begin -->", "<!-- dense light24 new types:end -->"
-    assert markdown.strip() == doc[doc.index(begin) + len(begin):doc.index(end)].strip()
+    summary = assert_doc_block_renders(acc, sweep, refs, types, "<!-- dense light24 new types:begin -->",
+                                       "<!-- dense light24 new types:end -->")
     # none once and 12 presets at three keeps; three references at three keeps (per-frame-random and
     # oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
     assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
@@ -278,22 +284,19 @@ def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_gi
                           num_tokens=dense.REDUCED.visual_tokens)
     none = every["presets"][0]
     assert none["overall"]["n"] == 48 * 11 and round(none["overall"]["accuracy"], 2) == 0.93
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
     assert round(none["blinks"]["accuracy"], 2) == 0.29 and "every token scores **0.93** overall" in doc
 
 
 def test_the_dense_shared_types_block_at_keeps_0_1_and_0_5_is_what_its_records_give(acc):
     """docs/accuracy.md's keeps 0.1 / 0.5 block of the seven types both worlds share (the interim
     dense checkpoint; its every-token rows are the 11-type records') renders from its committed records."""
-    from microworld import dense
-
     types = ["square_start", "square_end", "direction", "background_change", "background_start", "background_end",
              "corner_start"]
     sweep = committed_records("dense16x36_light24_sweep_keep0.1-0.5_shared-types_clips0-47")
     refs = committed_records("dense16x36_light24_references_keep0.1-0.5_shared-types_clips0-47")
-    markdown, summary = acc.render(sweep, refs, acc.DEFAULT_PRESETS, types, num_tokens=dense.REDUCED.visual_tokens)
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "accuracy.md").read_text(encoding="utf-8")
-    begin, end = "<!-- dense light24 shared types:begin -->", "<!-- dense light24 shared types:end -->"
-    assert markdown.strip() == doc[doc.index(begin) + len(begin):doc.index(end)].strip()
+    summary = assert_doc_block_renders(acc, sweep, refs, types, "<!-- dense light24 shared types:begin -->",
+                                       "<!-- dense light24 shared types:end -->")
     # every token once and 12 presets at two keeps; three references at two keeps (per-frame-random
     # and oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
     assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 2) * 48 * len(types)
