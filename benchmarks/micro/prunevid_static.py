@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from event_halves import read  # noqa: E402  (the sibling script's record reader)
 
 from microworld import dense  # noqa: E402
 
@@ -38,10 +39,7 @@ def disc_cells(centre_x: int, centre_y: int, radius: int, cell: int, cols: int) 
 
 
 def read_records(path: Path, preset: str) -> dict[str, dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = (json.loads(line) for line in f)
-        return {row["id"]: row for row in rows if row["preset"] == preset}
+    return {row["id"]: row for row in read([path]) if row["preset"] == preset}
 
 
 def main(argv: list[str] | None = None) -> int:
