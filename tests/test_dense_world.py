@@ -323,3 +323,32 @@ def test_frame_budget_sorts_frames_by_what_changes_and_counts_a_clip_once(load_s
     assert not set(clip.ball_frames) & set(clip.flash_frames)
     assert cell[("flash", True)] == [1, 1] and cell[("ball", False)] == [0, 1]
     assert ("random", 0.1) not in analysis.tally(rows, dense.REDUCED)
+
+
+def test_event_fates_finds_the_events_cells_and_labels_a_clip_by_its_best_token(load_script):
+    """benchmarks/micro/event_fates.py: the event's cells are the 28 px cells its box touches, in
+    its own frames only; a token is alone, the carrier of a merge, merged into another, or dropped,
+    and a clip takes its event tokens' best fate."""
+    import torch
+
+    from vidqa.pruning.core.provenance import TokenFates
+
+    analysis = load_script("benchmarks/micro/event_fates.py")
+    grid = dense.REDUCED.grid
+    for index in range(8):
+        clip = dense.heldout_clip(index, dense.REDUCED)
+        for event, frames, (cx, cy, _) in (("ball", clip.ball_frames, clip.ball), ("flash", clip.flash_frames, clip.flash)):
+            cells = analysis.event_cells(clip, event, grid)
+            assert {i // (grid * grid) for i in cells} == set(frames)
+            for t in frames:  # the centre's cell is among them
+                assert (t * grid + cy // 28) * grid + cx // 28 in cells
+    # six tokens: 0 alone, 1 carries a merge with 2, 3 dropped before the LLM, 4 dropped inside it, 5 alone
+    fates = TokenFates(grid=(1, 2, 3), sampled_frames=1, row=torch.tensor([0, 1, 1, -1, 2, 3]),
+                       left_at_layer=torch.tensor([-1, -1, -1, -1, 5, -1]), left_at_stage=torch.tensor([-1, -1, -1, 0, -1, -1]),
+                       group=torch.tensor([-1, 0, 0, -1, -1, -1]), stages=["s"], num_layers=8,
+                       representative=torch.tensor([True, True, False, False, True, True]))
+    assert [analysis.token_fate(fates, i) for i in range(6)] == [
+        "alone", "carries a merge", "merged into another", "dropped", "dropped", "alone"]
+    assert analysis.clip_fate(fates, [2, 3, 4]) == "merged into another"
+    assert analysis.clip_fate(fates, [1, 2, 3]) == "carries a merge"
+    assert analysis.clip_fate(fates, [3, 4]) == "dropped"
