@@ -45,7 +45,9 @@
 # (e.g. blinks=4) passes --loss-weight; DENSE_LORA_MLP=1 passes --lora-mlp (LoRA on the MLPs too:
 # 120 CPU steps with it did not start the count, benchmarks/micro/README.md); DENSE_LIGHT_STONES=1
 # passes --light-stones (training-only questions about the light: where it is, its state at the
-# start / end, whether it blinks more than 1 / 2 / 3 times; 220 CPU steps did not learn them).
+# start / end, whether it blinks more than 1 / 2 / 3 times; 220 CPU steps did not learn them);
+# DENSE_LIGHT_ATTENTION=20=0.5 passes --light-attention (an auxiliary loss pointing layer 20's
+# attention, at each light question's answer, at the light's tokens in every frame).
 set -uo pipefail
 mode=${1:?usage: bash benchmarks/gpu_train_dense.sh stage | receive | train OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -96,6 +98,7 @@ train)  # device: join the GGUF, install the wheels beside the image's packages,
     [ -n "${DENSE_LOSS_WEIGHT:-}" ] && init_args+=(--loss-weight "$DENSE_LOSS_WEIGHT")
     [ -n "${DENSE_LORA_MLP:-}" ] && init_args+=(--lora-mlp)
     [ -n "${DENSE_LIGHT_STONES:-}" ] && init_args+=(--light-stones)
+    [ -n "${DENSE_LIGHT_ATTENTION:-}" ] && init_args+=(--light-attention "$DENSE_LIGHT_ATTENTION")
     nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$out/train.log"
     timeout 450 python3 -m microworld.train_dense --out "$out" --frames 32 --grid 8 --device cuda \
         --steps "${DENSE_STEPS:-800}" --batch "${DENSE_BATCH:-16}" --lr 1e-3 --warmup 30 --workers 12 \

@@ -20,6 +20,9 @@ What differs from train_smol, and why:
   a fifth of the batches shorter (8 frames or half).
 - --light-stones adds two turns a chat from dense.LIGHT_STONE_GROUPS (training-only questions
   that make the model attend to the light, read it and gather it over frames: the count's steps).
+- --light-attention LAYER=W adds an auxiliary loss (microworld.light_attention, weight W) that
+  points decoder layer LAYER's attention at the answer of every light question onto the light's
+  tokens in every frame: the count needs that gathering, which the answer loss alone has not taught.
 - --loss-weight TYPE=W weighs a type's answer tokens in the loss (a weighted mean), for the types
   a run is slow to learn (counting the blinks); without it the loss and the draws are as before.
 - --device cuda moves the model to the GPU (bf16 autocast there too); --max-seconds stops the
@@ -43,6 +46,7 @@ import torch
 from microworld import dense
 from microworld.assemble import DENSE_METADATA
 from microworld.chat import conversation, reply_weights
+from microworld.light_attention import LightAttentionLoss, light_targets
 from microworld.smol import (
     NEW_TOKENS,
     trained_state,
@@ -84,10 +88,10 @@ class DenseBatches(torch.utils.data.Dataset):
 
     def __init__(self, processor, size: dense.DenseSize, batch: int, steps: int, seed: int, stream: int = 1,
                  curriculum: bool = True, loss_weights: dict[str, float] | None = None,
-                 light_stones: bool = False):
+                 light_stones: bool = False, light_targets: bool = False):
         self.processor, self.size, self.batch, self.steps = processor, size, batch, steps
         self.seed, self.stream, self.curriculum = seed, stream, curriculum
-        self.loss_weights = loss_weights
+        self.loss_weights, self.light_targets = loss_weights, light_targets
         self.groups = dense.DENSE_GROUPS + (dense.LIGHT_STONE_GROUPS if light_stones else ())
 
     def __len__(self) -> int:
@@ -105,6 +109,11 @@ class DenseBatches(torch.utils.data.Dataset):
         if self.loss_weights:  # only then: a run without them draws and weighs exactly as before
             inputs["label_weights"] = reply_weights(inputs["labels"], [
                 [self.loss_weights.get(QUESTION_KIND[question], 1.0) for question, _ in chat] for chat in chats])
+        if self.light_targets:  # the answer positions and light tokens of --light-attention
+            image_token = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+            inputs["light_queries"], inputs["light_keys"] = light_targets(
+                inputs["input_ids"], inputs["labels"], [[QUESTION_KIND[q] for q, _ in chat] for chat in chats],
+                [c.light_box for c in clips], image_token, self.size.grid)
         inputs["num_frames"] = num_frames
         return inputs
 
@@ -155,6 +164,24 @@ def save_weights(model, embedding: GrownEmbedding, out: Path, size: dense.DenseS
     return out / "weights.safetensors"
 
 
+def parse_layer_weights(text: str | None, num_layers: int = 30) -> dict[int, float] | None:
+    """'20=0.5,24=1' -> {20: 0.5, 24: 1.0} (--light-attention; SmolLM2-135M has 30 layers)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        layer, _, weight = part.partition("=")
+        try:
+            layer_index, value = int(layer), float(weight)
+        except ValueError:
+            layer_index, value = -1, 0.0
+        if not 0 <= layer_index < num_layers or not value > 0:
+            raise ValueError(f"--light-attention {part!r}: give LAYER=W with 0 <= LAYER < {num_layers} and W > 0, "
+                             "e.g. 20=0.5")
+        out[layer_index] = value
+    return out
+
+
 def check_stop_after(stop_after: int | None) -> None:
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"--stop-after {stop_after}: give a step count >= 1 (or leave it out for the whole schedule)")
@@ -174,7 +201,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
           log_every: int = 10, threads: int | None = 2, device: str = "auto", workers: int = 0,
           max_seconds: float | None = None, init: Path | None = None, stop_after: int | None = None,
           loss_weights: dict[str, float] | None = None, lora_mlp: bool = False, light_stones: bool = False,
-          log=print) -> dict:
+          light_attention: dict[int, float] | None = None, log=print) -> dict:
     check_transformers()
     check_stop_after(stop_after)
     if threads:
@@ -187,7 +214,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     # the batches' workers are forked before the model reaches the GPU (they never touch CUDA)
     model, embedding, processor, vision, lora = trainable_model(seed, init, image_size=size.size, lora_mlp=lora_mlp)
     data = DenseBatches(processor, size, batch, steps, seed, stream=2 if init else 1, curriculum=init is None,
-                        loss_weights=loss_weights, light_stones=light_stones)
+                        loss_weights=loss_weights, light_stones=light_stones, light_targets=bool(light_attention))
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers else None, pin_memory=where.type == "cuda")
     batches = iter(loader)
@@ -206,7 +233,16 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "clip_norm": clip_norm, "curriculum": [SHORT_PHASE, HALF_PHASE, MIX_SHORT], "device": str(where),
               "workers": workers, "threads": threads, "max_seconds": max_seconds,
               "init": str(init) if init else None, "stop_after": stop_after, "loss_weights": loss_weights,
-              "lora_mlp": lora_mlp, "light_stones": light_stones, "history": history}
+              "lora_mlp": lora_mlp, "light_stones": light_stones,
+              "light_attention": {str(k): v for k, v in light_attention.items()} if light_attention else None,
+              "history": history}
+    layers = model.model.text_model.layers
+    supervised = {layer: LightAttentionLoss(layers, layer) for layer in (light_attention or {})}
+    for supervisor in supervised.values():
+        supervisor.__enter__()
+
+    def attention_loss() -> torch.Tensor:
+        return sum(light_attention[layer] * s.loss() for layer, s in supervised.items())
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -225,21 +261,34 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
 
     model.train()
     running, count, t0, done = 0.0, 0, time.time(), 0
+    light_mass: dict[int, list[float]] = {layer: [] for layer in supervised}
     planned = min(steps, stop_after or steps)
     for step in range(planned):
         inputs = next(batches)
         num_frames = inputs.pop("num_frames")
+        queries, keys = inputs.pop("light_queries", None), inputs.pop("light_keys", None)
         inputs = {k: v.to(where, non_blocking=True) for k, v in inputs.items()}
+        for supervisor in supervised.values():
+            supervisor.targets(queries, keys, inputs["attention_mask"])
         loss = optimizer_step(model, embedding, inputs, optimizer, trainable,
-                              learning_rate(step, steps, lr, warmup), clip_norm, where.type)
+                              learning_rate(step, steps, lr, warmup), clip_norm, where.type,
+                              extra_loss=attention_loss if supervised else None)
+        for layer, supervisor in supervised.items():
+            if supervisor.mass is not None:
+                light_mass[layer].append(float(supervisor.mass.detach().max(dim=1).values.mean()))
         running, count, done = running + loss, count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
         last = done == planned or out_of_time
         if done % log_every == 0 or last:
+            # the light attention: the largest head's mass on the light's tokens, mean over the steps logged
+            masses = {layer: round(sum(m) / len(m), 4) for layer, m in light_mass.items() if m}
             log(f"step {done}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
-                f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s", flush=True)
-            history.append({"step": done, "loss": round(running / count, 5), "elapsed_s": round(time.time() - t0, 1)})
+                f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s"
+                + "".join(f" light mass L{layer} {m:.3f}" for layer, m in masses.items()), flush=True)
+            entry = {"step": done, "loss": round(running / count, 5), "elapsed_s": round(time.time() - t0, 1)}
+            history.append({**entry, "light_mass": {str(k): v for k, v in masses.items()}} if masses else entry)
             running, count = 0.0, 0
+            light_mass = {layer: [] for layer in supervised}
         if done % save_every == 0 or last:
             checkpoint(done)
         if eval_every and eval_clips and done % eval_every == 0 and not last:
@@ -250,6 +299,8 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     if eval_clips:
         evaluate(done)
     checkpoint(done)
+    for supervisor in supervised.values():
+        supervisor.__exit__(None, None, None)
     return record
 
 
@@ -288,9 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--light-stones", action="store_true",
                         help="also ask the light's stepping stones (where it is, its state at the start / end, "
                              "whether it blinks more than 1 / 2 / 3 times: dense.LIGHT_STONES), 10 turns a chat")
+    parser.add_argument("--light-attention", default=None, metavar="LAYER=W,...",
+                        help="auxiliary loss pointing decoder layer LAYER's attention, at the answer of every "
+                             "light question, at the light's tokens in every frame, weighted W "
+                             "(microworld/light_attention.py), e.g. 20=0.5")
     args = parser.parse_args(argv)
     try:
         loss_weights = parse_type_weights(args.loss_weight, set(dense.TRAINING_QUESTIONS), "--loss-weight")
+        light_attention = parse_layer_weights(args.light_attention)
         check_stop_after(args.stop_after)
     except ValueError as error:
         parser.error(str(error))
@@ -302,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
               lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, eval_clips=args.eval_clips,
               save_every=args.save_every, log_every=args.log_every, threads=args.threads, device=args.device,
               workers=args.workers, max_seconds=args.max_seconds, init=args.init, stop_after=args.stop_after,
-              loss_weights=loss_weights, lora_mlp=args.lora_mlp, light_stones=args.light_stones)
+              loss_weights=loss_weights, lora_mlp=args.lora_mlp, light_stones=args.light_stones,
+              light_attention=light_attention)
     except (MissingGGUF, UnsupportedTransformers, ValueError) as error:  # a torch RuntimeError keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -82,13 +82,16 @@ class GrownEmbedding(torch.nn.Module):
 
 
 def optimizer_step(model, embedding, inputs: dict, optimizer, trainable: list, lr: float, clip_norm: float,
-                   device_type: str = "cpu") -> float:
+                   device_type: str = "cpu", extra_loss=None) -> float:
     """One AdamW step on the answer loss at learning rate `lr` (bf16 autocast, gradients clipped
-    to `clip_norm`) -> the loss. Both trainers' steps, so the two worlds train alike."""
+    to `clip_norm`) -> the loss. Both trainers' steps, so the two worlds train alike.
+    extra_loss: called after the forward, its tensor is added (train_dense's attention loss)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type, dtype=torch.bfloat16):
         loss = answer_loss(model, embedding, inputs)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, clip_norm)

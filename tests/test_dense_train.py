@@ -175,7 +175,10 @@ def test_bad_training_options_are_refused_in_one_line(capsys):
 
     for argv, said in ((["--loss-weight", "blink=2"], "unknown question type 'blink'"),
                        (["--loss-weight", "blinks=0"], "must be > 0"),
-                       (["--stop-after", "0"], "--stop-after 0: give a step count >= 1")):
+                       (["--stop-after", "0"], "--stop-after 0: give a step count >= 1"),
+                       (["--light-attention", "30=1"], "--light-attention '30=1': give LAYER=W with 0 <= LAYER < 30"),
+                       (["--light-attention", "twenty=1"], "give LAYER=W"),
+                       (["--light-attention", "20=-1"], "W > 0")):
         with pytest.raises(SystemExit) as exit_:
             main(["--out", "unused", *argv])
         assert exit_.value.code == 2 and said in capsys.readouterr().err
@@ -328,3 +331,31 @@ def test_light_stones_add_their_turns_and_leave_the_plain_batch_as_it_was(proces
     assert record["light_stones"] is True
     checked = record["history"][-1]["eval_first_token"]
     assert set(dense.LIGHT_STONES) <= set(checked) and set(dense.DENSE_QUESTION_TYPES) <= set(checked)
+
+
+def test_light_attention_supervises_the_light_questions_answers_and_logs_the_mass(processor, tmp_path):
+    """--light-attention: the batches carry the light questions' answer positions and the light's
+    image tokens; the run adds the loss, logs the largest head's mass, and evaluates unsupervised."""
+    from microworld.light_attention import light_cells
+    from microworld.train_dense import DenseBatches, train
+
+    batch = DenseBatches(processor, TINY, batch=2, steps=4, seed=5, light_stones=True, light_targets=True)[3]
+    plain = DenseBatches(processor, TINY, batch=2, steps=4, seed=5, light_stones=True)[3]
+    assert torch.equal(batch["input_ids"], plain["input_ids"]) and "light_queries" not in plain
+    image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    # per row: the count and one stone of each light group ask for the light; every frame's light cells are keys
+    assert sorted(batch["light_queries"][:, 0].tolist()) == [0, 0, 0, 1, 1, 1]
+    for row, position in batch["light_queries"].tolist():
+        assert batch["labels"][row, position] == -100 and batch["labels"][row, position + 1] != -100
+    keys = batch["light_keys"]
+    assert bool((batch["input_ids"][keys] == image).all())
+    assert 0 < int(keys[0].sum()) <= 4 * batch["num_frames"] and int(keys[0].sum()) % batch["num_frames"] == 0
+    lines = []
+    record = train(tmp_path, seed=3, steps=2, light_stones=True, light_attention={20: 0.5},
+                   **{**QUIET, "eval_clips": 2, "log": lambda line, **k: lines.append(line)})
+    assert record["light_attention"] == {"20": 0.5}
+    masses = [entry["light_mass"]["20"] for entry in record["history"] if "light_mass" in entry]
+    assert len(masses) == 2 and all(0 < m < 1 for m in masses)
+    assert any("light mass L20" in line for line in lines)
+    assert "eval_first_token" in record["history"][-1]  # the evaluation's forwards ran unsupervised
+    assert light_cells((0, 0, 24, 24), TINY.grid) == [0]
