@@ -11,8 +11,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install -e \".[ray]\")")
 
 from vidqa.batch import runner as batching  # noqa: E402
-from vidqa.engine import request as engine  # noqa: E402
 from vidqa.batch.ray_runner import run_batch_ray  # noqa: E402
+from vidqa.engine import request as engine  # noqa: E402
 from vidqa.testing.videos import three_scene_frames, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

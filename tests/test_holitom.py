@@ -16,7 +16,7 @@ from conftest import FAMILY_FRAMES, ask_json, assert_one_line_error
 from helpers import answer_clip, grid_tokens, layer_context, request_state, run_stage
 
 from vidqa.models import load_model
-from vidqa.pruning.core.decoder import DecoderPruning, Selection, Prefill
+from vidqa.pruning.core.decoder import DecoderPruning, Prefill, Selection
 from vidqa.pruning.core.presets import build_pruner, load_preset
 from vidqa.pruning.methods.holitom import (
     HoliTomMergeStage,
