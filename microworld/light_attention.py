@@ -5,9 +5,12 @@ Why: the blinks are the one type the dense model does not learn, and a probe sho
 reaches the answer position: the answer's attention does not gather the light over the frames
 (benchmarks/micro/README.md, sessions 13-14). The answer loss alone has not taught that in ~2,000
 CPU steps. This loss does it directly: at the answer position of every light question (the count
-and the stepping stones), the attention of layer LAYER should fall on the light's tokens, in every
-frame, lit or not (so what it reads is the share of lit frames). It is -log of the largest
-head's attention mass on those tokens: the run picks the head, and the other heads stay free.
+and the stepping stones), one head of layer LAYER should spread its attention evenly over the
+light's tokens, in every frame, lit or not, so what it reads is the share of lit frames. The loss
+is the KL divergence from that even spread to the head's attention (0 when it is exactly that),
+on the head that already puts the most mass on the light: the run picks the head, the others stay
+free. (A first form, -log of the head's mass on the light, was met in 20 steps with the mass on one
+or two frames' light: a count cannot be read from that; benchmarks/micro/README.md.)
 
 The mass is recomputed from the layer's inputs for the few answer rows only (a forward pre-hook
 on the attention module: the same q / k projections, rotary embedding and scaling as the layer),
@@ -58,6 +61,13 @@ def attention_mass(attention, hidden: torch.Tensor, position_embeddings, attenti
                    queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(n, heads): each head's attention probability mass on `keys` from each query row, as the
     layer `attention` (a Llama attention module) computes it from its input `hidden` (B, S, D)."""
+    log_p = attention_log_probabilities(attention, hidden, position_embeddings, attention_mask, queries)
+    return (log_p.exp() * keys[queries[:, 0]][:, None, :].float()).sum(-1)
+
+
+def attention_log_probabilities(attention, hidden: torch.Tensor, position_embeddings, attention_mask: torch.Tensor,
+                                queries: torch.Tensor) -> torch.Tensor:
+    """(n, heads, S) float32 log attention probabilities of each query row (-inf where masked)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     rows, positions = queries[:, 0], queries[:, 1]
@@ -71,25 +81,35 @@ def attention_mass(attention, hidden: torch.Tensor, position_embeddings, attenti
     scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attention.scaling  # (n, H, S)
     span = torch.arange(hidden.shape[1], device=hidden.device)
     visible = (span[None, :] <= positions[:, None]) & attention_mask[rows].bool()
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-    probabilities = scores.softmax(dim=-1)
-    return (probabilities * keys[rows][:, None, :].float()).sum(-1)
+    return scores.masked_fill(~visible[:, None, :], float("-inf")).log_softmax(dim=-1)
+
+
+def spread_loss(log_p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of KL(even spread over the row's keys || the head's attention), on the
+    head with the most mass on the keys (keys a row cannot see, after it or padding, do not count).
+    log_p: (n, heads, S); keys: (n, S) bool."""
+    head = (log_p.detach().exp() * keys[:, None, :].float()).sum(-1).argmax(dim=1)  # (n,)
+    chosen = log_p[torch.arange(len(head)), head]  # (n, S)
+    keys = keys & torch.isfinite(chosen)
+    count = keys.sum(-1).clamp(min=1)
+    mean_log_p = torch.where(keys, chosen, torch.zeros_like(chosen)).sum(-1) / count
+    return (-mean_log_p - count.float().log()).mean()
 
 
 class LightAttentionLoss:
     """While entered, layer `layer`'s attention module records, on the first forward after
-    `targets`, each head's attention mass on the light's tokens from each query row (`mass`);
-    `loss()` is -log(the largest head's mass), averaged over the rows. Later forwards (an
-    evaluation's) record nothing."""
+    `targets`, the log attention probabilities of the query rows; `mass` is each head's mass on
+    the light's tokens, `loss()` the spread loss. Later forwards (an evaluation's) record nothing."""
 
-    def __init__(self, layers, layer: int, floor: float = 1e-4):
-        self.attention, self.floor = layers[layer].self_attn, floor
+    def __init__(self, layers, layer: int):
+        self.attention = layers[layer].self_attn
         self.batch: tuple | None = None
-        self.mass: torch.Tensor | None = None  # (n, heads) of the last supervised forward
+        self.log_p: torch.Tensor | None = None  # (n, heads, S) of the last supervised forward
+        self.keys: torch.Tensor | None = None  # (n, S) the light's tokens of each query row
         self._handle = None
 
     def targets(self, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.batch, self.mass = (queries, keys, attention_mask), None
+        self.batch, self.log_p = (queries, keys, attention_mask), None
 
     def _hook(self, module, args, kwargs):
         if self.batch is None:
@@ -98,13 +118,17 @@ class LightAttentionLoss:
         queries, keys, mask = (t.to(hidden.device) for t in self.batch)
         self.batch = None  # one forward a batch
         if len(queries):
-            self.mass = attention_mass(module, hidden, kwargs["position_embeddings"], mask, queries, keys)
+            self.log_p = attention_log_probabilities(module, hidden, kwargs["position_embeddings"], mask, queries)
+            self.keys = keys[queries[:, 0]]
+
+    @property
+    def mass(self) -> torch.Tensor | None:
+        """(n, heads) each head's attention mass on the light's tokens (None: no light question)."""
+        return None if self.log_p is None else (self.log_p.exp() * self.keys[:, None, :].float()).sum(-1)
 
     def loss(self) -> torch.Tensor:
         """Of the last supervised forward (0 when it asked no light question)."""
-        if self.mass is None:
-            return torch.zeros(())
-        return -torch.log(self.mass.max(dim=1).values.clamp(min=self.floor)).mean()
+        return torch.zeros(()) if self.log_p is None else spread_loss(self.log_p, self.keys)
 
     def __enter__(self):
         self._handle = self.attention.register_forward_pre_hook(self._hook, with_kwargs=True)

@@ -262,6 +262,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     model.train()
     running, count, t0, done = 0.0, 0, time.time(), 0
     light_mass: dict[int, list[float]] = {layer: [] for layer in supervised}
+    light_spread: dict[int, list[float]] = {layer: [] for layer in supervised}
     planned = min(steps, stop_after or steps)
     for step in range(planned):
         inputs = next(batches)
@@ -274,21 +275,28 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
                               learning_rate(step, steps, lr, warmup), clip_norm, where.type,
                               extra_loss=attention_loss if supervised else None)
         for layer, supervisor in supervised.items():
-            if supervisor.mass is not None:
+            if supervisor.log_p is not None:
                 light_mass[layer].append(float(supervisor.mass.detach().max(dim=1).values.mean()))
+                light_spread[layer].append(float(supervisor.loss().detach()))
         running, count, done = running + loss, count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
         last = done == planned or out_of_time
         if done % log_every == 0 or last:
-            # the light attention: the largest head's mass on the light's tokens, mean over the steps logged
+            # the light attention: the largest head's mass on the light's tokens and the spread loss
+            # (KL from an even spread), means over the steps logged
             masses = {layer: round(sum(m) / len(m), 4) for layer, m in light_mass.items() if m}
+            spreads = {layer: round(sum(m) / len(m), 4) for layer, m in light_spread.items() if m}
             log(f"step {done}/{steps} frames {num_frames} lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"loss {running / count:.4f} elapsed {time.time() - t0:.0f}s"
-                + "".join(f" light mass L{layer} {m:.3f}" for layer, m in masses.items()), flush=True)
+                + "".join(f" light L{layer} mass {masses[layer]:.3f} spread {spreads[layer]:.3f}" for layer in masses),
+                flush=True)
             entry = {"step": done, "loss": round(running / count, 5), "elapsed_s": round(time.time() - t0, 1)}
-            history.append({**entry, "light_mass": {str(k): v for k, v in masses.items()}} if masses else entry)
+            if masses:
+                entry.update(light_mass={str(k): v for k, v in masses.items()},
+                             light_spread={str(k): v for k, v in spreads.items()})
+            history.append(entry)
             running, count = 0.0, 0
-            light_mass = {layer: [] for layer in supervised}
+            light_mass, light_spread = {layer: [] for layer in supervised}, {layer: [] for layer in supervised}
         if done % save_every == 0 or last:
             checkpoint(done)
         if eval_every and eval_clips and done % eval_every == 0 and not last:

@@ -354,8 +354,8 @@ def test_light_attention_supervises_the_light_questions_answers_and_logs_the_mas
     record = train(tmp_path, seed=3, steps=2, light_stones=True, light_attention={20: 0.5},
                    **{**QUIET, "eval_clips": 2, "log": lambda line, **k: lines.append(line)})
     assert record["light_attention"] == {"20": 0.5}
-    masses = [entry["light_mass"]["20"] for entry in record["history"] if "light_mass" in entry]
-    assert len(masses) == 2 and all(0 < m < 1 for m in masses)
-    assert any("light mass L20" in line for line in lines)
+    logged = [entry for entry in record["history"] if "light_mass" in entry]
+    assert len(logged) == 2 and all(0 < e["light_mass"]["20"] < 1 and e["light_spread"]["20"] > 0 for e in logged)
+    assert any("light L20 mass" in line for line in lines)
     assert "eval_first_token" in record["history"][-1]  # the evaluation's forwards ran unsupervised
     assert light_cells((0, 0, 24, 24), TINY.grid) == [0]

@@ -37,10 +37,16 @@ def test_the_recomputed_mass_is_the_layers_attention(tiny_llama):
         probabilities = out.attentions[1]  # (B, H, S, S)
         expected = torch.stack([(probabilities[r, :, p] * keys[r].float()).sum(-1) for r, p in queries.tolist()])
         assert expected[0].sum() > 0 and torch.allclose(supervised.mass, expected, atol=1e-5)
-        assert torch.allclose(supervised.loss(), -torch.log(expected.max(dim=1).values).mean(), atol=1e-5)
-        mass = supervised.mass
+        # the loss: KL(even spread over the row's keys || the most-mass head's attention)
+        kl = []  # = -log |K| - mean of log p over K, K the keys the row can see
+        for n, (r, p) in enumerate(queries.tolist()):
+            seen = keys[r] & (torch.arange(20) <= p) & attention_mask[r].bool()
+            log_p = probabilities[r, int(expected[n].argmax()), p][seen].log()
+            kl.append(-torch.tensor(float(seen.sum())).log() - log_p.mean())
+        assert torch.allclose(supervised.loss(), torch.stack(kl).mean(), atol=1e-4)
+        log_p = supervised.log_p
         tiny_llama(input_ids=input_ids, attention_mask=attention_mask)  # not supervised: nothing recorded
-        assert supervised.mass is mass
+        assert supervised.log_p is log_p
     assert supervised.batch is None and supervised.attention._forward_pre_hooks == {}
 
 
@@ -65,3 +71,14 @@ def test_the_targets_are_the_light_questions_answer_positions_and_the_lights_cel
     assert np.flatnonzero(keys[0].numpy()).tolist() == sorted(expected)
     with pytest.raises(ValueError, match="3 replies labelled, 2 turns"):
         light_attention.light_targets(input_ids, labels, [["flash", "blinks"]], [clip.light_box], image, grid)
+
+
+def test_the_spread_loss_is_zero_for_an_even_spread_over_the_light_and_grows_as_it_narrows():
+    keys = torch.tensor([[True, True, False, True, True, False]])
+    def log_p(weights):  # one query row, two heads: head 1 spreads `weights`, head 0 looks elsewhere
+        other = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]).clamp(min=1e-9)
+        return torch.stack([other, torch.tensor([weights])], dim=1).log()
+    even = light_attention.spread_loss(log_p([0.25, 0.25, 0.0, 0.25, 0.25, 0.0]), keys)
+    narrow = light_attention.spread_loss(log_p([0.7, 0.1, 0.0, 0.1, 0.1, 0.0]), keys)
+    outside = light_attention.spread_loss(log_p([0.2, 0.2, 0.2, 0.2, 0.2, 0.0]), keys)
+    assert abs(float(even)) < 1e-6 and float(narrow) > 0.3 and abs(float(outside) - float(torch.tensor(1.25).log())) < 1e-5
