@@ -288,16 +288,18 @@ def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_gi
     assert round(none["blinks"]["accuracy"], 2) == 0.29 and "every token scores **0.93** overall" in doc
 
 
-def test_the_dense_shared_types_block_at_keeps_0_1_and_0_5_is_what_its_records_give(acc):
-    """docs/accuracy.md's keeps 0.1 / 0.5 block of the seven types both worlds share (the interim
-    dense checkpoint; its every-token rows are the 11-type records') renders from its committed records."""
+def test_the_dense_shared_types_block_at_three_keeps_is_what_its_records_give(acc):
+    """docs/accuracy.md's keeps 0.1 / 0.25 / 0.5 block of the seven types both worlds share (the
+    interim dense checkpoint, two runs; its every-token rows are the 11-type records') renders from
+    its committed records."""
     types = ["square_start", "square_end", "direction", "background_change", "background_start", "background_end",
              "corner_start"]
-    sweep = committed_records("dense16x36_light24_sweep_keep0.1-0.5_shared-types_clips0-47")
-    refs = committed_records("dense16x36_light24_references_keep0.1-0.5_shared-types_clips0-47")
+    runs = ("keep0.1-0.5", "keep0.25")
+    sweep = [r for run in runs for r in committed_records(f"dense16x36_light24_sweep_{run}_shared-types_clips0-47")]
+    refs = [r for run in runs for r in committed_records(f"dense16x36_light24_references_{run}_shared-types_clips0-47")]
     summary = assert_doc_block_renders(acc, sweep, refs, types, "<!-- dense light24 shared types:begin -->",
                                        "<!-- dense light24 shared types:end -->")
-    # every token once and 12 presets at two keeps; three references at two keeps (per-frame-random
+    # every token once and 12 presets at three keeps; three references at three keeps (per-frame-random
     # and oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
-    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 2) * 48 * len(types)
-    assert len(refs) == (3 * 2 + 4) * 48 * len(types)
+    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
+    assert len(refs) == (3 * 3 + 4) * 48 * len(types)
