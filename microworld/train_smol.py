@@ -261,12 +261,22 @@ def check_transformers() -> None:
                            "SmolVLMProcessor releases drop the answers from the training chats")
 
 
-def trainable_model(seed: int, init: Path | None, image_size: int | None = None, lora_mlp: bool = False):
+def has_mlp_lora(weights: Path) -> bool:
+    """Does this weights file carry LoRA factors on the MLPs (a --lora-mlp run's)?"""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return any(f".{target}.lora_" in name for name in f.keys() for target in MLP_LORA_TARGETS)
+
+
+def trainable_model(seed: int, init: Path | None, image_size: int | None = None, lora_mlp: bool | None = False):
     """-> (model, embedding, processor, vision parameters, LoRA parameters) on the CPU: the
     SmolLM2 backbone frozen (its layers in bfloat16), the grown embedding, LoRA added, the small
     SigLIP, the connector and the LoRA trainable; `init` continues from trained weights.
     image_size: the frames' side (default: the 8 x 16 world's); lora_mlp: LoRA on the MLPs'
-    projections too (MLP_LORA_TARGETS; an `init` without them starts them at zero)."""
+    projections too (MLP_LORA_TARGETS; an `init` without them starts them at zero; None: as `init` has them)."""
+    if lora_mlp is None:
+        lora_mlp = init is not None and has_mlp_lora(Path(init))
     llm_dir = converted_llm()
     sized = {} if image_size is None else {"image_size": image_size}
     processor = build_processor(build_tokenizer(llm_dir), **sized)

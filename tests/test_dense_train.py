@@ -300,8 +300,15 @@ def test_lora_on_the_mlps_starts_from_weights_without_it_and_assembly_merges_it(
     q = "model.text_model.layers.4.self_attn.q_proj.lora_B"
     assert torch.equal(factors[q].detach().float(), committed[q])
 
+    from microworld.train_smol import has_mlp_lora, trainable_model
+
     record = train(tmp_path / "run", seed=3, steps=1, init=DENSE_INTERIM_WEIGHTS, lora_mlp=True, **QUIET)
     assert record["lora_mlp"] is True
+    run_weights = tmp_path / "run" / "weights.safetensors"
+    assert has_mlp_lora(run_weights) and not has_mlp_lora(DENSE_INTERIM_WEIGHTS)
+    # the probes load either kind as the file has it (lora_mlp=None): A and B of 5 or 2 targets a layer
+    for weights, targets in ((run_weights, 5), (DENSE_INTERIM_WEIGHTS, 2)):
+        assert len(trainable_model(0, weights, image_size=TINY.size, lora_mlp=None)[4]) == 2 * targets * 30
     state = load_file(str(tmp_path / "run" / "weights.safetensors"))
     prefix = "model.text_model.layers.7.mlp.up_proj"
     assert state[prefix + ".lora_B"].any()  # one step moved them

@@ -47,7 +47,7 @@ def answer_states(weights: Path, kind: str, size: dense.DenseSize, clips: int, l
     from microworld.chat import conversation
     from microworld.train_smol import encode, trainable_model
 
-    model, _, processor, _, _ = trainable_model(0, weights, image_size=size.size)
+    model, _, processor, _, _ = trainable_model(0, weights, image_size=size.size, lora_mlp=None)
     model.eval()
     prompt = processor.apply_chat_template(conversation([(dense.DENSE_QUESTIONS[kind], None)]),
                                            add_generation_prompt=True)

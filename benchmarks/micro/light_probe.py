@@ -37,7 +37,7 @@ def light_cell_tokens(weights: Path, size: dense.DenseSize, clips: int, seed: in
     from microworld.chat import conversation
     from microworld.train_smol import encode, trainable_model
 
-    model, _, processor, _, _ = trainable_model(0, weights, image_size=size.size)
+    model, _, processor, _, _ = trainable_model(0, weights, image_size=size.size, lora_mlp=None)
     model.eval()
     prompt = processor.apply_chat_template(conversation([("hello", None)]), add_generation_prompt=True)
     tokens, on = [], []
