@@ -261,26 +261,29 @@ def test_the_dense_interim_block_is_what_its_records_give(acc):
     assert summary["clips"] == 48 and len(sweep) == 13 * 48 * len(types)
 
 
+def assert_three_keep_dense_block(acc, types: list[str], part: str, marker: str) -> dict:
+    """A light24 block swept in two runs (keeps 0.1 / 0.5, then 0.25) renders from its committed
+    records `dense16x36_light24_{sweep,references}_{run}_{part}_clips0-47`, which hold every token
+    once and 12 presets at three keeps; three references at three keeps (per-frame-random and oracle
+    at 0.5 are also sensitivity rows) and the other four sensitivity selections."""
+    runs = ("keep0.1-0.5", "keep0.25")
+    sweep = [r for run in runs for r in committed_records(f"dense16x36_light24_sweep_{run}_{part}_clips0-47")]
+    refs = [r for run in runs for r in committed_records(f"dense16x36_light24_references_{run}_{part}_clips0-47")]
+    summary = assert_doc_block_renders(acc, sweep, refs, types, f"<!-- dense light24 {marker}:begin -->",
+                                       f"<!-- dense light24 {marker}:end -->")
+    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
+    assert len(refs) == (3 * 3 + 4) * 48 * len(types)
+    return summary
+
+
 def test_the_dense_new_types_block_and_every_token_row_are_what_their_records_give(acc):
     """docs/accuracy.md's flash / ball / order block (the interim dense checkpoint, keeps 0.1,
     0.25 and 0.5, two runs) renders from its committed records, and the every-token figures the
     text gives (0.93 overall, the blinks 0.29) are those of the 11-type records."""
     from microworld import dense
 
-    def records(name):
-        return committed_records(f"dense16x36_light24_{name}")
-
-    types = ["flash", "ball", "order"]
-    runs = ("keep0.25", "keep0.1-0.5")
-    sweep = [r for run in runs for r in records(f"sweep_{run}_flash-ball-order_clips0-47")]
-    refs = [r for run in runs for r in records(f"references_{run}_flash-ball-order_clips0-47")]
-    summary = assert_doc_block_renders(acc, sweep, refs, types, "<!-- dense light24 new types:begin -->",
-                                       "<!-- dense light24 new types:end -->")
-    # none once and 12 presets at three keeps; three references at three keeps (per-frame-random and
-    # oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
-    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
-    assert len(refs) == (3 * 3 + 4) * 48 * len(types)
-    _, every = acc.render(records("none_clips0-47"), [], ["none"], list(dense.DENSE_QUESTION_TYPES),
+    assert_three_keep_dense_block(acc, ["flash", "ball", "order"], "flash-ball-order", "new types")
+    _, every = acc.render(committed_records("dense16x36_light24_none_clips0-47"), [], ["none"], list(dense.DENSE_QUESTION_TYPES),
                           num_tokens=dense.REDUCED.visual_tokens)
     none = every["presets"][0]
     assert none["overall"]["n"] == 48 * 11 and round(none["overall"]["accuracy"], 2) == 0.93
@@ -294,12 +297,4 @@ def test_the_dense_shared_types_block_at_three_keeps_is_what_its_records_give(ac
     its committed records."""
     types = ["square_start", "square_end", "direction", "background_change", "background_start", "background_end",
              "corner_start"]
-    runs = ("keep0.1-0.5", "keep0.25")
-    sweep = [r for run in runs for r in committed_records(f"dense16x36_light24_sweep_{run}_shared-types_clips0-47")]
-    refs = [r for run in runs for r in committed_records(f"dense16x36_light24_references_{run}_shared-types_clips0-47")]
-    summary = assert_doc_block_renders(acc, sweep, refs, types, "<!-- dense light24 shared types:begin -->",
-                                       "<!-- dense light24 shared types:end -->")
-    # every token once and 12 presets at three keeps; three references at three keeps (per-frame-random
-    # and oracle at 0.5 are also sensitivity rows) and the other four sensitivity selections
-    assert summary["clips"] == 48 and len(sweep) == (1 + 12 * 3) * 48 * len(types)
-    assert len(refs) == (3 * 3 + 4) * 48 * len(types)
+    assert_three_keep_dense_block(acc, types, "shared-types", "shared types")
