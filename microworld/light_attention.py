@@ -62,7 +62,12 @@ def attention_mass(attention, hidden: torch.Tensor, position_embeddings, attenti
     """(n, heads): each head's attention probability mass on `keys` from each query row, as the
     layer `attention` (a Llama attention module) computes it from its input `hidden` (B, S, D)."""
     log_p = attention_log_probabilities(attention, hidden, position_embeddings, attention_mask, queries)
-    return (log_p.exp() * keys[queries[:, 0]][:, None, :].float()).sum(-1)
+    return key_mass(log_p, keys[queries[:, 0]])
+
+
+def key_mass(log_p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(n, heads) each head's probability mass on each row's keys. log_p: (n, heads, S); keys: (n, S)."""
+    return (log_p.exp() * keys[:, None, :].float()).sum(-1)
 
 
 def attention_log_probabilities(attention, hidden: torch.Tensor, position_embeddings, attention_mask: torch.Tensor,
@@ -88,7 +93,7 @@ def spread_loss(log_p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Mean over query rows of KL(even spread over the row's keys || the head's attention), on the
     head with the most mass on the keys (keys a row cannot see, after it or padding, do not count).
     log_p: (n, heads, S); keys: (n, S) bool."""
-    head = (log_p.detach().exp() * keys[:, None, :].float()).sum(-1).argmax(dim=1)  # (n,)
+    head = key_mass(log_p.detach(), keys).argmax(dim=1)  # (n,)
     chosen = log_p[torch.arange(len(head)), head]  # (n, S)
     keys = keys & torch.isfinite(chosen)
     count = keys.sum(-1).clamp(min=1)
@@ -124,7 +129,7 @@ class LightAttentionLoss:
     @property
     def mass(self) -> torch.Tensor | None:
         """(n, heads) each head's attention mass on the light's tokens (None: no light question)."""
-        return None if self.log_p is None else (self.log_p.exp() * self.keys[:, None, :].float()).sum(-1)
+        return None if self.log_p is None else key_mass(self.log_p, self.keys)
 
     def loss(self) -> torch.Tensor:
         """Of the last supervised forward (0 when it asked no light question)."""

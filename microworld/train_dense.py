@@ -34,6 +34,7 @@ What differs from train_smol, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -237,12 +238,14 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
               "light_attention": {str(k): v for k, v in light_attention.items()} if light_attention else None,
               "history": history}
     layers = model.model.text_model.layers
-    supervised = {layer: LightAttentionLoss(layers, layer) for layer in (light_attention or {})}
-    for supervisor in supervised.values():
-        supervisor.__enter__()
+    hooks = contextlib.ExitStack()  # the light attention's hooks, removed when the run ends
+    supervised = {layer: hooks.enter_context(LightAttentionLoss(layers, layer)) for layer in (light_attention or {})}
+    step_losses: dict[int, torch.Tensor] = {}  # each supervised layer's loss of the step, for the log
 
     def attention_loss() -> torch.Tensor:
-        return sum(light_attention[layer] * s.loss() for layer, s in supervised.items())
+        step_losses.clear()
+        step_losses.update({layer: s.loss() for layer, s in supervised.items() if s.log_p is not None})
+        return sum(light_attention[layer] * loss for layer, loss in step_losses.items())
 
     def checkpoint(step_count: int) -> None:
         save_weights(model, embedding, out, size)
@@ -274,10 +277,9 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
         loss = optimizer_step(model, embedding, inputs, optimizer, trainable,
                               learning_rate(step, steps, lr, warmup), clip_norm, where.type,
                               extra_loss=attention_loss if supervised else None)
-        for layer, supervisor in supervised.items():
-            if supervisor.log_p is not None:
-                light_mass[layer].append(float(supervisor.mass.detach().max(dim=1).values.mean()))
-                light_spread[layer].append(float(supervisor.loss().detach()))
+        for layer, loss_of_layer in step_losses.items():
+            light_mass[layer].append(float(supervised[layer].mass.detach().max(dim=1).values.mean()))
+            light_spread[layer].append(float(loss_of_layer.detach()))
         running, count, done = running + loss, count + 1, step + 1
         out_of_time = max_seconds is not None and time.time() - t0 >= max_seconds
         last = done == planned or out_of_time
@@ -307,8 +309,7 @@ def train(out, *, frames: int = dense.REDUCED.frames, grid: int = dense.REDUCED.
     if eval_clips:
         evaluate(done)
     checkpoint(done)
-    for supervisor in supervised.values():
-        supervisor.__exit__(None, None, None)
+    hooks.close()
     return record
 
 

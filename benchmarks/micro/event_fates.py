@@ -44,9 +44,9 @@ def event_cells(clip: dense.DenseClip, event: str, grid: int) -> list[int]:
     return [(t * grid + r) * grid + c for t in frames for r in rows for c in cols]
 
 
-def token_fate(fates, index: int) -> str:
-    """The fate of one token of the unpruned video."""
-    if int(fates.outcome()[index]) != KEPT:
+def token_fate(fates, index: int, outcome: torch.Tensor | None = None) -> str:
+    """The fate of one token of the unpruned video (outcome: fates.outcome(), when already made)."""
+    if int((fates.outcome() if outcome is None else outcome)[index]) != KEPT:
         return "dropped"
     if int(fates.group[index]) < 0:
         return "alone"
@@ -56,7 +56,8 @@ def token_fate(fates, index: int) -> str:
 
 def clip_fate(fates, cells: list[int]) -> str:
     """The best fate among the event's tokens (FATES order)."""
-    return min((token_fate(fates, i) for i in cells), key=FATES.index)
+    outcome = fates.outcome()
+    return min((token_fate(fates, i, outcome) for i in cells), key=FATES.index)
 
 
 def main() -> None:
